@@ -1,0 +1,117 @@
+"""The built-in model zoo: an MLP, a 1-D CNN (MNIST-1D) and a small ResNet (images).
+
+Every factory takes ``input_shape`` and ``num_classes`` plus its own knobs and
+returns an :class:`EmbeddingClassifier`. ``activation`` is configurable because
+LQF linearizes networks with leaky-ReLU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from graceful_ray.models.base import EmbeddingClassifier, _numel
+
+_ACTIVATIONS = {
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.1),
+    "gelu": lambda: nn.GELU(),
+}
+
+
+def _act(name: str) -> nn.Module:
+    from graceful_ray.errors import ModelError
+
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ModelError(f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, *, width: int = 256, depth: int = 2,
+        embedding_dim: int = 64, activation: str = "relu") -> EmbeddingClassifier:
+    """A plain MLP: ``depth`` hidden layers of ``width``, then a linear embedding."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = _numel(tuple(input_shape))
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), _act(activation)]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, embedding_dim))
+    return EmbeddingClassifier(nn.Sequential(*layers), embedding_dim, num_classes, input_shape)
+
+
+class _Cnn1dBackbone(nn.Module):
+    def __init__(self, length: int, channels: int, depth: int, embedding_dim: int, activation: str):
+        super().__init__()
+        convs: list[nn.Module] = []
+        c_in = 1
+        for i in range(depth):
+            # stride 2 after the first layer halves the sequence, as in MNIST-1D's CNN
+            convs += [nn.Conv1d(c_in, channels, kernel_size=5, stride=1 if i == 0 else 2, padding=2),
+                      _act(activation)]
+            c_in = channels
+        self.convs = nn.Sequential(*convs)
+        with torch.no_grad():
+            flat = self.convs(torch.zeros(1, 1, length)).numel()
+        self.proj = nn.Linear(flat, embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x.reshape(x.shape[0], 1, -1))
+        return self.proj(h.flatten(1))
+
+
+def cnn1d(input_shape: tuple[int, ...], num_classes: int, *, channels: int = 32, depth: int = 3,
+          embedding_dim: int = 64, activation: str = "relu") -> EmbeddingClassifier:
+    """A 1-D CNN for sequence features such as MNIST-1D (length 40)."""
+    length = _numel(tuple(input_shape))
+    backbone = _Cnn1dBackbone(length, channels, depth, embedding_dim, activation)
+    return EmbeddingClassifier(backbone, embedding_dim, num_classes, input_shape)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act = _act(activation)
+        self.shortcut = (nn.Sequential() if stride == 1 and c_in == c_out else
+                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class _ResNetBackbone(nn.Module):
+    def __init__(self, in_channels: int, width: int, blocks: tuple[int, ...], embedding_dim: int,
+                 activation: str):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), _act(activation))
+        stages, c = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2 ** i
+            for j in range(n):
+                stages.append(_BasicBlock(c, c_out, 2 if (j == 0 and i > 0) else 1, activation))
+                c = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.proj = nn.Linear(c, embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+def resnet(input_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
+           blocks: tuple[int, ...] | list[int] = (2, 2, 2), embedding_dim: int = 128,
+           activation: str = "relu") -> EmbeddingClassifier:
+    """A CIFAR-style ResNet (BasicBlocks) for (C, H, W) images; meant for GPU clusters."""
+    from graceful_ray.errors import ModelError
+
+    if len(input_shape) != 3:
+        raise ModelError(f"resnet expects (channels, height, width) inputs, got shape {tuple(input_shape)}")
+    backbone = _ResNetBackbone(int(input_shape[0]), width, tuple(blocks), embedding_dim, activation)
+    return EmbeddingClassifier(backbone, embedding_dim, num_classes, input_shape)
