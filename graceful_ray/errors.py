@@ -54,3 +54,7 @@ class IntegrityError(RegistryError, ValueError):
 
 class IncompatibleModelError(GracefulRayError, ValueError):
     """Two models are used together although they are not compatible."""
+
+
+class MetricsError(GracefulRayError, ValueError):
+    """Inputs to a metric are malformed (shapes, dtypes, NaN, empty)."""
