@@ -1,0 +1,24 @@
+"""Parquet datasets: the data contract, validation, I/O, built-in datasets.
+
+See :mod:`graceful_ray.data.contract` for what a dataset is.
+"""
+
+from graceful_ray.data.builtin import make_digits, make_mnist1d
+from graceful_ray.data.contract import (
+    DATASET_JSON, KINDS, SCENARIOS, DatasetInfo, Expectations, SplitInfo, dataset_checksum,
+    features_type,
+)
+from graceful_ray.data.images import decode_image, decode_images, encode_png
+from graceful_ray.data.io import (
+    batch_to_numpy, conform, dataset_exists, import_dataset, ray_dataset, read_file, read_info, read_split,
+    split_paths, to_numpy, verify_split, write_dataset,
+)
+from graceful_ray.data.validate import validate_dataset, validate_table
+
+__all__ = [
+    "DATASET_JSON", "KINDS", "SCENARIOS", "DatasetInfo", "Expectations", "SplitInfo",
+    "batch_to_numpy", "conform", "dataset_checksum", "dataset_exists", "decode_image", "decode_images",
+    "encode_png", "features_type", "import_dataset", "make_digits", "make_mnist1d",
+    "ray_dataset", "read_file", "read_info", "read_split", "split_paths", "to_numpy",
+    "validate_dataset", "validate_table", "verify_split", "write_dataset",
+]
