@@ -1,0 +1,6 @@
+"""Versioned model store with lineage and embedding spaces, on any pyarrow filesystem."""
+
+from graceful_ray.registry.manifest import Manifest
+from graceful_ray.registry.store import Registry
+
+__all__ = ["Registry", "Manifest"]
