@@ -1,0 +1,30 @@
+"""Training objectives for graceful model upgrades, Composer-style.
+
+Each method is a pure loss function plus a thin adapter class with one job:
+given a batch (labels, new outputs, old outputs) return the loss and its parts.
+Methods compose with ``+``; :func:`build_method` turns a spec such as
+``"bct+fd"`` and prefixed hyperparameters (``bct_lambda``, ``fd_beta`` ...) into
+one object the trainer drives without knowing which method it is.
+"""
+
+from graceful_ray.methods.base import (Composite, LossOutput, MethodBatch, UpgradeContext, UpgradeMethod,
+                                       cross_entropy, shared_class_index)
+from graceful_ray.methods.registry import (METHODS, build_method, parse_spec, register_method,
+                                           valid_hyperparameters)
+from graceful_ray.methods.plain import Plain
+from graceful_ray.methods.bct import BCT, bct_influence_loss, extend_old_head
+from graceful_ray.methods.l2 import L2, l2_embedding_loss
+from graceful_ray.methods.focal_distillation import (FocalDistillation, FocalDistillationKL,
+                                                     FocalDistillationLM, KnowledgeDistillation,
+                                                     distillation_distance, focal_distillation_loss,
+                                                     focal_weights, kl_divergence_loss, logit_matching_loss)
+from graceful_ray.methods.elodi import ELODI, logit_difference_inhibition_loss
+
+__all__ = [
+    "UpgradeContext", "MethodBatch", "LossOutput", "UpgradeMethod", "Composite", "cross_entropy",
+    "shared_class_index", "METHODS", "register_method", "build_method", "parse_spec",
+    "valid_hyperparameters", "Plain", "BCT", "bct_influence_loss", "extend_old_head", "L2",
+    "l2_embedding_loss", "FocalDistillation", "FocalDistillationKL", "FocalDistillationLM",
+    "KnowledgeDistillation", "focal_weights", "kl_divergence_loss", "logit_matching_loss",
+    "distillation_distance", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
+]
