@@ -60,19 +60,57 @@ def storage_root(request, tmp_path):
     return request.getfixturevalue("s3_root")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session.
+def _start_local_ray():
+    import ray
 
-    ``address="local"`` so a stale /tmp/ray/ray_current_cluster never makes us
-    join a dead cluster; 4 logical CPUs on this 2-core machine so Train workers
-    holding fractional CPUs still leave room for Ray Data's read tasks.
-    """
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="session")
+def _ray_for_session():
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    yield ray
+    _start_local_ray()
+    yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_session(_ray_for_session):
+    """One local Ray instance shared by the whole test session.
+
+    ``address="local"`` so a stale /tmp/ray/ray_current_cluster never makes us
+    join a dead cluster; 4 logical CPUs on this 2-core machine so Train workers
+    holding fractional CPUs still leave room for Ray Data's read tasks. A test
+    that needs its own cluster (multi-node) shuts this one down; the next test
+    that asks for it gets it back.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _start_local_ray()
+    return ray
+
+
+@pytest.fixture(scope="module")
+def ray_module(_ray_for_session):
+    """The session's Ray, for module-scoped fixtures (e.g. a model trained once per module)."""
+    import ray
+
+    if not ray.is_initialized():
+        _start_local_ray()
+    return ray
+
+
+@pytest.fixture(scope="module")
+def mnist1d_small(tmp_path_factory):
+    """A small MNIST-1D dataset (data-growth scenario), generated once per module."""
+    from graceful_ray.data import make_mnist1d
+
+    out = tmp_path_factory.mktemp("mnist1d") / "data"
+    make_mnist1d(str(out), samples=3000, seed=0, scenario="data_growth", old_fraction=0.3)
+    return str(out)

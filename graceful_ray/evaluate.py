@@ -1,0 +1,163 @@
+"""`graceful-ray evaluate`: how an upgrade behaves, old model against new.
+
+Runs both registered models over a split (in-process: evaluation sets are small;
+the old-output cache and the gallery builder use Ray Data for the large passes)
+and reports the flip metrics with Wilson intervals, the per-class flips and the
+old/new confusion, and the cross-model retrieval scores with the compatibility
+criterion ``M(new, old) > M(old, old)`` and, given a reference model trained
+without compatibility, the update gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from graceful_ray.errors import ConfigError
+from graceful_ray.storage import resolve
+from graceful_ray.train.batches import inputs_from_arrow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    ref: str
+    embeddings: np.ndarray
+    logits: np.ndarray
+    pred: np.ndarray  # global class ids
+    embedding_space: str
+
+
+def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048) -> Predictions:
+    """Embeddings, logits and decisions (global class ids) of a registered model."""
+    from graceful_ray.registry import Registry
+
+    manifest, model = Registry(registry_root).load_model(ref)
+    model.eval()
+    classes = np.asarray(manifest.classes)
+    embs, logits = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            e, l = model.forward_features(torch.as_tensor(np.ascontiguousarray(x[start:start + batch_size])))
+            embs.append(e.numpy())
+            logits.append(l.numpy())
+    emb, lg = np.concatenate(embs), np.concatenate(logits)
+    return Predictions(f"{manifest.name}@v{manifest.version}", emb, lg, classes[lg.argmax(1)],
+                       manifest.embedding_space)
+
+
+def load_split(data: str, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
+    from graceful_ray.data import read_info, read_split
+
+    info = read_info(data)
+    if split not in info.splits:
+        raise ConfigError(f"dataset {data} has no split {split!r}; it has {sorted(info.splits)}")
+    table = read_split(data, split)
+    return inputs_from_arrow(table, info.feature_shape), table.column("label").to_numpy(), info
+
+
+def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: str, split: str = "test",
+                     reference_ref: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
+    """The flip and compatibility report of ``new_ref`` against ``old_ref``."""
+    from graceful_ray.metrics import flip_report, is_compatible, m_score, update_gain
+
+    x, y, info = load_split(data, split)
+    old = predict(registry_root, old_ref, x)
+    new = predict(registry_root, new_ref, x)
+    report = flip_report(y, old.pred, new.pred, class_names=info.class_names)
+    result: dict[str, Any] = {"old": old.ref, "new": new.ref, "split": split, "rows": int(len(y)),
+                              "flips": report.to_dict()}
+    retrieval: dict[str, Any] = {"m_old_old": m_score(old.embeddings, old.embeddings, y).to_dict(),
+                                 "m_new_new": m_score(new.embeddings, new.embeddings, y).to_dict()}
+    if new.embeddings.shape[1] == old.embeddings.shape[1]:
+        m_no = m_score(new.embeddings, old.embeddings, y)
+        retrieval["m_new_old"] = m_no.to_dict()
+        mo = retrieval["m_old_old"]
+        retrieval["compatible_top1"] = is_compatible(m_no.top1, mo["top1"])
+        retrieval["compatible_map"] = is_compatible(m_no.map, mo["map"])
+        if reference_ref:
+            ref = predict(registry_root, reference_ref, x)
+            m_ref = m_score(ref.embeddings, ref.embeddings, y)
+            retrieval["reference"] = ref.ref
+            retrieval["m_ref_ref"] = m_ref.to_dict()
+            retrieval["update_gain_top1"] = update_gain(m_no.top1, mo["top1"], m_ref.top1)
+            retrieval["update_gain_map"] = update_gain(m_no.map, mo["map"], m_ref.map)
+    else:
+        retrieval["m_new_old"] = None
+        retrieval["note"] = (f"embedding dims differ ({new.embeddings.shape[1]} vs {old.embeddings.shape[1]}): "
+                             "the new model cannot query the old gallery")
+    retrieval["same_embedding_space"] = old.embedding_space == new.embedding_space
+    result["retrieval"] = retrieval
+    result["table"] = report.to_table() + "\n" + retrieval_table(retrieval)
+    if out_dir:
+        out = resolve(out_dir)
+        out.makedirs()
+        out.join("report.json").write_bytes(json.dumps({k: v for k, v in result.items() if k != "table"},
+                                                       indent=2, default=float).encode())
+        if out.is_local:
+            report.save_png(out.join("flips.png").path)
+            result["png"] = out.join("flips.png").path
+        else:
+            import tempfile, os
+
+            with tempfile.TemporaryDirectory() as tmp:
+                report.save_png(os.path.join(tmp, "flips.png"))
+                with open(os.path.join(tmp, "flips.png"), "rb") as f:
+                    out.join("flips.png").write_bytes(f.read())
+            result["png"] = out.join("flips.png").uri
+        result["json"] = out.join("report.json").uri
+    return result
+
+
+def retrieval_table(r: dict[str, Any]) -> str:
+    rows = [("M(old, old)", r["m_old_old"]), ("M(new, new)", r["m_new_new"])]
+    if r.get("m_new_old"):
+        rows.append(("M(new, old)", r["m_new_old"]))
+    if r.get("m_ref_ref"):
+        rows.append((f"M(ref, ref)", r["m_ref_ref"]))
+    lines = ["retrieval (leave-one-out)      top-1    top-5      mAP"]
+    for name, m in rows:
+        lines.append(f"  {name:<27} {m['top1']:7.4f}  {m['top5']:7.4f}  {m['map']:7.4f}")
+    if r.get("m_new_old"):
+        lines.append(f"  compatible (M(new,old) > M(old,old)): top-1 {r['compatible_top1']}, mAP {r['compatible_map']}")
+    if "update_gain_top1" in r:
+        lines.append(f"  update gain: top-1 {r['update_gain_top1']:.3f}, mAP {r['update_gain_map']:.3f}")
+    if r.get("note"):
+        lines.append("  " + r["note"])
+    return "\n".join(lines)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from graceful_ray.train.config import default_root
+    import os
+
+    registry = args.registry or os.path.join(default_root(), "registry")
+    result = evaluate_upgrade(args.data, args.old, args.new, registry_root=registry, split=args.split,
+                              reference_ref=args.reference, out_dir=args.out)
+    print(f"{result['new']} against {result['old']} on {args.split} ({result['rows']} rows)")
+    print(result["table"])
+    if args.out:
+        print(f"report: {result['json']}\nplot:   {result['png']}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="flip and compatibility report of a new model against an old one",
+        description="Compare two registered models on a dataset split: error rates, negative/positive "
+                    "flip rates with 95%% intervals, per-class flips, and cross-model retrieval.")
+    p.add_argument("--data", required=True)
+    p.add_argument("--old", required=True, help="NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--new", required=True, help="NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--reference", help="same architecture trained without compatibility, for the update gain")
+    p.add_argument("--split", default="test")
+    p.add_argument("--registry")
+    p.add_argument("--out", help="directory for report.json and flips.png")
+    p.set_defaults(func=run_evaluate)

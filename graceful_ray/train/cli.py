@@ -1,0 +1,109 @@
+"""`graceful-ray train`: one upgrade-training run on Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from graceful_ray.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_kv(items: list[str] | None) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared by `train`, `jobs/train_upgrade.py` and `tune`."""
+    p.add_argument("--data", required=True, help="dataset directory or URI (graceful-ray data make ...)")
+    p.add_argument("--model", default="cnn1d", help="zoo model (mlp, cnn1d, resnet) or package.module:factory")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="model factory argument, e.g. channels=64 (repeatable)")
+    p.add_argument("--method", default="plain",
+                   help="training objective, composable with '+': plain, bct, l2, fd, fd-kl, fd-lm, kd, elodi, bct+fd")
+    p.add_argument("--hp", action="append", metavar="KEY=VALUE",
+                   help="method hyperparameter, e.g. fd_lambda=1 fd_beta=5 bct_lambda=1 (repeatable)")
+    p.add_argument("--old", help="the old model as NAME@VERSION or NAME@ALIAS (omit to train a first version)")
+    p.add_argument("--name", default="model", help="registry name the new model is published under")
+    p.add_argument("--train-split", default="train", help="split to train on (old_train: what v1 sees)")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment-noise", type=float, default=0.0,
+                   help="Gaussian input noise; with augmentation the old model runs online on the same batch")
+    p.add_argument("--augment-shift", type=int, default=0, help="random circular shift of the input, in steps")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
+    p.add_argument("--spread", action="store_true", help="place workers on different nodes (SPREAD)")
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--registry", help="registry root (default $GRACEFUL_RAY_ROOT/registry)")
+    p.add_argument("--storage", help="Ray Train run storage: local/NFS path or s3:// (default $GRACEFUL_RAY_ROOT/runs)")
+    p.add_argument("--run-name", help="unique run name; re-using one resumes that run")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def config_from_args(args: argparse.Namespace):
+    from graceful_ray.train.config import UpgradeConfig
+
+    return UpgradeConfig(
+        data=args.data, model=args.model, model_kwargs=parse_kv(args.model_arg), method=args.method,
+        hparams=parse_kv(args.hp), old=args.old, name=args.name, train_split=args.train_split,
+        val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, augment_noise=args.augment_noise,
+        augment_shift=args.augment_shift, workers=args.workers, use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker, placement_strategy="SPREAD" if args.spread else "PACK",
+        max_failures=args.max_failures, registry=args.registry, storage=args.storage, run_name=args.run_name,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.train.trainer import run_upgrade
+
+    cfg = config_from_args(args).resolved()
+    ensure_ray(args.address)
+    print(f"run {cfg.run_name}: {cfg.method} on {cfg.data} ({cfg.workers} worker(s), "
+          f"{'GPU' if cfg.use_gpu else 'CPU'})")
+    result = run_upgrade(cfg)
+    if result.resumed:
+        print(f"resumed existing run {cfg.run_name} from its latest checkpoint")
+    m = result.metrics
+    line = f"epochs {m.get('epoch')}: val accuracy {m.get('val_accuracy', float('nan')):.4f}"
+    if "val_nfr" in m:
+        line += f", NFR {m['val_nfr']:.4f}, PFR {m['val_pfr']:.4f} (old accuracy {m['val_old_accuracy']:.4f})"
+    print(line)
+    if result.published is not None:
+        if getattr(args, "alias", None):
+            from graceful_ray.registry import Registry
+
+            Registry(cfg.registry).set_alias(result.published.name, args.alias, result.model_ref)
+        print(f"published {result.model_ref} (embedding space {result.published.embedding_space})")
+    print(f"run directory: {result.run_path}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a new model compatible with an old one (Ray Train)",
+        description="Train a model on Ray Train with a compatibility objective and publish it to the "
+                    "registry with its lineage. Re-using --run-name resumes that run.")
+    add_train_arguments(p)
+    p.add_argument("--alias", help="point this registry alias (e.g. production) at the new version")
+    p.set_defaults(func=run_train)

@@ -1,0 +1,109 @@
+"""What one upgrade-training run needs to know, in one dataclass.
+
+The same :class:`UpgradeConfig` drives the CLI, ``jobs/train_upgrade.py``, the
+Tune trials and the tests, so a run is reproducible from its config alone (it is
+stored with the run and in the registry manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from graceful_ray.errors import ConfigError
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_root() -> str:
+    """Where graceful-ray keeps its registry and runs unless told otherwise."""
+    return os.environ.get("GRACEFUL_RAY_ROOT", os.path.abspath(".graceful-ray"))
+
+
+def generate_run_name(prefix: str = "upgrade") -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class UpgradeConfig:
+    """One training run: data, model, method, old model, and how to run it.
+
+    ``old`` is a registry reference (``name@v1``, ``name@production``); ``None``
+    trains a first model (only ``plain`` makes sense then).
+    """
+
+    data: str
+    model: str = "cnn1d"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "plain"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    old: str | None = None
+    name: str = "model"  # registry model name the result is published under
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    # Feature-space augmentation (Gaussian noise std, random circular shift);
+    # when on, the old model runs online on the same augmented batch.
+    augment_noise: float = 0.0
+    augment_shift: int = 0
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
+    max_failures: int = 0
+    registry: str | None = None  # registry root; default <root>/registry
+    storage: str | None = None  # Ray Train run storage; default <root>/runs
+    run_name: str | None = None
+    publish: bool = True
+    # Test hook: kill one worker process once at this epoch to exercise
+    # FailureConfig recovery. Never set in production.
+    fail_at_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.augment_noise < 0 or self.augment_shift < 0:
+            raise ConfigError("augmentation strengths must be >= 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"unknown placement strategy {self.placement_strategy!r}")
+        if self.run_name is not None and not _RUN_NAME.match(self.run_name):
+            raise ConfigError(
+                f"run name {self.run_name!r} is not valid: use letters, digits, '.', '_' "
+                "or '-' (at most 128 characters)")
+
+    @property
+    def augmented(self) -> bool:
+        return self.augment_noise > 0 or self.augment_shift > 0
+
+    def resolved(self) -> "UpgradeConfig":
+        """A copy with defaults filled in (run name, registry and storage roots)."""
+        root = default_root()
+        return UpgradeConfig(**{
+            **asdict(self),
+            "registry": self.registry or os.path.join(root, "registry"),
+            "storage": self.storage or os.path.join(root, "runs"),
+            "run_name": self.run_name or generate_run_name(self.name),
+        })
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

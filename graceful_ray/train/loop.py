@@ -1,0 +1,341 @@
+"""The Ray Train worker loop: one loop for every upgrade method.
+
+Each worker reads its shard of the training set from Ray Data once and keeps it
+in memory as tensors (these datasets are small next to worker memory, and it
+removes Ray Data's per-epoch iteration cost: see benchmarks/train_overhead.py),
+then trains with whatever :mod:`graceful_ray.methods` objective the config
+names. The loop never branches on the method: old-model outputs are simply
+present (cache or online teacher) or absent.
+
+Every epoch it evaluates on the whole validation set, split by row across the
+workers and summed with an all-reduce (so NFR is over all of it, not rank 0's
+part), and reports the metrics with a checkpoint. A restarted worker group
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
+from graceful_ray.models import ModelSpec, build_model
+from graceful_ray.train.config import UpgradeConfig
+
+INPUT = "x"
+
+
+class _WithFeatures(nn.Module):
+    """Makes ``forward`` return (embedding, logits) so DDP's hooks see the call."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor):
+        return self.inner.forward_features(x)
+
+
+def _world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _all_reduce_min(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def materialize(iterator, feature_shape: tuple[int, ...], class_positions: dict[int, int],
+                with_old: bool) -> dict[str, torch.Tensor]:
+    """Read a Ray Data shard once into CPU tensors.
+
+    Inputs are decoded here (features reshaped, images decoded) and labels mapped
+    to head positions; a label the head does not cover (a validation class a
+    class-incremental model never saw) maps to -1, which is never predicted.
+    """
+    import pyarrow as pa
+
+    from graceful_ray.train.batches import inputs_from_arrow
+
+    lookup = np.full(max(class_positions) + 2, -1, dtype=np.int64)
+    for c, p in class_positions.items():
+        lookup[c] = p
+    parts: dict[str, list[np.ndarray]] = {INPUT: [], "label": []}
+    if with_old:
+        parts.update({"old_logits": [], "old_embedding": [], "old_correct": []})
+    for batch in iterator.iter_batches(batch_size=8192, batch_format="pyarrow"):
+        parts[INPUT].append(inputs_from_arrow(batch, feature_shape))
+        labels = batch.column("label").to_numpy()
+        parts["label"].append(lookup[np.clip(labels, 0, len(lookup) - 1)])
+        if with_old:
+            n = batch.num_rows
+            for c in ("old_logits", "old_embedding"):
+                col = batch.column(c).combine_chunks() if isinstance(batch.column(c), pa.ChunkedArray) else batch.column(c)
+                parts[c].append(col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1))
+            parts["old_correct"].append(batch.column("old_correct").to_numpy(zero_copy_only=False))
+    out = {}
+    for c, v in parts.items():
+        if v:
+            out[c] = torch.from_numpy(np.concatenate(v))
+        else:
+            out[c] = torch.empty((0, *feature_shape)) if c == INPUT else torch.empty(0, dtype=torch.int64)
+    return out
+
+
+def augment(x: torch.Tensor, noise: float, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Feature-space augmentation: Gaussian noise and a random circular shift."""
+    if shift:
+        s = int(torch.randint(-shift, shift + 1, (1,), generator=gen))
+        x = torch.roll(x, s, dims=-1)
+    if noise:
+        x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
+    return x
+
+
+def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(directory, "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, "optimizer.pt"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def load_checkpoint_dir(directory: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(model state, optimizer+scheduler state, progress) from a checkpoint dir."""
+    from safetensors.torch import load_file
+
+    model_state = load_file(os.path.join(directory, "model.safetensors"))
+    opt = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True, map_location="cpu")
+    with open(os.path.join(directory, "state.json")) as f:
+        state = json.load(f)
+    return model_state, opt, state
+
+
+def _maybe_inject_failure(cfg: UpgradeConfig, epoch: int, rank: int, world: int, marker: str | None) -> None:
+    """Test hook: kill this worker process once (SIGKILL, no clean-up), as a crash would."""
+    if cfg.fail_at_epoch is None or epoch != cfg.fail_at_epoch or rank != world - 1 or not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # already failed once: this is the recovered attempt
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = UpgradeConfig(**loop_config["config"])
+    spec = ModelSpec.from_dict(loop_config["spec"])
+    rank, world = _world()
+    device = ray.train.torch.get_device()
+    use_bf16 = cfg.use_gpu and device.type == "cuda"
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+
+    model = build_model(spec)
+    ctx_data = loop_config["context"]
+    context = UpgradeContext(
+        num_classes=spec.num_classes,
+        old_classes=ctx_data.get("old_classes"),
+        old_head_weight=_t(ctx_data.get("old_head_weight")),
+        old_head_bias=_t(ctx_data.get("old_head_bias")),
+        old_embedding_dim=ctx_data.get("old_embedding_dim"),
+        new_embedding_dim=model.embedding_dim,
+        old_class_means={int(k): _t(v) for k, v in ctx_data["old_class_means"].items()}
+        if ctx_data.get("old_class_means") else None,
+    )
+    method = build_method(cfg.method, **cfg.hparams)
+    method.setup(context)
+    method.to(device)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # ---- data: read the shard once ------------------------------------------------
+    has_old_cols = bool(loop_config["has_cached_old_outputs"])
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    positions = {c: i for i, c in enumerate(loop_config["classes"])}
+    shape = tuple(spec.input_shape)
+    train = materialize(ray.train.get_dataset_shard("train"), shape, positions, has_old_cols)
+    val = materialize(ray.train.get_dataset_shard("val"), shape, positions, has_old_cols)
+    # Every worker holds the whole validation set; each evaluates every world-th row.
+    val = {k: v[rank::world] for k, v in val.items()}
+    n_local = len(train["label"])
+    steps = _all_reduce_min(math.ceil(n_local / cfg.batch_size), device)  # DDP needs lockstep
+    if steps == 0:
+        raise ValueError(f"worker {rank} received no training rows: fewer rows than workers?")
+
+    online_teacher = None
+    if cfg.old and cfg.augmented:
+        from graceful_ray.registry import Registry
+
+        _, online_teacher = Registry(cfg.registry).load_model(cfg.old)
+        online_teacher.eval().to(device)
+        for p in online_teacher.parameters():
+            p.requires_grad_(False)
+    old_class_ids = torch.tensor(ctx_data["old_class_positions"], device=device) \
+        if ctx_data.get("old_class_positions") is not None else None
+
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model_state, opt_state, state = load_checkpoint_dir(d)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+
+    trainable = ray.train.torch.prepare_model(_WithFeatures(model))
+
+    def teacher(x: torch.Tensor, y: torch.Tensor):
+        """Old outputs for a batch: online on the (augmented) inputs."""
+        with torch.no_grad():
+            emb, logits = online_teacher.forward_features(x)
+        pred = old_class_ids[logits.argmax(1)]
+        return emb.float(), logits.float(), pred == y, pred
+
+    def forward(x):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            emb, logits = trainable(x)
+        return emb.float(), logits.float()
+
+    marker = loop_config.get("failure_marker")
+    for epoch in range(start_epoch, cfg.epochs):
+        _maybe_inject_failure(cfg, epoch, rank, world, marker)
+        t0 = time.perf_counter()
+        trainable.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
+        perm = torch.randperm(n_local, generator=gen)
+        sums: dict[str, float] = {}
+        seen = 0
+        for step in range(steps):
+            idx = perm[(step * cfg.batch_size) % n_local:][: cfg.batch_size]
+            x = train[INPUT][idx].to(device, non_blocking=True)
+            y = train["label"][idx].to(device, non_blocking=True)
+            if cfg.augmented:
+                x = augment(x, cfg.augment_noise, cfg.augment_shift, gen)
+            if online_teacher is not None:
+                old_emb, old_logits, old_correct, _ = teacher(x, y)
+            elif has_old_cols:
+                old_emb = train["old_embedding"][idx].to(device)
+                old_logits = train["old_logits"][idx].to(device)
+                old_correct = train["old_correct"][idx].to(device)
+            else:
+                old_emb = old_logits = old_correct = None
+            emb, logits = forward(x)
+            out = method.loss(MethodBatch(y=y, new_embedding=emb, new_logits=logits, old_embedding=old_emb,
+                                          old_logits=old_logits, old_correct=old_correct))
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            scheduler.step()
+            b = len(y)
+            seen += b
+            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * b
+            for name, part in out.parts.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(part.detach()) * b
+        train_time = time.perf_counter() - t0
+
+        metrics = _evaluate(trainable, val, forward, has_old_cols, device)
+        loss_t = _all_reduce_sum(torch.tensor([seen] + [sums[k] for k in sorted(sums)],
+                                              dtype=torch.float64, device=device))
+        metrics.update({k: float(v) / float(loss_t[0]) for k, v in zip(sorted(sums), loss_t[1:].tolist())})
+        metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time)
+        history.append(metrics)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch, "history": history})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    # Where each rank ran and what it ended with: lets callers (and the
+    # multi-node test) check placement and that DDP kept the replicas identical.
+    mine = {"node_id": ray.get_runtime_context().get_node_id(),
+            "params_sha": _params_digest(model), "final": history[-1] if history else {}}
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    return {"history": history, "node_ids": [w["node_id"] for w in everyone],
+            "params_sha": [w["params_sha"] for w in everyone],
+            "finals": [w["final"] for w in everyone], "world_size": world,
+            "teacher": "online" if online_teacher is not None else ("cache" if has_old_cols else "none")}
+
+
+def _params_digest(model: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _t(value) -> torch.Tensor | None:
+    return None if value is None else torch.as_tensor(np.asarray(value), dtype=torch.float32)
+
+
+def _evaluate(trainable, val: dict[str, torch.Tensor], forward, has_old_cols: bool,
+              device: torch.device) -> dict[str, float]:
+    """Accuracy and flips on this worker's validation rows, summed over workers."""
+    trainable.eval()
+    n = len(val["label"])
+    counts = torch.zeros(5, dtype=torch.float64, device=device)  # n, new ok, old ok, NF, PF
+    with torch.no_grad():
+        for start in range(0, n, 4096):
+            x = val[INPUT][start:start + 4096].to(device)
+            y = val["label"][start:start + 4096].to(device)
+            _, logits = forward(x)
+            new_ok = logits.argmax(1) == y
+            if has_old_cols:
+                old_ok = val["old_correct"][start:start + 4096].to(device).bool()
+            else:
+                old_ok = None
+            counts[0] += len(y)
+            counts[1] += new_ok.sum()
+            if old_ok is not None:
+                counts[2] += old_ok.sum()
+                counts[3] += (old_ok & ~new_ok).sum()
+                counts[4] += (~old_ok & new_ok).sum()
+    counts = _all_reduce_sum(counts)
+    total = max(float(counts[0]), 1.0)
+    metrics = {"val_rows": float(counts[0]), "val_accuracy": float(counts[1]) / total,
+               "val_error_rate": 1.0 - float(counts[1]) / total}
+    if has_old_cols:
+        metrics.update(val_old_accuracy=float(counts[2]) / total, val_nfr=float(counts[3]) / total,
+                       val_pfr=float(counts[4]) / total, val_negative_flips=float(counts[3]))
+    return metrics

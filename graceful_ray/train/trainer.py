@@ -1,0 +1,212 @@
+"""Build and run one upgrade on Ray Train, then publish the result.
+
+The driver does the cheap, serial work (validate the config, resolve the old
+model, make sure its outputs are cached, build the ``UpgradeContext``) before any
+worker starts, so a bad argument fails in a second with a clear message rather
+than inside a worker group. Then one :class:`~ray.train.torch.TorchTrainer` runs
+:func:`graceful_ray.train.loop.train_loop_per_worker` whatever the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graceful_ray.errors import ConfigError
+from graceful_ray.models import ModelSpec
+from graceful_ray.storage import resolve
+from graceful_ray.train.config import UpgradeConfig
+from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class UpgradeResult:
+    """What a finished run produced."""
+
+    run_name: str
+    run_path: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    node_ids: list[str]
+    workers: dict[str, Any] = field(default_factory=dict)  # what the run's rank 0 returned
+    published: Any = None  # registry Manifest, when published
+    resumed: bool = False
+    state_dict: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_ref(self) -> str | None:
+        return f"{self.published.name}@v{self.published.version}" if self.published else None
+
+
+def _training_classes(cfg: UpgradeConfig, info) -> list[int]:
+    """The classes the new model's head covers: the labels in its training split."""
+    if cfg.train_split not in info.splits:
+        raise ConfigError(f"dataset {cfg.data} has no split {cfg.train_split!r}; it has {sorted(info.splits)}")
+    if cfg.val_split not in info.splits:
+        raise ConfigError(f"dataset {cfg.data} has no split {cfg.val_split!r}; it has {sorted(info.splits)}")
+    from graceful_ray.data import read_split
+
+    labels = read_split(cfg.data, cfg.train_split, columns=["label"]).column("label").to_numpy()
+    return sorted(int(c) for c in np.unique(labels))
+
+
+def _read_split(cfg: UpgradeConfig, info, split: str, cached):
+    import ray
+
+    if cached is not None:
+        return ray.data.read_parquet(cached.files, filesystem=cached.location.fs)
+    from graceful_ray.data import split_paths
+
+    fs, paths = split_paths(cfg.data, split)
+    return ray.data.read_parquet(paths, filesystem=fs)
+
+
+def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Validate and build everything the workers need; returns (loop config, datasets, info)."""
+    from graceful_ray.data import read_info
+    from graceful_ray.methods import UpgradeContext, build_method
+    from graceful_ray.registry import Registry
+    from graceful_ray.train.old_outputs import compute_old_outputs, old_class_means
+
+    info = read_info(cfg.data)
+    classes = _training_classes(cfg, info)
+    spec = ModelSpec(cfg.model, tuple(info.feature_shape), len(classes), dict(cfg.model_kwargs))
+    from graceful_ray.models import build_model
+
+    probe = build_model(spec)  # fail now on a bad model spec, not in every worker
+    method = build_method(cfg.method, **cfg.hparams)
+    positions = {c: i for i, c in enumerate(classes)}
+
+    context: dict[str, Any] = {}
+    cached = {cfg.train_split: None, cfg.val_split: None}
+    if cfg.old:
+        old_manifest, old_model = Registry(cfg.registry).load_model(cfg.old)
+        for split in (cfg.train_split, cfg.val_split):
+            cached[split] = compute_old_outputs(cfg.data, split, registry_root=cfg.registry,
+                                                old_ref=f"{old_manifest.name}@v{old_manifest.version}")
+        old_positions = [positions.get(c, -1) for c in old_manifest.classes]
+        means = old_class_means(cached[cfg.train_split])
+        context = {
+            "old_ref": f"{old_manifest.name}@v{old_manifest.version}",
+            "old_classes": old_positions,
+            "old_class_positions": old_positions,
+            "old_head_weight": old_model.head.weight.detach().numpy(),
+            "old_head_bias": old_model.head.bias.detach().numpy(),
+            "old_embedding_dim": old_model.embedding_dim,
+            "old_class_means": {positions[c]: m for c, m in means.items() if c in positions},
+        }
+    elif method.needs_old_model:
+        raise ConfigError(f"method {cfg.method!r} needs an old model: pass --old NAME@VERSION "
+                          "(or use method 'plain' to train a first version)")
+
+    import torch
+
+    ctx = UpgradeContext(
+        num_classes=len(classes), old_classes=context.get("old_classes"),
+        old_head_weight=torch.as_tensor(context["old_head_weight"]) if cfg.old else None,
+        old_head_bias=torch.as_tensor(context["old_head_bias"]) if cfg.old else None,
+        old_embedding_dim=context.get("old_embedding_dim"), new_embedding_dim=probe.embedding_dim,
+        old_class_means={k: torch.as_tensor(v) for k, v in context["old_class_means"].items()} if cfg.old else None,
+    )
+    method.setup(ctx)  # the method's own checks (e.g. BCT's embedding dims) run here, once
+
+    # Inputs are decoded in the workers as they read their shard once (see loop.materialize).
+    datasets = {
+        "train": _read_split(cfg, info, cfg.train_split, cached[cfg.train_split]),
+        "val": _read_split(cfg, info, cfg.val_split, cached[cfg.val_split]),
+    }
+    loop_config = {
+        "config": cfg.to_dict(),
+        "spec": spec.to_dict(),
+        "classes": classes,
+        "context": context,
+        "has_cached_old_outputs": bool(cfg.old),
+        "method_hparams": method.hyperparameters(),
+        "method_compatible": bool(getattr(method, "compatible", False)),
+    }
+    return loop_config, datasets, info
+
+
+def _run_dir_exists(cfg: UpgradeConfig) -> bool:
+    return resolve(cfg.storage).join(cfg.run_name).exists()
+
+
+def build_trainer(cfg: UpgradeConfig, loop_config: dict[str, Any], datasets: dict[str, Any]):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = resolve(cfg.storage)
+    if cfg.fail_at_epoch is not None:
+        loop_config["failure_marker"] = os.path.join(tempfile.gettempdir(),
+                                                     f"graceful-ray-failure-{cfg.run_name}")
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage.path if storage.is_local else storage.path,
+            storage_filesystem=None if storage.is_local else storage.fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        # Only the training set is split; every worker sees the whole validation
+        # set and evaluates its own stride of it, so no row is dropped.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
+    """Train (or resume) one upgrade run and publish the model to the registry."""
+    cfg = cfg.resolved()
+    resumed = _run_dir_exists(cfg)
+    if resumed:
+        logger.info("run %r exists under %s: resuming it from its latest checkpoint", cfg.run_name, cfg.storage)
+    loop_config, datasets, info = prepare_upgrade(cfg)
+    result = build_trainer(cfg, loop_config, datasets).fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state_dict, _, progress = load_checkpoint_dir(d)
+    history = progress["history"]
+    ret = result.return_value or {}
+    final = dict(history[-1]) if history else {}
+    out = UpgradeResult(run_name=cfg.run_name, run_path=str(result.path), metrics=final, history=history,
+                        node_ids=list(ret.get("node_ids") or []), workers=ret, resumed=resumed, state_dict=state_dict)
+    if cfg.publish:
+        out.published = publish_result(cfg, loop_config, info, state_dict, final)
+        logger.info("published %s", out.model_ref)
+    return out
+
+
+def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_dict, metrics):
+    from graceful_ray.registry import Registry
+
+    spec = ModelSpec.from_dict(loop_config["spec"])
+    hyper = dict(loop_config["method_hparams"])
+    hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                 seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
+                 train_split=cfg.train_split, workers=cfg.workers)
+    return Registry(cfg.registry).publish(
+        cfg.name, state_dict, spec=spec, classes=loop_config["classes"], method=cfg.method,
+        hyperparameters=hyper, dataset_checksum=info.checksum,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        parent=loop_config["context"].get("old_ref"),
+        compatible_with_parent=loop_config["method_compatible"],
+        extra={"run_name": cfg.run_name, "model_kwargs": cfg.model_kwargs},
+    )
