@@ -176,8 +176,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     method = build_method(cfg.method, **cfg.hparams)
     method.setup(context)
     method.to(device)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Methods may change what is trained (LQF trains a linearization of the
+    # network) and how (K-FAC): optional hooks, so the loop stays method-agnostic.
+    model = wrap_for_method(method, model)
+    optimizer = make_optimizer(method, model, cfg)
 
     # ---- data: read the shard once ------------------------------------------------
     has_old_cols = bool(loop_config["has_cached_old_outputs"])
@@ -303,6 +305,21 @@ def _params_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def wrap_for_method(method, model: nn.Module) -> nn.Module:
+    """The module the method trains (the network itself unless it says otherwise)."""
+    hook = getattr(method, "wrap_model", None)
+    return hook(model) if hook is not None else model
+
+
+def make_optimizer(method, model: nn.Module, cfg: UpgradeConfig) -> torch.optim.Optimizer:
+    hook = getattr(method, "make_optimizer", None)
+    optimizer = hook(model, lr=cfg.lr, weight_decay=cfg.weight_decay) if hook is not None else None
+    if optimizer is None:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer
 
 
 def _t(value) -> torch.Tensor | None:

@@ -194,10 +194,27 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     return out
 
 
+def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict) -> tuple[dict, str]:
+    """(state dict, format) to publish: a method that trains something other than
+    the plain network (LQF) decides how its result is stored."""
+    from graceful_ray.methods import build_method
+    from graceful_ray.models import build_model
+    from graceful_ray.train.loop import wrap_for_method
+
+    method = build_method(cfg.method, **cfg.hparams)
+    export = getattr(method, "export", None)
+    if export is None:
+        return state_dict, "network"
+    module = wrap_for_method(method, build_model(spec))
+    module.load_state_dict(state_dict)
+    return export(module)
+
+
 def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_dict, metrics):
     from graceful_ray.registry import Registry
 
     spec = ModelSpec.from_dict(loop_config["spec"])
+    state_dict, fmt = export_for_registry(cfg, spec, state_dict)
     hyper = dict(loop_config["method_hparams"])
     hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                  seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
@@ -207,6 +224,6 @@ def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_
         hyperparameters=hyper, dataset_checksum=info.checksum,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         parent=loop_config["context"].get("old_ref"),
-        compatible_with_parent=loop_config["method_compatible"],
+        compatible_with_parent=loop_config["method_compatible"], format=fmt,
         extra={"run_name": cfg.run_name, "model_kwargs": cfg.model_kwargs},
     )
