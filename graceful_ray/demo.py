@@ -120,12 +120,12 @@ def side_by_side(reports: dict[str, dict[str, Any]]) -> str:
         lines.append(f"    {name:<22}" + "".join(f"{v:>16}" for v in vals))
 
     def rate(key):
-        return lambda r: f"{100 * r['flips'][key]['value']:.2f}%"
+        return lambda r: f"{100 * r['flips']['metrics'][key]['value']:.2f}%"
 
     row("error rate old", rate("error_rate_old"))
     row("error rate new", rate("error_rate_new"))
     row("NFR", rate("nfr"))
-    row("NFR 95% upper", lambda r: f"{100 * r['flips']['nfr']['high']:.2f}%")
+    row("NFR 95% upper", lambda r: f"{100 * r['flips']['metrics']['nfr']['high']:.2f}%")
     row("PFR", rate("pfr"))
     row("M(new,old) top-1", lambda r: f"{r['retrieval']['m_new_old']['top1']:.4f}")
     row("M(old,old) top-1", lambda r: f"{r['retrieval']['m_old_old']['top1']:.4f}")

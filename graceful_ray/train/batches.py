@@ -19,7 +19,8 @@ def inputs_from_arrow(table: pa.Table, feature_shape: Sequence[int]) -> np.ndarr
     n = table.num_rows
     if "features" in table.column_names:
         col = table.column("features").combine_chunks()
-        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        # A copy: Arrow's buffers are read-only and torch wants writable memory.
+        flat = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
         return flat.reshape(n, *feature_shape)
     from PIL import Image
 

@@ -48,7 +48,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-noise", type=float, default=0.0,
                    help="Gaussian input noise; with augmentation the old model runs online on the same batch")
     p.add_argument("--augment-shift", type=int, default=0, help="random circular shift of the input, in steps")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers (DDP); 0 runs the loop in this process (Ray Train local mode)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--spread", action="store_true", help="place workers on different nodes (SPREAD)")

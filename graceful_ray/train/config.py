@@ -55,7 +55,7 @@ class UpgradeConfig:
     # when on, the old model runs online on the same augmented batch.
     augment_noise: float = 0.0
     augment_shift: int = 0
-    workers: int = 1
+    workers: int = 1  # 0: Ray Train local mode (the loop runs in the driver; no fault tolerance)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
@@ -78,8 +78,8 @@ class UpgradeConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 1 (or 0 for Ray Train's local mode), got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.augment_noise < 0 or self.augment_shift < 0:

@@ -135,6 +135,37 @@ def load_checkpoint_dir(directory: str) -> tuple[dict[str, torch.Tensor], dict, 
     return model_state, opt, state
 
 
+# Ray Train's local mode (``workers=0``: the loop runs in the driver, no worker
+# actors) keeps only a reference to a reported checkpoint directory. We persist
+# checkpoints under the run directory ourselves so local runs resume the same way.
+_LOCAL_PREFIX = "checkpoint_local_epoch_"
+
+
+def persist_local_checkpoint(cfg: UpgradeConfig, directory: str, epoch: int):
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from graceful_ray.storage import resolve
+
+    dest = resolve(cfg.storage).join(cfg.run_name, f"{_LOCAL_PREFIX}{epoch:05d}")
+    dest.makedirs()
+    pafs.copy_files(directory, dest.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dest.fs)
+    return ray.train.Checkpoint(dest.path, filesystem=dest.fs)
+
+
+def latest_local_checkpoint(cfg: UpgradeConfig):
+    import ray.train
+
+    from graceful_ray.storage import resolve
+
+    run = resolve(cfg.storage).join(cfg.run_name)
+    done = sorted(f.base_name for f in run.list() if f.base_name.startswith(_LOCAL_PREFIX)
+                  and run.join(f.base_name, "state.json").exists())
+    if not done:
+        return None
+    return ray.train.Checkpoint(run.join(done[-1]).path, filesystem=run.fs)
+
+
 def _maybe_inject_failure(cfg: UpgradeConfig, epoch: int, rank: int, world: int, marker: str | None) -> None:
     """Test hook: kill this worker process once (SIGKILL, no clean-up), as a crash would."""
     if cfg.fail_at_epoch is None or epoch != cfg.fail_at_epoch or rank != world - 1 or not marker:
@@ -208,7 +239,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    local_mode = cfg.workers == 0
+    checkpoint = latest_local_checkpoint(cfg) if local_mode else ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model_state, opt_state, state = load_checkpoint_dir(d)
@@ -234,6 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     marker = loop_config.get("failure_marker")
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_inject_failure(cfg, epoch, rank, world, marker)
+        epoch_start_unix = time.time()
         t0 = time.perf_counter()
         trainable.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
@@ -272,14 +305,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         loss_t = _all_reduce_sum(torch.tensor([seen] + [sums[k] for k in sorted(sums)],
                                               dtype=torch.float64, device=device))
         metrics.update({k: float(v) / float(loss_t[0]) for k, v in zip(sorted(sums), loss_t[1:].tolist())})
-        metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time)
+        metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time,
+                       epoch_start_unix=epoch_start_unix)
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 _save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch, "history": history})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ckpt = (persist_local_checkpoint(cfg, tmp, epoch) if local_mode
+                        else ray.train.Checkpoint.from_directory(tmp))
             ray.train.report(metrics, checkpoint=ckpt)
 
     # Where each rank ran and what it ended with: lets callers (and the

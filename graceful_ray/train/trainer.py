@@ -179,6 +179,11 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     result = build_trainer(cfg, loop_config, datasets).fit()
     if result.error is not None:
         raise result.error
+    if cfg.workers == 0:  # local mode: our own persisted checkpoints
+        from graceful_ray.train.loop import latest_local_checkpoint
+
+        result.checkpoint = latest_local_checkpoint(cfg)
+        result.path = resolve(cfg.storage).join(cfg.run_name).uri
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.run_name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

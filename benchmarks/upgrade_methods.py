@@ -1,0 +1,185 @@
+"""Reproduce the papers' findings at small scale: which objective lowers flips,
+which one makes embeddings compatible.
+
+Everything runs through the product path (Ray Train via ``run_upgrade``, the
+registry, ``evaluate_upgrade`` on the test split), on MNIST-1D generated locally.
+
+Part 1 (PCT, Yan et al. CVPR 2021, Table 2a): rows plain, kd, fd-kl, fd-lm, bct;
+columns ER_old, ER_new, NFR, relative NFR; two scenarios:
+  same-arch  v1 cnn1d(32) on the old half of the training data -> v2 cnn1d(32) on all of it, new seed
+  arch-up    v1 cnn1d(16) on the old half                       -> v2 cnn1d(64) on all of it
+Part 2 (BCT, Shen et al. CVPR 2020): class-incremental split (v1 sees classes 0-4);
+M(new, old) vs M(old, old) for plain, l2 and bct, and the update gain.
+
+Usage:
+    python benchmarks/upgrade_methods.py --samples 30000 --epochs 30 --seeds 0 1 2
+Results: benchmarks/results/upgrade_methods.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+
+METHODS = {
+    "plain": ("plain", {}),
+    "kd": ("kd", {"kd_kind": "lm", "kd_lambda": 1.0}),  # focal distillation with beta = 0
+    "fd-kl": ("fd", {"fd_kind": "kl", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 100.0}),
+    "fd-lm": ("fd", {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0}),
+    "bct": ("bct", {"bct_lambda": 1.0}),
+}
+SCENARIOS = {
+    "same-arch": ({"channels": 32}, {"channels": 32}),
+    "arch-up": ({"channels": 16}, {"channels": 64}),
+}
+
+
+def _mean_sd(values):
+    values = [v for v in values if v == v]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values, pct=True):
+    m, s = _mean_sd(values)
+    k = 100 if pct else 1
+    return f"{k * m:.2f} ± {k * s:.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=30000)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--root", default="/tmp/graceful-ray-bench/upgrade")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "upgrade_methods"))
+    p.add_argument("--parts", default="pct,bct")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from graceful_ray.data import dataset_exists, make_mnist1d
+    from graceful_ray.evaluate import evaluate_upgrade
+    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.train.config import UpgradeConfig
+    from graceful_ray.train.trainer import run_upgrade
+
+    ensure_ray(num_cpus=4)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    registry, storage = os.path.join(args.root, "registry"), os.path.join(args.root, "runs")
+    results_path = args.out + ".json"
+    results = json.load(open(results_path)) if os.path.exists(results_path) else {"runs": {}}
+    results["config"] = {"samples": args.samples, "epochs": args.epochs, "seeds": args.seeds}
+
+    def save():
+        os.makedirs(os.path.dirname(results_path), exist_ok=True)
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+    def train(key, **kw):
+        """Train once per key (the JSON doubles as a resume log for this script)."""
+        if key in results["runs"] and "ref" in results["runs"][key]:
+            return results["runs"][key]["ref"]
+        t0 = time.perf_counter()
+        cfg = UpgradeConfig(registry=registry, storage=storage, epochs=args.epochs, batch_size=128, lr=3e-3,
+                            name=key.split("/")[0], run_name=key.replace("/", "-"), cpus_per_worker=2.0,
+                            max_failures=1, **kw)
+        r = run_upgrade(cfg)
+        results["runs"][key] = {"ref": r.model_ref, "train_s": time.perf_counter() - t0, "val": r.metrics}
+        save()
+        print(f"  trained {key} -> {r.model_ref} in {time.perf_counter() - t0:.0f}s "
+              f"(val acc {r.metrics['val_accuracy']:.4f})", flush=True)
+        return r.model_ref
+
+    def evaluate(key, data, old, new, reference=None):
+        if "eval" not in results["runs"].get(key, {}):
+            rep = evaluate_upgrade(data, old, new, registry_root=registry, split="test", reference_ref=reference)
+            results["runs"][key]["eval"] = {"flips": rep["flips"]["metrics"] if "metrics" in rep["flips"] else rep["flips"],
+                                            "retrieval": rep["retrieval"]}
+            save()
+        return results["runs"][key]["eval"]
+
+    if "pct" in args.parts:
+        data = os.path.join(args.root, f"mnist1d-{args.samples}")
+        if not dataset_exists(data):
+            make_mnist1d(data, samples=args.samples, seed=1234, scenario="data_growth", old_fraction=0.5)
+        for scen, (old_kw, new_kw) in SCENARIOS.items():
+            for seed in args.seeds:
+                v1 = train(f"{scen}-v1/s{seed}", data=data, model="cnn1d", model_kwargs=old_kw,
+                           train_split="old_train", seed=seed)
+                for label, (method, hp) in METHODS.items():
+                    key = f"{scen}-{label}/s{seed}"
+                    new = train(key, data=data, model="cnn1d", model_kwargs=new_kw, method=method, hparams=hp,
+                                old=v1, seed=seed + 100)
+                    evaluate(key, data, v1, new)
+
+    if "bct" in args.parts:
+        data = os.path.join(args.root, f"mnist1d-{args.samples}-classinc")
+        if not dataset_exists(data):
+            make_mnist1d(data, samples=args.samples, seed=1234, scenario="class_incremental",
+                         old_classes=[0, 1, 2, 3, 4])
+        for seed in args.seeds:
+            v1 = train(f"ci-v1/s{seed}", data=data, model="cnn1d", model_kwargs={"channels": 32},
+                       train_split="old_train", seed=seed)
+            plain = train(f"ci-plain/s{seed}", data=data, model="cnn1d", model_kwargs={"channels": 32},
+                          old=v1, seed=seed + 100)
+            for label, method in (("plain", "plain"), ("l2", "l2"), ("bct", "bct")):
+                key = f"ci-{label}/s{seed}"
+                new = plain if label == "plain" else train(key, data=data, model="cnn1d",
+                                                           model_kwargs={"channels": 32}, method=method,
+                                                           old=v1, seed=seed + 100)
+                evaluate(key, data, v1, new, reference=plain)
+
+    write_markdown(results, args)
+
+
+def write_markdown(results, args) -> None:
+    runs = results["runs"]
+    lines = [f"# Upgrade methods on MNIST-1D ({args.samples} samples, {args.epochs} epochs, "
+             f"seeds {', '.join(map(str, args.seeds))})", "",
+             "Command: `python benchmarks/upgrade_methods.py " + " ".join(
+                 [f"--samples {args.samples}", f"--epochs {args.epochs}", "--seeds " + " ".join(map(str, args.seeds))]) + "`",
+             "", "Test split, mean ± standard deviation over seeds, in percent.", ""]
+    for scen in SCENARIOS:
+        rows = []
+        for label in METHODS:
+            evs = [runs.get(f"{scen}-{label}/s{s}", {}).get("eval") for s in args.seeds]
+            evs = [e for e in evs if e]
+            if not evs:
+                continue
+            f = [e["flips"] for e in evs]
+            rows.append(f"| {label} | {fmt([x['error_rate_old']['value'] for x in f])} | "
+                        f"{fmt([x['error_rate_new']['value'] for x in f])} | {fmt([x['nfr']['value'] for x in f])} | "
+                        f"{fmt([x['relative_nfr'] for x in f], pct=False)} | {len(evs)} |")
+        if rows:
+            lines += [f"## {scen}: v1 {SCENARIOS[scen][0]} -> v2 {SCENARIOS[scen][1]}", "",
+                      "| method | ER_old | ER_new | NFR | relative NFR | seeds |", "|---|---|---|---|---|---|", *rows, ""]
+    rows = []
+    for label in ("plain", "l2", "bct"):
+        evs = [runs.get(f"ci-{label}/s{s}", {}).get("eval") for s in args.seeds]
+        evs = [e for e in evs if e]
+        if not evs:
+            continue
+        r = [e["retrieval"] for e in evs]
+        rows.append(f"| {label} | {fmt([x['m_old_old']['top1'] for x in r])} | {fmt([x['m_new_old']['top1'] for x in r])} | "
+                    f"{fmt([x['m_new_new']['top1'] for x in r])} | {sum(x['compatible_top1'] for x in r)}/{len(r)} | "
+                    f"{fmt([x['m_old_old']['map'] for x in r])} | {fmt([x['m_new_old']['map'] for x in r])} | "
+                    f"{sum(x['compatible_map'] for x in r)}/{len(r)} | {fmt([x['update_gain_top1'] for x in r], pct=False)} |")
+    if rows:
+        lines += ["## Class-incremental (v1 sees classes 0-4): compatibility, leave-one-out retrieval on test", "",
+                  "| method | M(old,old) top-1 | M(new,old) top-1 | M(new,new) top-1 | compatible (top-1) | "
+                  "M(old,old) mAP | M(new,old) mAP | compatible (mAP) | update gain (top-1) |",
+                  "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
