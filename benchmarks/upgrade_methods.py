@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/graceful-ray-bench/upgrade")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "upgrade_methods"))
     p.add_argument("--parts", default="pct,bct")
+    p.add_argument("--workers", type=int, default=0,
+                   help="Ray Train workers per run; 0 = Ray Train local mode (same loop, no actor start-up)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -89,7 +91,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cfg = UpgradeConfig(registry=registry, storage=storage, epochs=args.epochs, batch_size=128, lr=3e-3,
                             name=key.split("/")[0], run_name=key.replace("/", "-"), cpus_per_worker=2.0,
-                            max_failures=1, **kw)
+                            workers=args.workers, max_failures=1, **kw)
         r = run_upgrade(cfg)
         results["runs"][key] = {"ref": r.model_ref, "train_s": time.perf_counter() - t0, "val": r.metrics}
         save()
@@ -144,7 +146,8 @@ def write_markdown(results, args) -> None:
     lines = [f"# Upgrade methods on MNIST-1D ({args.samples} samples, {args.epochs} epochs, "
              f"seeds {', '.join(map(str, args.seeds))})", "",
              "Command: `python benchmarks/upgrade_methods.py " + " ".join(
-                 [f"--samples {args.samples}", f"--epochs {args.epochs}", "--seeds " + " ".join(map(str, args.seeds))]) + "`",
+                 [f"--samples {args.samples}", f"--epochs {args.epochs}", f"--workers {args.workers}",
+                  "--seeds " + " ".join(map(str, args.seeds))]) + "`",
              "", "Test split, mean ± standard deviation over seeds, in percent.", ""]
     for scen in SCENARIOS:
         rows = []
