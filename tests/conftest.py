@@ -60,11 +60,20 @@ def storage_root(request, tmp_path):
     return request.getfixturevalue("s3_root")
 
 
-def _start_local_ray():
+def _start_local_ray(attempts: int = 3):
+    """Start the test Ray; retried because Ray waits a fixed 30 s for its raylet,
+    which a heavily loaded 2-core machine can miss."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            break
+        except Exception as e:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == attempts - 1:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

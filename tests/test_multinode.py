@@ -19,9 +19,17 @@ def two_node_cluster():
 
     if ray.is_initialized():
         ray.shutdown()  # the session's single-node Ray; later tests get it back
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
+    for attempt in range(3):  # Ray waits a fixed 30 s per raylet; a loaded machine can miss it
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False)
+            cluster.add_node(num_cpus=2)
+            cluster.wait_for_nodes()
+            break
+        except Exception as e:
+            cluster.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster

@@ -152,3 +152,16 @@ def test_bct_with_mismatched_embedding_dims_says_what_to_do(v1, workspace):
 def test_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         UpgradeConfig(data="x", **kwargs)
+
+
+def test_local_mode_persists_checkpoints_and_extends_a_run(v1, workspace):
+    """workers=0 (Ray Train local mode) runs in this process and still resumes."""
+    first = run_upgrade(_cfg(workspace, old=v1.model_ref, method="fd", seed=4, epochs=1, workers=0,
+                             run_name="local", publish=False))
+    assert [h["epoch"] for h in first.history] == [1] and not first.resumed
+    longer = run_upgrade(_cfg(workspace, old=v1.model_ref, method="fd", seed=4, epochs=2, workers=0,
+                              run_name="local"))
+    assert longer.resumed
+    assert [h["epoch"] for h in longer.history] == [1, 2]
+    assert longer.history[0] == first.history[0], "epoch 1 was re-run instead of resumed"
+    assert longer.published is not None
