@@ -146,7 +146,7 @@ def test_bct_with_mismatched_embedding_dims_says_what_to_do(v1, workspace):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(epochs=0), "epochs"), (dict(workers=0), "workers"), (dict(lr=-1), "lr"),
+    (dict(epochs=0), "epochs"), (dict(workers=-1), "workers"), (dict(lr=-1), "lr"),
     (dict(run_name="has space"), "run name"),
 ])
 def test_config_validation(kwargs, match):
