@@ -19,6 +19,7 @@ from graceful_ray.methods.focal_distillation import (FocalDistillation, FocalDis
                                                      distillation_distance, focal_distillation_loss,
                                                      focal_weights, kl_divergence_loss, logit_matching_loss)
 from graceful_ray.methods.elodi import ELODI, logit_difference_inhibition_loss
+from graceful_ray.methods.lqf import LQF, squared_loss
 
 __all__ = [
     "UpgradeContext", "MethodBatch", "LossOutput", "UpgradeMethod", "Composite", "cross_entropy",
@@ -27,4 +28,5 @@ __all__ = [
     "l2_embedding_loss", "FocalDistillation", "FocalDistillationKL", "FocalDistillationLM",
     "KnowledgeDistillation", "focal_weights", "kl_divergence_loss", "logit_matching_loss",
     "distillation_distance", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
+    "LQF", "squared_loss",
 ]

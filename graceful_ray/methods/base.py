@@ -11,6 +11,16 @@ once however many methods are combined, every method only reports its *extra*
 terms through :meth:`UpgradeMethod.extra_loss` (already multiplied by their
 weight), and cross-entropy is added once by :meth:`UpgradeMethod.loss` or by
 :class:`Composite`. The parts of a :class:`LossOutput` always sum to its total.
+
+A method may *replace* cross-entropy as the base term (LQF trains with a squared
+loss): it sets ``replaces_base_loss = True`` and overrides :meth:`UpgradeMethod.base_loss`.
+At most one method of a composite may do so, so ``"lqf+fd"`` is LQF's squared
+loss plus the focal-distillation term, with no cross-entropy.
+
+Optional trainer hooks (see :mod:`graceful_ray.train.loop`): a method may define
+``wrap_model(model)``, ``make_optimizer(model, lr=..., weight_decay=...)`` and
+``export(module)``; :class:`Composite` exposes the hook of the one member that
+defines it (two members defining the same hook is a configuration error).
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ class UpgradeContext:
     old_embedding_dim: int | None = None
     new_embedding_dim: int = 0
     old_class_means: dict[int, Tensor] | None = None
+    # Where the old model lives (optional; a trainer that knows them fills them
+    # in): methods that need the old *weights*, not just its head (LQF
+    # linearizes around them), load ``old_ref`` from the registry at ``registry``.
+    old_ref: str | None = None
+    registry: str | None = None
 
     @property
     def has_old_model(self) -> bool:
@@ -109,6 +124,8 @@ class UpgradeMethod(ABC):
             (``old_embedding``, ``old_logits``, ``old_correct``).
         compatible: the method aims at an embedding space compatible with the
             old model's, so the trained model shares the old model's space.
+        replaces_base_loss: :meth:`base_loss` replaces cross-entropy as the
+            shared base term (at most one method per composite).
     """
 
     name: str = ""
@@ -116,6 +133,7 @@ class UpgradeMethod(ABC):
     needs_old_model: bool = False
     needs_old_outputs: bool = False
     compatible: bool = False
+    replaces_base_loss: bool = False
 
     def __init__(self) -> None:
         self.ctx: UpgradeContext | None = None
@@ -154,8 +172,13 @@ class UpgradeMethod(ABC):
     def extra_loss(self, batch: MethodBatch) -> dict[str, Tensor]:
         """The method's weighted terms beyond cross-entropy, by part name."""
 
+    def base_loss(self, batch: MethodBatch) -> dict[str, Tensor]:
+        """The base term(s) every objective starts from: cross-entropy, unless a
+        method with ``replaces_base_loss`` overrides this."""
+        return {"ce": cross_entropy(batch.new_logits, batch.y)}
+
     def loss(self, batch: MethodBatch) -> LossOutput:
-        """Cross-entropy plus this method's extra terms."""
+        """The base loss (cross-entropy unless replaced) plus this method's extra terms."""
         return _combine(batch, [self])
 
     # -- helpers for subclasses -------------------------------------------
@@ -189,9 +212,19 @@ def _check_batch(batch: MethodBatch) -> None:
         )
 
 
+def _base_owner(methods: list[UpgradeMethod]) -> UpgradeMethod | None:
+    owners = [m for m in methods if m.replaces_base_loss]
+    if len(owners) > 1:
+        raise ConfigError(f"methods {[m.name for m in owners]} each replace the base loss; "
+                          "combine at most one of them")
+    return owners[0] if owners else None
+
+
 def _combine(batch: MethodBatch, methods: list[UpgradeMethod]) -> LossOutput:
     _check_batch(batch)
-    parts: dict[str, Tensor] = {"ce": cross_entropy(batch.new_logits, batch.y)}
+    owner = _base_owner(methods)
+    parts: dict[str, Tensor] = (dict(owner.base_loss(batch)) if owner is not None
+                                else {"ce": cross_entropy(batch.new_logits, batch.y)})
     for m in methods:
         for key, value in m.extra_loss(batch).items():
             if key in parts:
@@ -202,8 +235,12 @@ def _combine(batch: MethodBatch, methods: list[UpgradeMethod]) -> LossOutput:
     return LossOutput(total=total, parts=parts)
 
 
+TRAINER_HOOKS = ("wrap_model", "make_optimizer", "export")
+
+
 class Composite(UpgradeMethod):
-    """Several methods trained together: cross-entropy once plus each one's extra terms.
+    """Several methods trained together: the base loss once (cross-entropy, unless a
+    member replaces it) plus each one's extra terms.
 
     :func:`graceful_ray.methods.build_method` always returns a composite (of one
     method when the spec names one), so the trainer sees a single type.
@@ -220,6 +257,17 @@ class Composite(UpgradeMethod):
         self.needs_old_model = any(m.needs_old_model for m in self.methods)
         self.needs_old_outputs = any(m.needs_old_outputs for m in self.methods)
         self.compatible = any(m.compatible for m in self.methods)
+        owner = _base_owner(self.methods)
+        self.replaces_base_loss = owner is not None
+        # Trainer hooks: the composite has one exactly when one member has it, so
+        # ``getattr(method, "wrap_model", None)`` behaves as for a single method.
+        for hook in TRAINER_HOOKS:
+            have = [m for m in self.methods if callable(getattr(m, hook, None))]
+            if len(have) > 1:
+                raise ConfigError(f"methods {[m.name for m in have]} both define {hook!r}; "
+                                  "combine at most one of them")
+            if have:
+                setattr(self, hook, getattr(have[0], hook))
 
     def hyperparameters(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -242,6 +290,10 @@ class Composite(UpgradeMethod):
         for m in self.methods:
             out.update(m.extra_loss(batch))
         return out
+
+    def base_loss(self, batch: MethodBatch) -> dict[str, Tensor]:
+        owner = _base_owner(self.methods)
+        return owner.base_loss(batch) if owner is not None else super().base_loss(batch)
 
     def loss(self, batch: MethodBatch) -> LossOutput:
         return _combine(batch, self.methods)

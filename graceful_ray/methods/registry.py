@@ -16,6 +16,12 @@ method            hyperparameters (defaults)
 ``fd-lm``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``
 ``kd``            ``kd_kind`` ("lm"), ``kd_lambda`` (1), ``kd_temperature`` (100)
 ``elodi``         ``elodi_lambda`` (1), ``elodi_xi`` (0.5), ``elodi_p`` (2)
+``lqf``           ``lqf_kfac`` (true), ``lqf_damping`` (1e-2), ``lqf_update_every``
+                  (10), ``lqf_target_scale`` (1), ``lqf_layers`` ("all"),
+                  ``lqf_momentum`` (0.9), ``lqf_init`` ("parent"),
+                  ``lqf_registry`` (""), ``lqf_export_format`` ("linearized"),
+                  ``lqf_head_scale`` ("auto"); squared loss instead of
+                  cross-entropy (see methods/lqf.py)
 ================  ==========================================================
 
 Adding a method is one module with a class decorated ``@register_method(name)``,

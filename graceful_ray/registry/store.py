@@ -290,16 +290,32 @@ class Registry:
                                  f"file: {e}") from e
 
     def load_model(self, ref: str):
-        """``(manifest, model)``: the network rebuilt from its spec, weights loaded, in eval mode."""
+        """``(manifest, model)``: the model rebuilt from its spec, weights loaded, in eval mode.
+
+        Format ``network`` gives the network itself; format ``linearized`` (LQF)
+        gives a :class:`graceful_ray.lqf.LinearizedModel` of that architecture,
+        so evaluation and serving use the linearized function that was trained
+        (it has the same ``forward`` / ``forward_features`` interface).
+        """
         manifest, state = self.load_state_dict(ref)
-        if manifest.format != "network":
+        if manifest.format not in ("network", "linearized"):
             raise RegistryError(
-                f"{manifest.ref} is stored in format {manifest.format!r}, whose function is not "
-                "the plain network; load its weights with Registry.load_state_dict and the "
-                "method that produced it")
+                f"{manifest.ref} is stored in format {manifest.format!r}, which this version of "
+                "graceful-ray cannot rebuild; load its weights with Registry.load_state_dict")
         model = build_model(ModelSpec.from_dict(manifest.architecture))
         try:
-            model.load_state_dict(state, strict=True)
+            if manifest.format == "linearized":
+                from graceful_ray.errors import ConfigError
+                from graceful_ray.lqf import LinearizedModel
+
+                try:
+                    model = LinearizedModel.from_state_dict(model, state)
+                except ConfigError as e:
+                    raise RegistryError(
+                        f"{manifest.ref} is stored in format 'linearized' but its weights do not "
+                        f"rebuild a linearized {manifest.architecture.get('factory')!r}: {e}") from e
+            else:
+                model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ModelError(f"{manifest.ref}: weights do not fit the architecture "
                              f"{manifest.architecture}: {e}") from e

@@ -194,16 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     model = build_model(spec)
     ctx_data = loop_config["context"]
-    context = UpgradeContext(
-        num_classes=spec.num_classes,
-        old_classes=ctx_data.get("old_classes"),
-        old_head_weight=_t(ctx_data.get("old_head_weight")),
-        old_head_bias=_t(ctx_data.get("old_head_bias")),
-        old_embedding_dim=ctx_data.get("old_embedding_dim"),
-        new_embedding_dim=model.embedding_dim,
-        old_class_means={int(k): _t(v) for k, v in ctx_data["old_class_means"].items()}
-        if ctx_data.get("old_class_means") else None,
-    )
+    context = upgrade_context(loop_config, cfg, model.embedding_dim)
     method = build_method(cfg.method, **cfg.hparams)
     method.setup(context)
     method.to(device)
@@ -340,6 +331,22 @@ def _params_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def upgrade_context(loop_config: dict[str, Any], cfg: UpgradeConfig, new_embedding_dim: int) -> UpgradeContext:
+    """The method's view of the upgrade, rebuilt from the (picklable) loop config."""
+    ctx_data = loop_config["context"]
+    means = ctx_data.get("old_class_means")
+    return UpgradeContext(
+        num_classes=len(loop_config["classes"]),
+        old_classes=ctx_data.get("old_classes"),
+        old_head_weight=_t(ctx_data.get("old_head_weight")),
+        old_head_bias=_t(ctx_data.get("old_head_bias")),
+        old_embedding_dim=ctx_data.get("old_embedding_dim"),
+        new_embedding_dim=new_embedding_dim,
+        old_class_means={int(k): _t(v) for k, v in means.items()} if means else None,
+        old_ref=ctx_data.get("old_ref"), registry=cfg.registry,
+    )
 
 
 def wrap_for_method(method, model: nn.Module) -> nn.Module:

@@ -114,6 +114,7 @@ def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any],
         old_head_bias=torch.as_tensor(context["old_head_bias"]) if cfg.old else None,
         old_embedding_dim=context.get("old_embedding_dim"), new_embedding_dim=probe.embedding_dim,
         old_class_means={k: torch.as_tensor(v) for k, v in context["old_class_means"].items()} if cfg.old else None,
+        old_ref=context.get("old_ref"), registry=cfg.registry,
     )
     method.setup(ctx)  # the method's own checks (e.g. BCT's embedding dims) run here, once
 
@@ -199,18 +200,20 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     return out
 
 
-def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict) -> tuple[dict, str]:
+def export_for_registry(cfg: UpgradeConfig, loop_config: dict[str, Any], state_dict) -> tuple[dict, str]:
     """(state dict, format) to publish: a method that trains something other than
     the plain network (LQF) decides how its result is stored."""
     from graceful_ray.methods import build_method
     from graceful_ray.models import build_model
-    from graceful_ray.train.loop import wrap_for_method
+    from graceful_ray.train.loop import upgrade_context, wrap_for_method
 
     method = build_method(cfg.method, **cfg.hparams)
     export = getattr(method, "export", None)
     if export is None:
         return state_dict, "network"
-    module = wrap_for_method(method, build_model(spec))
+    network = build_model(ModelSpec.from_dict(loop_config["spec"]))
+    method.setup(upgrade_context(loop_config, cfg, network.embedding_dim))
+    module = wrap_for_method(method, network)
     module.load_state_dict(state_dict)
     return export(module)
 
@@ -219,7 +222,7 @@ def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_
     from graceful_ray.registry import Registry
 
     spec = ModelSpec.from_dict(loop_config["spec"])
-    state_dict, fmt = export_for_registry(cfg, spec, state_dict)
+    state_dict, fmt = export_for_registry(cfg, loop_config, state_dict)
     hyper = dict(loop_config["method_hparams"])
     hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                  seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
