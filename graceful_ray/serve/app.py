@@ -1,0 +1,156 @@
+"""Build (and deploy) the shadow application from a :class:`ShadowConfig`.
+
+The application graph::
+
+    HTTP -> ShadowRouter (FastAPI ingress; primary in-process by default)
+              |-- ModelReplica  <baseline version>   (shadow target when candidate is primary)
+              |-- ModelReplica  <candidate version>  (shadow target when baseline is primary)
+              `-- Comparator    (records, flips, gates, routing state; one replica)
+
+References are resolved against the registry *here*, once, and pinned to exact
+versions, so every replica (including ones Serve restarts later) loads the same
+weights even after the ``production`` alias moves on cutover.
+
+:func:`app_builder` is the entry point a Serve config YAML names
+(``import_path: graceful_ray.serve.app:app_builder``), so ``serve deploy`` and
+``serve run`` accept the same arguments as :class:`ShadowConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from graceful_ray.errors import ConfigError, IncompatibleModelError
+from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig
+
+log = logging.getLogger(__name__)
+
+
+def pin_refs(config: ShadowConfig) -> tuple[dict[str, str], list[int], dict[str, list[int]]]:
+    """``(refs pinned to versions, input shape, classes per role)``; checks the pair fits.
+
+    Both models must take the same input (callers send one input to both) and
+    their decisions must live in one class-id space for agreement to mean
+    anything; a pair that does not fit is refused before anything is deployed.
+    """
+    from graceful_ray.registry import Registry
+
+    registry = Registry(config.registry)
+    manifests = {role: registry.get(config.ref_of(role)) for role in ROLES}
+    b, c = manifests[BASELINE], manifests[CANDIDATE]
+    if b.ref == c.ref:
+        raise ConfigError(f"baseline and candidate are the same version ({b.ref}): shadowing a "
+                          "model against itself compares nothing; point --new at the candidate")
+    shape_b, shape_c = tuple(b.spec.input_shape), tuple(c.spec.input_shape)
+    if _numel(shape_b) != _numel(shape_c):
+        raise IncompatibleModelError(
+            f"{b.ref} takes inputs of shape {shape_b} but {c.ref} takes {shape_c}: a shadow "
+            "must accept the same requests as the primary")
+    if not set(b.classes) & set(c.classes):
+        raise IncompatibleModelError(
+            f"{b.ref} (classes {b.classes}) and {c.ref} (classes {c.classes}) share no class: "
+            "their decisions cannot be compared")
+    refs = {role: manifests[role].ref for role in ROLES}
+    return refs, list(shape_b), {role: list(manifests[role].classes) for role in ROLES}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _deployment_name(ref: str) -> str:
+    """``model@v3`` -> ``model-v3``: one deployment per model version."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", ref.replace("@", "-"))
+
+
+def build_app(config: ShadowConfig):
+    """The Serve :class:`~ray.serve.Application` for ``config`` (not yet running)."""
+    from graceful_ray.serve.comparator import Comparator
+    from graceful_ray.serve.replica import ModelReplica
+    from graceful_ray.serve.router import ShadowRouter
+
+    refs, shape, classes = pin_refs(config)
+    models = {}
+    for role in ROLES:
+        res = config.resources_of(role)
+        models[role] = ModelReplica.options(
+            name=_deployment_name(refs[role]),
+            num_replicas=res.num_replicas,
+            max_ongoing_requests=res.max_ongoing_requests,
+            ray_actor_options=res.actor_options(),
+        ).bind(config.registry, refs[role], config.shadow_batching, res.num_gpus,
+               config.torch_threads,
+               # shadow-only when the primary runs in the router: background priority
+               config.background_nice if config.primary_in_ingress else 0)
+    all_classes = sorted(set(classes[BASELINE]) | set(classes[CANDIDATE]))
+    comparator = Comparator.options(
+        name="comparator", num_replicas=1,
+        max_ongoing_requests=config.comparator.max_ongoing_requests,
+        ray_actor_options=config.comparator.actor_options(),
+    ).bind(config, refs, all_classes)
+    router = ShadowRouter.options(
+        name="router", num_replicas=config.router.num_replicas,
+        max_ongoing_requests=config.router.max_ongoing_requests,
+        ray_actor_options=config.router.actor_options(),
+    ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)
+    log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s", config.app_name,
+             refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage)
+    return router
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for a Serve config file's ``import_path`` (``args`` -> ShadowConfig)."""
+    return build_app(ShadowConfig.from_dict(args))
+
+
+def deploy(*configs: ShadowConfig, timeout_s: float = 600.0) -> list:
+    """Deploy one or more shadow applications (Serve must be started) and wait
+    until every one is RUNNING; returns their ingress handles.
+
+    Several configs are deployed in one ``serve.run_many`` call, so their
+    replicas start in parallel. A deployment that fails, or that cannot be
+    scheduled in time (e.g. not enough CPUs for the requested fractions), raises
+    :class:`ConfigError` with Serve's own explanation instead of hanging.
+    """
+    from ray import serve
+
+    if not configs:
+        raise ConfigError("deploy() needs at least one ShadowConfig")
+    targets = [serve.RunTarget(target=build_app(c), name=c.app_name,
+                               route_prefix=c.route_prefix) for c in configs]
+    handles = serve.run_many(targets, wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    pending = {c.app_name for c in configs}
+    while True:
+        apps = serve.status().applications
+        for name in list(pending):
+            status = str(apps[name].status) if name in apps else ""
+            if status.endswith("RUNNING"):
+                pending.discard(name)
+            elif status.endswith("DEPLOY_FAILED") or status.endswith("UNHEALTHY"):
+                raise ConfigError(f"application {name!r} failed to deploy: "
+                                  f"{_why(apps[name])}")
+        if not pending:
+            return handles
+        if time.monotonic() > deadline:
+            reasons = "; ".join(f"{n}: {_why(apps[n]) if n in apps else 'not created'}"
+                                for n in sorted(pending))
+            raise ConfigError(f"application(s) {sorted(pending)} did not become RUNNING in "
+                              f"{timeout_s:.0f}s ({reasons}); check the resources asked for "
+                              "against the cluster's (`ray status`)")
+        time.sleep(0.5)
+
+
+def _why(app_status) -> str:
+    """Serve's messages for an application and its unhealthy deployments."""
+    parts = [app_status.message] if getattr(app_status, "message", "") else []
+    for name, dep in getattr(app_status, "deployments", {}).items():
+        if not str(dep.status).endswith("HEALTHY") and getattr(dep, "message", ""):
+            parts.append(f"{name}: {dep.message}")
+    return " | ".join(parts) or str(app_status.status)

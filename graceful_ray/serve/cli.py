@@ -1,0 +1,245 @@
+"""`graceful-ray serve` (run the shadow service) and `graceful-ray shadow replay`.
+
+``serve`` starts (or joins) Ray, starts Serve's HTTP proxy on ``--host/--port``,
+deploys the application and blocks until interrupted; on Ctrl-C it deletes the
+application gracefully, which writes the last records to Parquet. ``--detach``
+leaves it running on a long-lived cluster instead (what ``jobs/deploy_shadow.py``
+does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "./.graceful-ray/shadow"
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    from graceful_ray.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - yaml and json raise different families
+        raise ConfigError(f"{path} is not valid {'YAML' if path.endswith('ml') else 'JSON'}: "
+                          f"{e}") from None
+    if isinstance(data, dict) and "applications" in data:  # a Serve config: take its args
+        apps = data["applications"]
+        if len(apps) != 1:
+            raise ConfigError(f"{path} holds {len(apps)} applications; give a file with one")
+        data = apps[0].get("args", {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of ShadowConfig fields")
+    return data
+
+
+def _parse_gates(items: list[str]) -> dict[str, Any]:
+    """``["max_nfr=0.02", ...]`` -> ``{"max_nfr": 0.02}``, or a ConfigError naming the item."""
+    from graceful_ray.errors import ConfigError
+
+    gates: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE, e.g. max_nfr=0.02")
+        try:
+            gates[name.strip()] = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"--gate {item!r}: {value!r} is not a number") from None
+    return gates
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options shared by ``graceful-ray serve`` and ``jobs/deploy_shadow.py``."""
+    from graceful_ray.registry.cli import default_root
+
+    p.add_argument("--old", help="baseline (current production) reference, e.g. digits@production")
+    p.add_argument("--new", help="candidate reference, e.g. digits@candidate")
+    p.add_argument("--root", "--registry", dest="root", default=None,
+                   help=f"registry root (default: $GRACEFUL_RAY_ROOT or {default_root()})")
+    p.add_argument("--storage", default=None,
+                   help=f"where the comparison log goes (local path or s3://...; default "
+                        f"{DEFAULT_STORAGE}/<old>__<new>)")
+    p.add_argument("--shadow-fraction", type=float, default=None,
+                   help="share of requests also sent to the shadow (default 1.0)")
+    p.add_argument("--shadow-timeout", type=float, default=None,
+                   help="seconds before a shadow call counts as timed out (default 2)")
+    p.add_argument("--config", help="YAML/JSON of ShadowConfig fields (or a Serve config file); "
+                                    "command-line options override it")
+    p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                   help="gate threshold, repeatable: min_labelled, max_nfr, min_agreement, "
+                        "max_latency_ratio, max_error_rate, min_latency_samples")
+    p.add_argument("--router-replicas", type=int, default=None)
+    p.add_argument("--router-cpus", type=float, default=None)
+    p.add_argument("--router-gpus", type=float, default=None)
+    p.add_argument("--model-cpus", type=float, default=None, help="CPUs per model replica")
+    p.add_argument("--model-gpus", type=float, default=None, help="GPUs per model replica")
+    p.add_argument("--primary-in-deployment", action="store_true",
+                   help="serve the primary from its own deployment instead of inside the router "
+                        "(slower on small models; use when the router must stay CPU-only)")
+    p.add_argument("--admin-token-env", default=None,
+                   help="environment variable holding the admin bearer token "
+                        "(default GRACEFUL_RAY_ADMIN_TOKEN)")
+    p.add_argument("--name", default=None, help="Serve application name (default 'shadow')")
+    p.add_argument("--route-prefix", default=None, help="HTTP route prefix (default '/')")
+
+
+def config_from_args(args: argparse.Namespace):
+    """A validated :class:`ShadowConfig` from a config file plus command-line options."""
+    from graceful_ray.errors import ConfigError
+    from graceful_ray.registry.cli import default_root
+    from graceful_ray.serve.config import ShadowConfig
+
+    data: dict[str, Any] = _load_config_file(args.config) if args.config else {}
+
+    def set_if(key: str, value: Any) -> None:
+        if value is not None:
+            data[key] = value
+
+    set_if("baseline", args.old)
+    set_if("candidate", args.new)
+    set_if("registry", args.root)
+    data.setdefault("registry", default_root())
+    set_if("storage", args.storage)
+    set_if("shadow_fraction", args.shadow_fraction)
+    set_if("shadow_timeout_s", args.shadow_timeout)
+    set_if("admin_token_env", args.admin_token_env)
+    set_if("app_name", args.name)
+    set_if("route_prefix", args.route_prefix)
+    if args.primary_in_deployment:
+        data["primary_in_ingress"] = False
+    for key in ("baseline", "candidate"):
+        if not data.get(key):
+            raise ConfigError(f"give --{'old' if key == 'baseline' else 'new'} (the {key} "
+                              "reference) or set it in --config")
+    if "storage" not in data:
+        safe = lambda r: r.replace("@", "-").replace("/", "-")  # noqa: E731
+        data["storage"] = os.path.join(DEFAULT_STORAGE,
+                                       f"{safe(data['baseline'])}__{safe(data['candidate'])}")
+    gates = {**(data.get("gates") or {}), **_parse_gates(args.gate)}
+    if gates:
+        data["gates"] = gates
+    for key, flag, field in (("router", "router_replicas", "num_replicas"),
+                             ("router", "router_cpus", "num_cpus"),
+                             ("router", "router_gpus", "num_gpus"),
+                             ("baseline_resources", "model_cpus", "num_cpus"),
+                             ("candidate_resources", "model_cpus", "num_cpus"),
+                             ("baseline_resources", "model_gpus", "num_gpus"),
+                             ("candidate_resources", "model_gpus", "num_gpus")):
+        value = getattr(args, flag)
+        if value is not None:
+            data[key] = {**(data.get(key) or {}), field: value}
+    config = ShadowConfig.from_dict(data)
+    token = os.environ.get(config.admin_token_env)
+    if token and config.admin_token_sha256 is None:
+        # Replicas may run on other nodes, without this shell's environment: only
+        # the token's hash travels with the application's config.
+        config = config.with_admin_token(token)
+    return config
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.serve.app import deploy
+
+    config = config_from_args(args)
+    stop = threading.Event()
+    if not args.detach:  # Ctrl-C while deploying also ends in a clean shutdown
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if args.fast and not args.address and not ray.is_initialized():
+        # Serve's measured throughput levers; read by Serve processes at start.
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    ensure_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    deploy(config)
+    base = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
+    log.info("shadow service up: %s/v1/predict, report %s/v1/shadow/report, dashboard "
+             "%s/dashboard (primary %s, shadow %s, fraction %.2f, log %s)", base, base, base,
+             config.baseline, config.candidate, config.shadow_fraction, config.storage)
+    if args.detach:
+        return 0
+    stop.wait()
+    log.info("shutting down: writing the last records to %s", config.storage)
+    serve.delete(config.app_name)
+    if not joined:  # a cluster we joined keeps Serve (and its other applications) running
+        serve.shutdown()
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from graceful_ray.registry.cli import default_root
+    from graceful_ray.serve.replay import replay
+
+    gates = _parse_gates(args.gate)  # on top of the gates the service used
+    report = replay(args.log, args.root or default_root(), candidate=args.candidate,
+                    baseline=args.baseline, gates=gates)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+        log.info("report written to %s", args.out)
+    else:
+        sys.stdout.write(text + "\n")
+    g = report["gates"]
+    log.info("replay of %s: agreement %s, NFR %s, gates %s", report["candidate"],
+             report["agreement"]["value"], report["nfr"]["value"],
+             "pass" if g["passed"] else "fail: " + ", ".join(g["failing"]))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Add ``serve`` and ``shadow`` to the top-level CLI."""
+    p = subparsers.add_parser(
+        "serve", help="serve the production model with a candidate in shadow mode",
+        description="Serve NAME@production on HTTP, shadow NAME@candidate on live traffic, "
+                    "compare decisions, count flips from feedback, cut over behind gates. "
+                    "The admin token is read from $GRACEFUL_RAY_ADMIN_TOKEN.")
+    add_serve_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on a local cluster")
+    p.add_argument("--detach", action="store_true",
+                   help="deploy and return, leaving the app on the (long-lived) cluster")
+    p.set_defaults(func=_cmd_serve)
+
+    s = subparsers.add_parser("shadow", help="offline tools for shadow-mode logs",
+                              description="Offline tools for the shadow service's logs.")
+    sub = s.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
+    r = sub.add_parser("replay", help="replay recorded traffic through a candidate (Ray Data)",
+                       description="Run the inputs recorded by a shadow service through a "
+                                   "candidate offline and print the same report as "
+                                   "GET /v1/shadow/report.")
+    r.add_argument("--log", required=True, help="the service's storage path")
+    r.add_argument("--root", "--registry", dest="root", default=None, help="registry root")
+    r.add_argument("--candidate", help="candidate reference (default: the log's candidate)")
+    r.add_argument("--baseline", help="baseline reference (default: the log's baseline)")
+    r.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                   help="gate thresholds (default: those the service used)")
+    r.add_argument("--out", help="write the JSON report here instead of stdout")
+    r.set_defaults(func=_cmd_replay)

@@ -1,0 +1,150 @@
+"""The comparison log: Parquet files under the storage path, plus the routing state.
+
+Layout under ``storage`` (local, ``s3://``, ``gs://``)::
+
+    records/part-<ms>-<seq>.parquet   one row per served input (see RECORD_SCHEMA)
+    labels/part-<ms>-<seq>.parquet    every feedback label (request_id, label, time)
+    state.json                        which model is primary, fraction, gates, history
+
+A record's ``label`` column holds the label if it was known when the record was
+written; labels that arrive later are only in ``labels/``. Readers join the two
+(:func:`read_log`). Each file is written whole in one atomic operation (a
+rename locally, one PUT on object stores), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from graceful_ray.errors import ConfigError, StorageError
+from graceful_ray.storage import Location, resolve
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "records"
+LABELS_DIR = "labels"
+STATE_FILE = "state.json"
+
+RECORD_FIELDS = [
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+    pa.field("epoch", pa.int32(), nullable=False),
+    pa.field("primary", pa.string(), nullable=False),        # role: baseline | candidate
+    pa.field("primary_ref", pa.string(), nullable=False),    # e.g. model@v1
+    pa.field("shadow_ref", pa.string()),                     # null when not shadowed
+    pa.field("shadowed", pa.bool_(), nullable=False),
+    pa.field("baseline_decision", pa.int64()),
+    pa.field("candidate_decision", pa.int64()),
+    pa.field("baseline_ms", pa.float32()),
+    pa.field("candidate_ms", pa.float32()),
+    pa.field("agree", pa.bool_()),
+    pa.field("shadow_error", pa.string()),
+    pa.field("label", pa.int64()),
+]
+FEATURES_FIELD = pa.field("features", pa.list_(pa.float32()))
+LABEL_SCHEMA = pa.schema([
+    pa.field("request_id", pa.string(), nullable=False),
+    pa.field("label", pa.int64(), nullable=False),
+    pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+])
+
+
+def record_schema(with_features: bool) -> pa.Schema:
+    return pa.schema(RECORD_FIELDS + ([FEATURES_FIELD] if with_features else []))
+
+
+class RecordLog:
+    """Writes and reads one comparison log."""
+
+    def __init__(self, storage: str) -> None:
+        self.root: Location = resolve(storage)
+        self._seq = 0
+
+    # --------------------------------------------------------------- write
+    def _name(self) -> str:
+        self._seq += 1
+        return f"part-{int(time.time() * 1000):013d}-{self._seq:06d}.parquet"
+
+    def write_records(self, rows: dict[str, list], with_features: bool,
+                      metadata: dict[str, str]) -> str | None:
+        """Write one Parquet file of records (column lists); returns its URI."""
+        if not rows["request_id"]:
+            return None
+        schema = record_schema(with_features).with_metadata(
+            {k.encode(): v.encode() for k, v in metadata.items()})
+        table = pa.Table.from_pydict({f.name: rows[f.name] for f in schema}, schema=schema)
+        return self._write(RECORDS_DIR, table)
+
+    def write_labels(self, request_ids: list[str], labels: list[int],
+                     times_ms: list[int]) -> str | None:
+        if not request_ids:
+            return None
+        table = pa.Table.from_pydict(
+            {"request_id": request_ids, "label": labels, "time": times_ms}, schema=LABEL_SCHEMA)
+        return self._write(LABELS_DIR, table)
+
+    def _write(self, sub: str, table: pa.Table) -> str:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        loc = self.root.join(sub, self._name())
+        loc.write_bytes(sink.getvalue())
+        log.debug("wrote %d rows to %s", table.num_rows, loc.uri)
+        return loc.uri
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        self.root.join(STATE_FILE).write_bytes(json.dumps(state, indent=2).encode())
+
+    # ---------------------------------------------------------------- read
+    def read_state(self) -> dict[str, Any] | None:
+        loc = self.root.join(STATE_FILE)
+        if not loc.exists():
+            return None
+        try:
+            return json.loads(loc.read_bytes())
+        except ValueError as e:
+            raise StorageError(f"{loc.uri} is damaged ({e}); move it away to start a fresh "
+                               "comparison log") from None
+
+    def files(self, sub: str) -> list[Location]:
+        return sorted((self.root.join(sub, info.base_name) for info in self.root.join(sub).list()
+                       if info.base_name.endswith(".parquet")), key=lambda loc: loc.path)
+
+    def read_table(self, sub: str, columns: list[str] | None = None) -> pa.Table | None:
+        tables = []
+        for loc in self.files(sub):
+            try:
+                t = pq.read_table(io.BytesIO(loc.read_bytes()), columns=columns)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StorageError(f"{loc.uri} is not a readable Parquet file: {e}") from e
+            tables.append(t.replace_schema_metadata(None))
+        if not tables:
+            return None
+        return pa.concat_tables(tables, promote_options="default")
+
+
+def read_log(storage: str, columns: list[str] | None = None) -> pa.Table:
+    """Every record of a log with its label, joining late labels from ``labels/``.
+
+    The last label given for a request id wins, as in the live service.
+    """
+    rl = RecordLog(storage)
+    records = rl.read_table(RECORDS_DIR, columns)
+    if records is None:
+        raise ConfigError(f"no comparison records under {rl.root.uri}/{RECORDS_DIR}: is this the "
+                          "storage path the shadow service wrote to?")
+    labels = rl.read_table(LABELS_DIR, ["request_id", "label"])
+    if labels is None or "label" not in records.column_names:
+        return records
+    latest = dict(zip(labels.column("request_id").to_pylist(), labels.column("label").to_pylist()))
+    ids = records.column("request_id").to_pylist()
+    recorded = records.column("label").to_pylist()
+    merged = [latest.get(i, r) for i, r in zip(ids, recorded)]
+    idx = records.column_names.index("label")
+    return records.set_column(idx, "label", pa.array(merged, pa.int64()))

@@ -1,0 +1,61 @@
+"""The per-model-version deployment: where the shadow copy of a request runs.
+
+Each compared version gets its own deployment, so a shadow that is slow,
+raises, or dies has its own processes and queue: nothing it does can reach the
+router's event loop or the primary's compute thread. When the primary is not
+run inside the router (``primary_in_ingress=False``), the primary is served from
+here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from ray import serve
+
+from graceful_ray.serve.config import Batching
+from graceful_ray.serve.runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
+                                       split_rows)
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+class ModelReplica:
+    """One registry version behind ``@serve.batch``."""
+
+    def __init__(self, registry_root: str, ref: str, batching: Batching, num_gpus: float = 0.0,
+                 torch_threads: int = 1, nice: int = 0) -> None:
+        lower_priority(nice)
+        self._runner = ModelRunner(registry_root, ref, device=pick_device(num_gpus),
+                                   torch_threads=torch_threads)
+        self._batch.set_max_batch_size(batching.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _batch(self, items: list[tuple[np.ndarray, bool]]) -> list[Prediction]:
+        blocks, sizes = split_rows([x for x, _ in items])
+        pred = await self._runner.predict_async(blocks, any(s for _, s in items))
+        return cut(pred, sizes)
+
+    async def predict(self, x: np.ndarray, with_scores: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """``(decisions, scores or None, model milliseconds)`` for rows ``x``.
+
+        The milliseconds run from this call to its result (batch wait plus
+        compute), measured the same way the router measures its primary.
+        """
+        t0 = time.perf_counter()
+        pred = await self._batch((x, with_scores))
+        return pred.decisions, pred.scores, (time.perf_counter() - t0) * 1000.0
+
+    def describe(self) -> dict:
+        return {"ref": self._runner.ref, "classes": self._runner.classes.tolist(),
+                "input_shape": list(self._runner.input_shape)}
+
+    def __del__(self) -> None:
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()

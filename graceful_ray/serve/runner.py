@@ -1,0 +1,116 @@
+"""One registry model, ready to answer batches: the code every replica shares.
+
+The primary runs inside the router and each shadow in its own deployment, but
+both go through this class, so their decisions and their latencies are measured
+the same way and can be compared fairly by the gates.
+
+Torch runs on a dedicated single thread per model: the replica's event loop
+keeps accepting requests (and filling the next batch) while a batch computes,
+and a model that blocks (a slow shadow) blocks only its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from graceful_ray.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Decisions (global class ids) and softmax scores for a batch of rows."""
+
+    decisions: np.ndarray          # (n,) int64
+    scores: np.ndarray | None      # (n, K) float32, columns in ``classes`` order
+
+
+class ModelRunner:
+    """A registry version loaded for inference, with its own compute thread."""
+
+    def __init__(self, registry_root: str, ref: str, *, device: str = "cpu",
+                 torch_threads: int = 1) -> None:
+        import torch
+
+        from graceful_ray.registry import Registry
+
+        if torch_threads > 0:
+            torch.set_num_threads(torch_threads)
+        self.manifest, model = Registry(registry_root).load_model(ref)
+        self.ref = self.manifest.ref
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.classes = np.asarray(self.manifest.classes, dtype=np.int64)
+        self.input_shape = tuple(self.manifest.spec.input_shape)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{self.ref}")
+        log.info("loaded %s on %s", self.ref, self.device)
+
+    def predict(self, x: np.ndarray, with_scores: bool = True) -> Prediction:
+        """Run the model on ``x`` (n, *input_shape or numel) float32, synchronously."""
+        import torch
+
+        with torch.inference_mode():
+            # Arrays from the object store are read-only; torch wants writable memory.
+            x = np.require(x, dtype=np.float32, requirements=["C", "W"])
+            logits = self.model(torch.from_numpy(x).to(self.device))
+            idx = logits.argmax(dim=1).cpu().numpy()
+            scores = torch.softmax(logits.float(), dim=1).cpu().numpy() if with_scores else None
+        if idx.shape != (len(x),):
+            raise ModelError(f"{self.ref} returned {idx.shape[0]} decisions for {len(x)} rows")
+        return Prediction(self.classes[idx], scores)
+
+    async def predict_async(self, x: np.ndarray, with_scores: bool = True) -> Prediction:
+        """:meth:`predict` on the model's own thread, awaited from the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.predict, x, with_scores)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def pick_device(num_gpus: float) -> str:
+    """``cuda`` when the deployment asked for a GPU and one is visible, else ``cpu``."""
+    if num_gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        log.warning("a GPU was requested but torch sees none; running on CPU")
+    return "cpu"
+
+
+def split_rows(items: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+    """Concatenate per-request row blocks into one batch, keeping the cut points."""
+    sizes = [len(a) for a in items]
+    return (items[0] if len(items) == 1 else np.concatenate(items)), sizes
+
+
+def cut(pred: Prediction, sizes: list[int]) -> list[Prediction]:
+    """The inverse of :func:`split_rows` on a batch's prediction."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(Prediction(pred.decisions[start:start + n],
+                              None if pred.scores is None else pred.scores[start:start + n]))
+        start += n
+    return out
+
+
+def lower_priority(nice: int) -> None:
+    """Make this (background) process yield the CPU to the primary's processes.
+
+    When the primary runs inside the router, model deployments only ever serve
+    shadow copies: best-effort work that must not slow callers down. On a busy
+    node the OS scheduler then favours the router and the HTTP proxy.
+    """
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError as e:  # pragma: no cover - platforms without nice
+            log.warning("could not lower the process priority: %s", e)

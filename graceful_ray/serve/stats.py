@@ -1,0 +1,173 @@
+"""The running comparison of two models: counts, flips, latencies, errors.
+
+One accumulator feeds both the live report (the comparator adds records as
+they complete) and the offline replay (which adds the recorded traffic), so the
+two reports are the same computation and can be compared number for number.
+
+Everything is kept per *model* (baseline, candidate), not per role: after a
+cutover the candidate answers callers, but its flips are still counted against
+the baseline, which is what a rollback decision needs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graceful_ray.metrics import Rate
+from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, GateConfig
+from graceful_ray.serve.gates import evaluate
+
+ERROR_KINDS = ("timeout", "exception", "unavailable", "overloaded", "incomplete")
+
+
+@dataclass
+class ModelStats:
+    """What is known about one of the two models."""
+
+    answered: int = 0                      # rows it produced a decision for
+    as_shadow: int = 0                     # rows sent to it as the shadow
+    shadow_errors: Counter = field(default_factory=Counter)
+    latencies: deque = field(default_factory=deque)
+
+    def error_count(self) -> int:
+        return sum(self.shadow_errors.values())
+
+
+class ShadowStats:
+    """Incremental counts behind ``GET /v1/shadow/report``."""
+
+    def __init__(self, latency_window: int = 10_000) -> None:
+        self.requests = 0          # records (one per input row)
+        self.compared = 0          # records with both decisions
+        self.agreed = 0
+        self.labelled = 0          # records with a true label
+        self.labelled_pairs = 0    # ... and both decisions
+        self.correct = {r: 0 for r in ROLES}       # over labelled pairs
+        self.negative_flips = 0    # baseline right, candidate wrong
+        self.positive_flips = 0    # baseline wrong, candidate right
+        self.per_class: dict[int, list[int]] = {}  # label -> [pairs, negative, positive]
+        self.models = {r: ModelStats(latencies=deque(maxlen=latency_window)) for r in ROLES}
+
+    # --------------------------------------------------------------- adding
+    def add_record(self, primary: str, decisions: dict[str, int | None],
+                   latencies_ms: dict[str, float | None], shadowed: bool,
+                   shadow_error: str | None) -> None:
+        """One completed record: the primary answered; the shadow maybe."""
+        self.requests += 1
+        shadow = CANDIDATE if primary == BASELINE else BASELINE
+        if shadowed:
+            self.models[shadow].as_shadow += 1
+            if shadow_error is not None:
+                self.models[shadow].shadow_errors[shadow_error] += 1
+        for role in ROLES:
+            if decisions.get(role) is not None:
+                self.models[role].answered += 1
+                ms = latencies_ms.get(role)
+                if ms is not None:
+                    self.models[role].latencies.append(float(ms))
+        b, c = decisions.get(BASELINE), decisions.get(CANDIDATE)
+        if b is not None and c is not None:
+            self.compared += 1
+            self.agreed += int(b == c)
+
+    def add_label(self, baseline: int | None, candidate: int | None, label: int) -> str | None:
+        """A true label for a completed record; returns the flip it makes.
+
+        ``"negative"`` (baseline right, candidate wrong), ``"positive"``, ``"none"``,
+        or ``None`` when only one model answered and no pair exists.
+        """
+        self.labelled += 1
+        if baseline is None or candidate is None:
+            return None
+        self.labelled_pairs += 1
+        b_ok, c_ok = baseline == label, candidate == label
+        self.correct[BASELINE] += int(b_ok)
+        self.correct[CANDIDATE] += int(c_ok)
+        row = self.per_class.setdefault(int(label), [0, 0, 0])
+        row[0] += 1
+        if b_ok and not c_ok:
+            self.negative_flips += 1
+            row[1] += 1
+            return "negative"
+        if c_ok and not b_ok:
+            self.positive_flips += 1
+            row[2] += 1
+            return "positive"
+        return "none"
+
+    # -------------------------------------------------------------- report
+    def latency(self, role: str) -> dict[str, Any]:
+        samples = self.models[role].latencies
+        if not samples:
+            return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
+        a = np.fromiter(samples, dtype=np.float64, count=len(samples))
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return {"n": int(a.size), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+                "mean": float(a.mean())}
+
+    def summary(self, confidence: float = 0.95) -> dict[str, Any]:
+        """The numbers of the report (the router adds roles, gates, history)."""
+        pairs = self.labelled_pairs
+        models = {}
+        for role in ROLES:
+            m = self.models[role]
+            models[role] = {
+                "answered": m.answered,
+                "accuracy": Rate.of(self.correct[role], pairs, confidence).to_dict(),
+                "latency_ms": self.latency(role),
+                "shadow_requests": m.as_shadow,
+                "shadow_errors": {
+                    "count": m.error_count(),
+                    "rate": Rate.of(m.error_count(), m.as_shadow, confidence).to_dict(),
+                    "by_kind": {k: int(m.shadow_errors.get(k, 0)) for k in ERROR_KINDS},
+                },
+            }
+        per_class = {
+            str(label): {"labelled": n, "negative_flips": neg, "positive_flips": pos,
+                         "nfr": Rate.of(neg, n, confidence).to_dict(),
+                         "pfr": Rate.of(pos, n, confidence).to_dict()}
+            for label, (n, neg, pos) in sorted(self.per_class.items())
+        }
+        b99 = models[BASELINE]["latency_ms"]["p99"]
+        c99 = models[CANDIDATE]["latency_ms"]["p99"]
+        return {
+            "requests": self.requests,
+            "compared": self.compared,
+            "agreement": Rate.of(self.agreed, self.compared, confidence).to_dict(),
+            "labelled": self.labelled,
+            "labelled_pairs": pairs,
+            "nfr": Rate.of(self.negative_flips, pairs, confidence).to_dict(),
+            "pfr": Rate.of(self.positive_flips, pairs, confidence).to_dict(),
+            "negative_flips": self.negative_flips,
+            "positive_flips": self.positive_flips,
+            "per_class": per_class,
+            "models": models,
+            "latency_p99_ratio": (c99 / b99) if (b99 and c99 is not None) else None,
+        }
+
+
+def compose_report(stats: ShadowStats, gates: GateConfig, refs: dict[str, str],
+                   primary: str, **extra: Any) -> dict[str, Any]:
+    """The report document: who is primary, the summary, and the gate verdict.
+
+    The live service and the offline replay both build their report here, so
+    the two documents have the same shape and the same arithmetic.
+    """
+    import time
+
+    summary = stats.summary(gates.confidence)
+    shadow = CANDIDATE if primary == BASELINE else BASELINE
+    return {
+        "generated_at": time.time(),
+        "baseline": refs[BASELINE],
+        "candidate": refs[CANDIDATE],
+        "primary": {"role": primary, "ref": refs[primary]},
+        "shadow": {"role": shadow, "ref": refs[shadow]},
+        **summary,
+        "gates": evaluate(summary, gates),
+        **extra,
+    }

@@ -1,0 +1,57 @@
+"""Ray job: deploy the shadow-mode service onto the cluster and exit.
+
+Serve applications outlive the job that deployed them, so this job returns as
+soon as the application is RUNNING; the service keeps answering on the
+cluster's Serve proxy (port 8000 by default)::
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python jobs/deploy_shadow.py --old digits@production --new digits@candidate \\
+            --root s3://bucket/registry --storage s3://bucket/shadow/digits \\
+            --shadow-fraction 0.5
+
+The admin token is read from $GRACEFUL_RAY_ADMIN_TOKEN in the job's environment
+(or --admin-token-env NAME; e.g. `--runtime-env-json`); only its sha256 reaches the
+replicas, and it is never passed on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("deploy_shadow")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from graceful_ray.errors import GracefulRayError
+    from graceful_ray.serve.cli import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_serve_arguments(parser)
+    parser.add_argument("--host", default="0.0.0.0", help="Serve HTTP host (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
+    parser.add_argument("--address", default="auto", help="Ray address (default: this job's)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        import ray
+        from ray import serve
+
+        from graceful_ray.serve.app import deploy
+
+        config = config_from_args(args)
+        ray.init(address=args.address)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        deploy(config)
+    except GracefulRayError as e:
+        log.error("%s", e)
+        return 2
+    log.info("shadow service %r deployed: primary %s, shadow %s, fraction %.2f, log %s",
+             config.app_name, config.baseline, config.candidate, config.shadow_fraction,
+             config.storage)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Shadow-mode building blocks without Ray Serve: config, input checks, auth,
+statistics and gates, the comparator's bookkeeping, the Parquet log, the CLI's
+config assembly and the Serve config file. Fast; the live service is covered
+in ``test_serve.py``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from graceful_ray.errors import ConfigError, IncompatibleModelError
+from graceful_ray.metrics import flip_metrics, wilson_interval
+from graceful_ray.models import ModelSpec, build_model
+from graceful_ray.registry import Registry
+from graceful_ray.serve.auth import AdminAuth
+from graceful_ray.serve.comparator import ComparatorCore
+from graceful_ray.serve.config import (BASELINE, CANDIDATE, GateConfig, Resources, ShadowConfig,
+                                       hash_token)
+from graceful_ray.serve.dashboard import render_dashboard
+from graceful_ray.serve.gates import evaluate, explain
+from graceful_ray.serve.records import read_log
+from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
+from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
+from graceful_ray.serve.stats import ShadowStats
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = ModelSpec("mlp", (40,), 10, {"width": 16, "depth": 1, "embedding_dim": 8})
+REFS = {BASELINE: "m@v1", CANDIDATE: "m@v2"}
+
+
+def cfg(tmp_path, **kw) -> ShadowConfig:
+    base = dict(registry=str(tmp_path / "reg"), baseline="m@v1", candidate="m@v2",
+                storage=str(tmp_path / "log"))
+    base.update(kw)
+    return ShadowConfig(**base)
+
+
+# ----------------------------------------------------------------- config
+def test_config_validates_and_hides_the_token(tmp_path):
+    c = cfg(tmp_path).with_admin_token("hunter2")
+    assert c.admin_token_sha256 == hash_token("hunter2")
+    assert "hunter2" not in repr(c) and c.admin_token_sha256 not in repr(c)
+    assert "admin_token_sha256" not in c.to_dict()
+    with pytest.raises(ConfigError, match="shadow_fraction"):
+        cfg(tmp_path, shadow_fraction=1.5)
+    with pytest.raises(ConfigError, match="comparator.num_replicas"):
+        cfg(tmp_path, comparator=Resources(num_replicas=2))
+    with pytest.raises(ConfigError, match="registry reference"):
+        cfg(tmp_path, candidate="m")
+    with pytest.raises(ConfigError, match="num_cpus"):
+        cfg(tmp_path, router=Resources(num_cpus=-1))
+    with pytest.raises(ConfigError, match="max_nfr"):
+        GateConfig.from_dict({"max_nfr": 2})
+
+
+def test_config_from_dict_nested_and_strict(tmp_path):
+    d = cfg(tmp_path).to_dict()
+    d["gates"]["min_labelled"] = 7
+    d["router"]["num_gpus"] = 0.5
+    c = ShadowConfig.from_dict(d)
+    assert c.gates.min_labelled == 7 and c.router.num_gpus == 0.5
+    with pytest.raises(ConfigError, match="unknown shadow config field"):
+        ShadowConfig.from_dict({**d, "shadow_fraktion": 0.5})
+    with pytest.raises(ConfigError, match="do not put the admin token"):
+        ShadowConfig.from_dict({**d, "admin_token": "x"})
+
+
+def test_serve_config_yaml_is_accepted_by_serve(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(os.path.join(REPO, "deploy", "serve_config.yaml")) as f:
+        data = yaml.safe_load(f)
+    schema = ServeDeploySchema.model_validate(data)
+    app = schema.applications[0]
+    assert app.import_path == "graceful_ray.serve.app:app_builder"
+    config = ShadowConfig.from_dict(app.args)
+    assert config.baseline.endswith("@production") and config.candidate.endswith("@candidate")
+
+
+def test_kuberay_rayservice_args_are_a_valid_shadow_config():
+    path = os.path.join(REPO, "cluster", "kuberay", "rayservice-shadow.yaml")
+    if not os.path.exists(path):
+        pytest.skip("no KubeRay RayService config in this checkout")
+    from ray.serve.schema import ServeDeploySchema
+
+    from graceful_ray.serve.app import app_builder
+
+    with open(path) as f:
+        serve_config = yaml.safe_load(yaml.safe_load(f)["spec"]["serveConfigV2"])
+    app = ServeDeploySchema.model_validate(serve_config).applications[0]
+    module, _, attr = app.import_path.partition(":")
+    assert module == "graceful_ray.serve.app" and attr == app_builder.__name__
+    ShadowConfig.from_dict(app.args)
+
+
+# ------------------------------------------------------------------ input
+@pytest.mark.parametrize("body, status, words", [
+    ({"input": [0.0] * 39}, 422, "40"),
+    ({"inputs": [[0.0] * 40, [0.0] * 12]}, 422, "input 1 has 12"),
+    ({"input": ["a"] * 40}, 422, "numbers"),
+    ({"input": [None] + [0.0] * 39}, 422, "mixes numbers"),
+    ({"inputs": [[0.0] * 40] * 9}, 413, "too many"),
+    ({"inputs": []}, 422, "empty"),
+    ({}, 422, "exactly one"),
+    ({"input": [float("nan")] + [0.0] * 39}, 422, "NaN"),
+])
+def test_parse_inputs_refuses_bad_input(body, status, words):
+    with pytest.raises(InputError) as e:
+        parse_inputs(PredictRequest(**body), (40,), 8)
+    assert e.value.status == status and words in e.value.message
+
+
+def test_parse_inputs_accepts_flat_and_shaped():
+    x, single = parse_inputs(PredictRequest(input=list(range(40))), (40,), 8)
+    assert single and x.shape == (1, 40) and x.dtype == np.float32
+    x, single = parse_inputs(PredictRequest(inputs=[[[0.0] * 20] * 2] * 3), (2, 20), 8)
+    assert not single and x.shape == (3, 2, 20)
+    x, _ = parse_inputs(PredictRequest(inputs=[[0.0] * 40] * 3), (2, 20), 8)
+    assert x.shape == (3, 2, 20)
+
+
+def test_admin_auth():
+    auth = AdminAuth(hash_token("s3cret"))
+    assert auth.check("Bearer s3cret") is None
+    assert "missing" in auth.check(None)
+    assert "invalid" in auth.check("Bearer nope")
+    assert "Bearer" in auth.check("Basic s3cret")
+    assert "disabled" in AdminAuth(None).check("Bearer s3cret")
+
+
+# --------------------------------------------------------- stats and gates
+def _filled_stats(rng, n=400, disagree=0.05, lat=(2.0, 2.2)):
+    stats = ShadowStats()
+    b = rng.integers(0, 10, n)
+    c = np.where(rng.random(n) < disagree, (b + 1) % 10, b)
+    y = np.where(rng.random(n) < 0.8, b, c)
+    for i in range(n):
+        stats.add_record(BASELINE, {BASELINE: int(b[i]), CANDIDATE: int(c[i])},
+                         {BASELINE: lat[0], CANDIDATE: lat[1]}, True, None)
+        stats.add_label(int(b[i]), int(c[i]), int(y[i]))
+    return stats, b, c, y
+
+
+def test_stats_match_flip_metrics_and_wilson():
+    stats, b, c, y = _filled_stats(np.random.default_rng(0))
+    s = stats.summary()
+    fm = flip_metrics(y, b, c)
+    assert s["negative_flips"] == fm.negative_flips and s["positive_flips"] == fm.positive_flips
+    assert s["nfr"]["count"] == fm.negative_flips and s["nfr"]["total"] == len(y)
+    assert (s["nfr"]["low"], s["nfr"]["high"]) == pytest.approx(
+        wilson_interval(fm.negative_flips, len(y)))
+    assert s["agreement"]["count"] == int((b == c).sum())
+    per_class_neg = sum(v["negative_flips"] for v in s["per_class"].values())
+    assert per_class_neg == fm.negative_flips
+    assert s["models"][BASELINE]["accuracy"]["count"] == int((b == y).sum())
+
+
+def test_gates_pass_and_each_check_can_fail():
+    stats, *_ = _filled_stats(np.random.default_rng(1), n=2000, disagree=0.02)
+    lenient = GateConfig(min_labelled=100, max_nfr=0.05, min_agreement=0.9,
+                         max_latency_ratio=1.5, max_error_rate=0.05, min_latency_samples=10)
+    summary = stats.summary()
+    # no shadow errors and 2000 shadowed rows: error upper bound ~0.2%
+    assert evaluate(summary, lenient)["passed"], explain(evaluate(summary, lenient))
+    for change, name in [({"min_labelled": 5000}, "min_labelled"),
+                         ({"max_nfr": 0.001}, "max_nfr"),
+                         ({"min_agreement": 0.999}, "min_agreement"),
+                         ({"max_latency_ratio": 1.05}, "max_latency_ratio"),
+                         ({"max_error_rate": 0.0001}, "max_error_rate")]:
+        g = evaluate(summary, GateConfig(**{**lenient.to_dict(), **change}))
+        assert not g["passed"] and g["failing"] == [name], (change, g["failing"])
+        failing = next(c for c in g["checks"] if c["name"] == name)
+        assert explain(g) == failing["detail"]
+
+
+def test_gates_decide_on_the_interval_not_the_point():
+    stats = ShadowStats()
+    for _ in range(20):  # 0 flips out of 20: point estimate 0, upper bound ~16%
+        stats.add_record(BASELINE, {BASELINE: 1, CANDIDATE: 1}, {BASELINE: 1, CANDIDATE: 1},
+                         True, None)
+        stats.add_label(1, 1, 1)
+    g = evaluate(stats.summary(), GateConfig(min_labelled=10, max_nfr=0.05,
+                                             min_latency_samples=1))
+    assert "max_nfr" in g["failing"]
+
+
+# ------------------------------------------------------------- comparator
+def _core(tmp_path, **kw) -> ComparatorCore:
+    return ComparatorCore(cfg(tmp_path, **kw), REFS, list(range(10)))
+
+
+def test_comparator_pairs_events_in_any_order_and_labels(tmp_path):
+    core = _core(tmp_path)
+    x = np.zeros((3, 40), np.float32)
+    core.ingest([("s", ["b"], CANDIDATE, np.array([5]), 2.0, None)])  # shadow first
+    core.ingest([("p", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]), 1.0, True, x),
+                 ("s", ["a"], CANDIDATE, np.array([2]), 2.0, None),
+                 ("s", ["c"], CANDIDATE, None, None, "timeout")])
+    assert core.stats.requests == 3 and core.stats.compared == 2 and core.stats.agreed == 1
+    assert core.stats.models[CANDIDATE].shadow_errors["timeout"] == 1
+    assert core.label("a", 1)["flip"] == "negative"
+    assert core.label("b", 3)["flip"] == "none"
+    assert core.label("c", 7)["flip"] == "unpaired"
+    assert core.label("a", 1)["flip"] == "duplicate"
+    assert core.label("a", 2)["status"] == 409
+    assert core.label("zzz", 1)["status"] == 404
+    assert core.label("b", 99)["status"] == 422
+    s = core.stats.summary()
+    assert s["negative_flips"] == 1 and s["labelled_pairs"] == 2 and s["labelled"] == 3
+
+
+def test_comparator_log_roundtrip_and_resume(tmp_path):
+    core = _core(tmp_path)
+    n = 50
+    x = np.random.default_rng(0).normal(size=(n, 40)).astype(np.float32)
+    ids = [f"r{i}" for i in range(n)]
+    dec = np.arange(n) % 10
+    core.ingest([("p", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
+                 ("s", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10, 2.0, None)])
+    for i in range(0, n, 2):
+        core.label(ids[i], int(dec[i]))
+    cols, labels = core.take_pending()
+    core.write(cols, labels)
+    core.label(ids[1], int(dec[1]))  # a late label: only in labels/
+    core.write(*core.take_pending())
+    table = read_log(str(tmp_path / "log"))
+    assert table.num_rows == n
+    assert table.column("features").to_pylist()[3] == pytest.approx(x[3].tolist())
+    labelled = {r: v for r, v in zip(table.column("request_id").to_pylist(),
+                                     table.column("label").to_pylist()) if v is not None}
+    assert len(labelled) == n // 2 + 1 and labelled["r1"] == int(dec[1])
+    before = core.stats.summary()
+    resumed = _core(tmp_path)
+    after = resumed.stats.summary()
+    for key in ("requests", "compared", "agreement", "labelled_pairs", "nfr", "pfr", "per_class"):
+        assert after[key] == before[key], key
+    with pytest.raises(ConfigError, match="fresh storage path"):
+        ComparatorCore(cfg(tmp_path), {BASELINE: "m@v1", CANDIDATE: "m@v3"}, list(range(10)))
+
+
+# ------------------------------------------------------------------- misc
+def test_dashboard_uses_the_route_prefix():
+    page = render_dashboard("demo", "/shadow", 1.5)
+    assert '"/shadow/v1/shadow/report"' in page and "1500" in page
+    assert '"/v1/shadow/report"' in render_dashboard("demo", "/", 2)
+
+
+def test_pin_refs_checks_the_pair(tmp_path):
+    from graceful_ray.serve.app import pin_refs
+
+    reg = Registry(str(tmp_path / "reg"))
+    torch.manual_seed(0)
+    reg.publish("m", build_model(SPEC), spec=SPEC, classes=list(range(10)))
+    reg.publish("m", build_model(SPEC), spec=SPEC, classes=list(range(10)))
+    other = ModelSpec("mlp", (12,), 10, SPEC.kwargs)
+    reg.publish("o", build_model(other), spec=other, classes=list(range(10)))
+    reg.set_alias("m", "production", 1)
+    refs, shape, classes = pin_refs(cfg(tmp_path, baseline="m@production", candidate="m@latest"))
+    assert refs == {BASELINE: "m@v1", CANDIDATE: "m@v2"} and shape == [40]
+    with pytest.raises(IncompatibleModelError, match="same requests"):
+        pin_refs(cfg(tmp_path, candidate="o@v1"))
+    with pytest.raises(ConfigError, match="same version"):
+        pin_refs(cfg(tmp_path, candidate="m@production"))
+
+
+def test_cli_builds_config_from_flags_and_file(tmp_path):
+    from graceful_ray.serve.cli import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    file = tmp_path / "c.yaml"
+    file.write_text(yaml.safe_dump({"shadow_fraction": 0.3, "gates": {"max_nfr": 0.1}}))
+    args = parser.parse_args(["--old", "m@production", "--new", "m@candidate", "--root", "R",
+                              "--config", str(file), "--gate", "min_labelled=12",
+                              "--model-cpus", "0.2", "--router-replicas", "2"])
+    c = config_from_args(args)
+    assert (c.registry, c.shadow_fraction, c.gates.max_nfr, c.gates.min_labelled) == \
+        ("R", 0.3, 0.1, 12)
+    assert c.candidate_resources.num_cpus == 0.2 and c.router.num_replicas == 2
+    assert "m-production__m-candidate" in c.storage
+    with pytest.raises(ConfigError, match="--new"):
+        config_from_args(parser.parse_args(["--old", "m@production"]))
+
+
+# ------------------------------------------------------------ shadow calls
+class _FakeHandle:
+    """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``."""
+
+    def __init__(self, delay: float = 0.0, error: BaseException | None = None) -> None:
+        self.calls: list[int] = []
+        self.delay, self.error = delay, error
+        self.predict = self
+
+    def remote(self, x, with_scores):
+        self.calls.append(len(x))
+        return self._answer(x)
+
+    async def _answer(self, x):
+        await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        return np.arange(len(x)), None, 1.5
+
+    def cancel(self) -> None:  # pragma: no cover - coroutines have no cancel()
+        pass
+
+
+def test_shadow_caller_coalesces_and_splits():
+    handle = _FakeHandle()
+    caller = ShadowCaller({CANDIDATE: handle}, window_s=0.05, max_rows=64, timeout_s=1.0)
+
+    async def main():
+        a, b = np.zeros((2, 4)), np.zeros((3, 4))
+        return await asyncio.gather(caller.call(CANDIDATE, a), caller.call(CANDIDATE, b))
+
+    (da, ms), (db, _) = asyncio.run(main())
+    assert handle.calls == [5]  # one call for both requests
+    assert da.tolist() == [0, 1] and db.tolist() == [2, 3, 4] and ms == 1.5
+
+
+def test_shadow_caller_classifies_failures():
+    async def run(handle, timeout=1.0):
+        caller = ShadowCaller({CANDIDATE: handle}, window_s=0.0, max_rows=64, timeout_s=timeout)
+        with pytest.raises(ShadowFailure) as e:
+            await caller.call(CANDIDATE, np.zeros((1, 4)))
+        return e.value.kind
+
+    assert asyncio.run(run(_FakeHandle(delay=0.5), timeout=0.05)) == "timeout"
+    assert asyncio.run(run(_FakeHandle(error=RuntimeError("boom")))) == "exception"
+    from ray.exceptions import ActorDiedError
+
+    assert asyncio.run(run(_FakeHandle(error=ActorDiedError()))) == "unavailable"
