@@ -1,0 +1,267 @@
+"""What a search varies: method hyperparameters, the learning rate, the architecture.
+
+A :class:`SearchSpace` is a set of named :class:`Param` ranges. Names say where a
+sampled value goes in the :class:`~graceful_ray.train.config.UpgradeConfig`:
+
+* ``lr`` (and ``weight_decay``) -> the optimizer;
+* a method hyperparameter (``fd_lambda``, ``bct_lambda``, ...) -> ``cfg.hparams``
+  (the prefixes make composite methods like ``bct+fd`` unambiguous);
+* ``model.<kwarg>`` (``model.channels``, ``model.depth``) -> ``cfg.model_kwargs``.
+
+Spaces compose with ``+``, so the trade-off search is
+``for_method("fd") + learning_rate()`` and the edge search is
+``architecture("cnn1d", embedding_dim=64) + for_method("bct")``. Defaults
+per method are in :data:`METHOD_SPACES`; any range can be replaced from the
+command line as ``NAME=KIND:LOW:HIGH`` (see :meth:`Param.parse`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from graceful_ray.errors import ConfigError
+
+KINDS = ("loguniform", "uniform", "int", "choice")
+MODEL_PREFIX = "model."
+OPTIMIZER_KEYS = ("lr", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched dimension: a float range (log or linear), an int range, or choices."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"search parameter {self.name!r}: unknown kind {self.kind!r}; use one of {KINDS}")
+        if self.kind == "choice":
+            if not self.choices:
+                raise ConfigError(f"search parameter {self.name!r}: a choice needs at least one value")
+            return
+        if self.low is None or self.high is None or not (self.low < self.high):
+            raise ConfigError(f"search parameter {self.name!r}: need low < high, got {self.low}, {self.high}")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ConfigError(f"search parameter {self.name!r}: a log range needs low > 0, got {self.low}")
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> "Param":
+        """``loguniform:0.01:10``, ``uniform:0:10``, ``int:1:4`` or ``choice:8,16,32``."""
+        kind, _, rest = text.partition(":")
+        kind = kind.strip().lower()
+        try:
+            if kind == "choice":
+                return cls(name, "choice", choices=tuple(_scalar(v) for v in rest.split(",") if v.strip()))
+            low, high = rest.split(":")
+            if kind == "int":
+                return cls(name, "int", int(low), int(high))
+            return cls(name, kind, float(low), float(high))
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(
+                f"cannot parse search range {name}={text!r}: use loguniform:LOW:HIGH, uniform:LOW:HIGH, "
+                "int:LOW:HIGH or choice:A,B,C") from None
+
+    def to_tune(self):
+        """The Ray Tune domain (OptunaSearch converts it to an Optuna distribution)."""
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(self.low, self.high)
+        if self.kind == "uniform":
+            return tune.uniform(self.low, self.high)
+        if self.kind == "int":
+            return tune.randint(int(self.low), int(self.high) + 1)  # randint's upper bound is exclusive
+        return tune.choice(list(self.choices))
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.choices
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"{self.name} in {list(self.choices)}"
+        return f"{self.name} ~ {self.kind}[{self.low:g}, {self.high:g}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "low": self.low, "high": self.high,
+                "choices": list(self.choices)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Param":
+        return cls(d["name"], d["kind"], d.get("low"), d.get("high"), tuple(d.get("choices") or ()))
+
+
+def _scalar(text: str) -> Any:
+    text = text.strip()
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+#: Default ranges per method (by hyperparameter prefix). Distillation weights
+#: span six decades on purpose: the useful scale of logit matching depends on
+#: the old model's logit magnitude (``sum_k z_k^2`` is ~2,000 for a cnn1d
+#: trained to convergence on MNIST-1D, so the paper's lambda = 1 is already far
+#: too strong there; see benchmarks/results/tune_tradeoff.md), and the point of
+#: the search is to find where NFR falls and where accuracy starts to pay.
+METHOD_SPACES: dict[str, tuple[Param, ...]] = {
+    "fd": (Param("fd_lambda", "loguniform", 1e-5, 10.0), Param("fd_beta", "uniform", 0.0, 10.0)),
+    "bct": (Param("bct_lambda", "loguniform", 0.1, 10.0),),
+    "l2": (Param("l2_lambda", "loguniform", 1e-4, 10.0),),
+    "kd": (Param("kd_lambda", "loguniform", 1e-5, 10.0),),
+    "elodi": (Param("elodi_lambda", "loguniform", 0.01, 10.0), Param("elodi_xi", "uniform", 0.1, 1.0)),
+}
+#: Temperature only matters for KL distillation (the paper needs T ~ 100).
+KL_TEMPERATURE = Param("fd_temperature", "loguniform", 1.0, 200.0)
+
+#: Architecture ranges of the small (edge) models, per zoo model.
+ARCH_SPACES: dict[str, tuple[Param, ...]] = {
+    "cnn1d": (Param("model.channels", "choice", choices=(4, 8, 16, 32)), Param("model.depth", "int", 1, 3)),
+    "mlp": (Param("model.width", "choice", choices=(16, 32, 64, 128, 256)), Param("model.depth", "int", 1, 3)),
+}
+
+
+@dataclass
+class SearchSpace:
+    """Named ranges plus values held fixed for every trial."""
+
+    params: dict[str, Param] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def __add__(self, other: "SearchSpace") -> "SearchSpace":
+        clash = sorted(set(self.params) & set(other.params))
+        if clash:
+            raise ConfigError(f"search spaces both define {clash}; override one with SearchSpace.with_param")
+        return SearchSpace({**self.params, **other.params}, {**self.fixed, **other.fixed})
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def with_param(self, param: Param) -> "SearchSpace":
+        """A copy where ``param`` replaces (or adds) the range of that name."""
+        fixed = {k: v for k, v in self.fixed.items() if k != param.name}
+        return SearchSpace({**self.params, param.name: param}, fixed)
+
+    def with_fixed(self, name: str, value: Any) -> "SearchSpace":
+        """A copy where ``name`` is not searched but set to ``value`` in every trial."""
+        return SearchSpace({k: v for k, v in self.params.items() if k != name}, {**self.fixed, name: value})
+
+    def with_overrides(self, ranges: dict[str, str] | None) -> "SearchSpace":
+        """Apply ``{"fd_lambda": "loguniform:0.1:100", "fd_beta": "5"}`` (a bare value fixes it)."""
+        space = self
+        for name, text in (ranges or {}).items():
+            if isinstance(text, str) and ":" in text:
+                space = space.with_param(Param.parse(name, text))
+            else:
+                space = space.with_fixed(name, _scalar(text) if isinstance(text, str) else text)
+        return space
+
+    def to_tune(self) -> dict[str, Any]:
+        """The Tuner's ``param_space``: searched names only (fixed values travel in the trial spec)."""
+        if not self.params:
+            raise ConfigError("the search space is empty: nothing to tune")
+        return {name: p.to_tune() for name, p in sorted(self.params.items())}
+
+    def apply(self, base, sample: dict[str, Any]):
+        """The :class:`UpgradeConfig` of one trial: ``base`` with the fixed and sampled values set."""
+        values = {**self.fixed, **sample}
+        hparams = dict(base.hparams)
+        model_kwargs = dict(base.model_kwargs)
+        top: dict[str, Any] = {}
+        for name, value in values.items():
+            if name in OPTIMIZER_KEYS:
+                top[name] = float(value)
+            elif name.startswith(MODEL_PREFIX):
+                model_kwargs[name[len(MODEL_PREFIX):]] = _plain(value)
+            else:
+                hparams[name] = _plain(value)
+        return replace(base, hparams=hparams, model_kwargs=model_kwargs, **top)
+
+    def validate_for(self, method: str) -> None:
+        """Every method-hyperparameter name must be one ``method`` accepts (fail before any trial)."""
+        from graceful_ray.methods import valid_hyperparameters
+
+        valid = set(valid_hyperparameters(method))
+        names = set(self.params) | set(self.fixed)
+        unknown = sorted(n for n in names
+                         if n not in OPTIMIZER_KEYS and not n.startswith(MODEL_PREFIX) and n not in valid)
+        if unknown:
+            raise ConfigError(f"search space names {unknown} are not hyperparameters of method {method!r}; "
+                              f"valid ones are {sorted(valid) or 'none'}, plus lr, weight_decay and model.<arg>")
+
+    def describe(self) -> list[str]:
+        return [p.describe() for _, p in sorted(self.params.items())] + \
+               [f"{k} = {v!r} (fixed)" for k, v in sorted(self.fixed.items())]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": [p.to_dict() for _, p in sorted(self.params.items())], "fixed": dict(self.fixed)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SearchSpace":
+        return cls({p["name"]: Param.from_dict(p) for p in d.get("params", [])}, dict(d.get("fixed") or {}))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (what Optuna and Tune hand out) as Python numbers, for JSON configs."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value
+
+
+def for_method(method: str, fixed_hparams: dict[str, Any] | None = None) -> SearchSpace:
+    """Default ranges for every part of ``method`` (``fd``, ``bct``, ``bct+fd`` ...).
+
+    Hyperparameters given in ``fixed_hparams`` (e.g. ``fd_kind=kl`` or a pinned
+    ``fd_beta``) are not searched. The KL temperature is searched only when the
+    distillation is KL (``fd-kl``, or ``fd`` with ``fd_kind=kl``).
+    """
+    from graceful_ray.methods import METHODS, parse_spec
+
+    fixed = dict(fixed_hparams or {})
+    space = SearchSpace(fixed=fixed)
+    for name in parse_spec(method):
+        prefix = METHODS[name].prefix
+        params = list(METHOD_SPACES.get(prefix, ()))
+        if prefix == "fd" and (name == "fd-kl" or fixed.get("fd_kind") == "kl"):
+            params.append(KL_TEMPERATURE)
+        if not params:
+            lam = f"{prefix}_lambda" if prefix else None
+            if lam and lam in METHODS[name].hyperparameter_names():
+                params.append(Param(lam, "loguniform", 0.01, 10.0))
+        for p in params:
+            if p.name not in fixed:
+                space = space + SearchSpace({p.name: p})
+    return space
+
+
+def learning_rate(low: float = 1e-3, high: float = 1e-2) -> SearchSpace:
+    return SearchSpace({"lr": Param("lr", "loguniform", low, high)})
+
+
+def architecture(model: str, *, embedding_dim: int | None = None,
+                 fixed_kwargs: dict[str, Any] | None = None) -> SearchSpace:
+    """Small-model architectures for the edge search.
+
+    ``embedding_dim`` is pinned (to the cloud model's) because BCT feeds the small
+    model's embedding through the cloud model's head: the small backbone's last
+    layer is then a learned projection into the cloud embedding space.
+    """
+    if model not in ARCH_SPACES:
+        raise ConfigError(f"no architecture space for model {model!r}; built in for {sorted(ARCH_SPACES)} "
+                          "(pass ranges as model.<arg>=KIND:LOW:HIGH for others)")
+    fixed = {f"{MODEL_PREFIX}{k}": v for k, v in (fixed_kwargs or {}).items()}
+    if embedding_dim is not None:
+        fixed[f"{MODEL_PREFIX}embedding_dim"] = int(embedding_dim)
+    return SearchSpace({p.name: p for p in ARCH_SPACES[model] if p.name not in fixed}, fixed)
+
