@@ -3,6 +3,9 @@
 # each its own `ray start` (own raylet, object store and ports), token auth on.
 #
 #   cluster/local.sh start      # WORKERS=1 CPUS_PER_NODE=2 by default
+#                               # ports: RAY_GCS_PORT (6390), RAY_DASHBOARD_PORT (8266),
+#                               # RAY_DASHBOARD_AGENT_PORT (52365), RAY_CLIENT_PORT (10001),
+#                               # WORKER_PORT_BASE (20000), SERVE_PORT (8000, only printed)
 #   cluster/local.sh status
 #   cluster/local.sh stop
 #
@@ -16,6 +19,11 @@ cpus=${CPUS_PER_NODE:-2}
 gcs_port=${RAY_GCS_PORT:-6390}
 dashboard_port=${RAY_DASHBOARD_PORT:-8266}
 serve_port=${SERVE_PORT:-8000}
+# Ports a second Ray on this machine (a test session's, a laptop's `ray start`)
+# also binds by default: override them to run beside it.
+agent_port=${RAY_DASHBOARD_AGENT_PORT:-52365}
+client_port=${RAY_CLIENT_PORT:-10001}
+worker_base=${WORKER_PORT_BASE:-20000}  # worker node i uses ports worker_base + i*1000 + 1..999
 host=127.0.0.1
 export RAY_AUTH_MODE=token
 token_file="${HOME}/.ray/auth_token"
@@ -31,12 +39,14 @@ case "$cmd" in
     export RAY_AUTH_TOKEN="$(cat "$token_file")"
     ray start --head --node-ip-address="$host" --port="$gcs_port" --num-cpus="$cpus" \
       --include-dashboard=true --dashboard-host="$host" --dashboard-port="$dashboard_port" \
+      --dashboard-agent-listen-port="$agent_port" --ray-client-server-port="$client_port" \
       --temp-dir="$temp_dir" --disable-usage-stats >/dev/null
     for i in $(seq 1 "$workers"); do
       # Distinct ports per node: several raylets share this host.
-      base=$((20000 + i * 1000))
+      base=$((worker_base + i * 1000))
       ray start --address="$host:$gcs_port" --node-ip-address="$host" --num-cpus="$cpus" \
         --node-manager-port=$((base + 1)) --object-manager-port=$((base + 2)) \
+        --dashboard-agent-listen-port=$((base + 3)) \
         --min-worker-port=$((base + 100)) --max-worker-port=$((base + 999)) \
         --disable-usage-stats >/dev/null
     done

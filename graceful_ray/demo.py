@@ -1,13 +1,20 @@
 """`graceful-ray demo`: a whole model upgrade on a built-in dataset, on a local Ray.
 
-The first thing a new user runs. Each step says what it does and why; a second
-run reuses what the first one built (the dataset, and every model whose run
-already finished and was published), so it is quick to re-run after a change.
+The first thing a new user runs. Each step says what it does and why: data,
+v1, v2 plain and compatible, the side-by-side flip report, a small Ray Tune
+trade-off search that publishes a candidate under a flip budget, the candidate
+in shadow mode on Ray Serve with the test split replayed over HTTP and its
+labels posted later, the gate report and the cutover, and where the plots,
+TensorBoard logs and dashboards are. A second run reuses what the first one
+built (the dataset, every model whose run already finished and was published,
+and a finished search), so it is quick to re-run after a change; the shadow
+service is always deployed afresh, with a new comparison log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -73,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    ensure_ray(args.address)
+    ensure_ray(args.address, include_dashboard=not args.no_dashboard)
     registry = Registry(registry_root)
     common = dict(data=data, registry=registry_root, storage=storage, name=MODEL_NAME, epochs=args.epochs,
                   cpus_per_worker=1.0, workers=1, max_failures=1)
@@ -100,10 +107,373 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"    {label}: {r['json']}, {r['png']}")
     registry.set_alias(MODEL_NAME, "candidate", v2_compat)
 
-    print(f"\ndone in {time.perf_counter() - started:.0f}s. Registry: {registry_root} "
-          f"(production -> {v1}, candidate -> {v2_compat}).")
-    print("next: `graceful-ray evaluate --data ... --old ... --new ...` on your own models; see README.md.")
-    return 0
+    where: dict[str, str] = {"flip reports": ", ".join(r["png"] for r in reports.values())}
+    candidate = v2_compat
+    if args.skip_tune:
+        print("\n    (--skip-tune: no trade-off search; the candidate is v2 bct+fd)")
+    else:
+        _step(5, f"Ray Tune: {args.tune_trials} focal-distillation trials of {args.tune_epochs} epochs "
+                 f"(accuracy up, NFR down), then the most accurate model under a {args.flip_budget:g} flip budget")
+        tuned, tune_where = _tune(args, root, data, registry_root, v1, fallback=v2_compat)
+        where.update(tune_where)
+        if tuned is None:  # Ctrl-C during the search: stop here, the next run resumes it
+            return 4
+        candidate = tuned
+
+    outcome = "skipped"
+    if args.skip_serve:
+        print("\n    (--skip-serve: no shadow deployment and no cutover)")
+    else:
+        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate)
+        where.update(serve_where)
+
+    _step(9, "where everything is")
+    dashboard = _ray_dashboard_url()
+    where["Ray dashboard"] = f"http://{dashboard}" if dashboard else \
+        "not running (started without it: --no-dashboard, or joined a cluster without one)"
+    where["registry"] = f"{registry_root} (graceful-ray registry list --root {registry_root})"
+    for what, at in where.items():
+        print(f"    {what + ':':<24}{at}")
+    production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
+    print(f"\ndone in {time.perf_counter() - started:.0f}s. production -> {production}, candidate -> {candidate}"
+          f" (cutover: {outcome}).")
+    print("next: README.md walks through each stage on its own, on a cluster, and the endpoint with curl.")
+    return 1 if outcome == "failed" else 0
+
+
+# ------------------------------------------------------------------- tune
+def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1: str,
+          fallback: str) -> tuple[str | None, dict[str, str]]:
+    """A small trade-off search; returns the candidate's ref (``None`` if the
+    search was interrupted) and where its outputs are.
+
+    The search is named after its size, so a second demo run finds the
+    finished search and reuses it (re-selecting under the current budget)
+    instead of training it again; an interrupted one is resumed.
+    """
+    import shlex
+
+    from graceful_ray.registry import Registry
+    from graceful_ray.tune.cli import _summary, add_tune_arguments, rule_from_args, settings_from_args
+    from graceful_ray.tune.records import TrialRecord
+    from graceful_ray.tune.runner import (SelectionRule, load_report, report_from_records, resume_search,
+                                         start_search, write_outputs)
+    from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, records_from_results
+
+    storage = os.path.join(root, "tune")
+    run_name = f"demo-tune-fd-t{args.tune_trials}-e{args.tune_epochs}-s{args.seed}"
+    argv = ["--data", data, "--old", v1, "--method", "fd", "--model", "cnn1d", "--model-arg", "channels=32",
+            "--name", MODEL_NAME, "--epochs", str(args.tune_epochs), "--trials", str(args.tune_trials),
+            "--max-concurrent", str(args.tune_concurrency), "--seed", str(args.seed),
+            "--cpus-per-worker", "1", "--flip-budget", f"{args.flip_budget:g}", "--registry", registry_root,
+            "--storage", storage, "--run-name", run_name]
+    parser = argparse.ArgumentParser(prog="graceful-ray tune")
+    add_tune_arguments(parser)
+    targs = parser.parse_args(argv)
+    rule = rule_from_args(targs)
+    # Publishing is done below, so a re-run reuses the version it published the first time.
+    no_publish = SelectionRule(flip_budget=rule.flip_budget, confidence=rule.confidence, publish=False)
+    print("    the same search from the command line: graceful-ray tune " + " ".join(shlex.quote(a) for a in argv))
+
+    t0 = time.perf_counter()
+    run_dir = os.path.join(storage, run_name)
+    if os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
+        settings = SearchSettings.load(storage, run_name)
+        summary = _finished_search(run_dir, settings.trials, load_report)
+        if summary is not None:
+            print(f"    reusing the finished search {run_name} ({len(summary['trials'])} trials)")
+            records = [TrialRecord.from_dict(t) for t in summary["trials"]]
+        else:
+            print(f"    resuming the interrupted search {run_name} (finished trials are kept)")
+            records = records_from_results(resume_search(settings), sorted(settings.search_space().params))
+    else:
+        settings = settings_from_args(targs)
+        print(f"    search {run_name}: run directory {settings.run_dir.uri}")
+        records = records_from_results(start_search(settings), sorted(settings.search_space().params))
+    report = report_from_records(settings, records, no_publish)
+    where = {"Tune Pareto plot": report.outputs.get("plot", os.path.join(run_dir, "pareto.png")),
+             "Tune table": report.outputs.get("table", os.path.join(run_dir, "pareto.md")),
+             "TensorBoard": f"tensorboard --logdir {settings.run_dir.uri}  (pip install tensorboard)"}
+    if report.interrupted:
+        print(f"    {report.message}; run the demo again to continue it")
+        return None, where
+
+    registry = Registry(registry_root)
+    if report.selection is not None:
+        record = report.selection.record
+        done = _published_for_run(registry, MODEL_NAME, f"{run_name}-{record.trial_id}")
+        if done is not None:
+            registry.set_alias(MODEL_NAME, "candidate", done.ref)
+            report.published = done
+            report.message += f"; reusing {done.ref}, published by the first run, as candidate"
+        else:
+            from graceful_ray.tune.publish import publish_trial
+
+            report.published = publish_trial(settings, record, alias="candidate")
+            report.message += f"; published {report.published.ref} as candidate"
+        write_outputs(settings, report)  # pareto.json / .md name the published version
+    print("\n".join("    " + line for line in _summary(settings, report).splitlines()))
+    print(f"    search step took {time.perf_counter() - t0:.0f}s")
+    if report.published is not None:
+        return report.published.ref, where
+    why = report.message if report.selection is None else "the selected trial was not published"
+    print(f"    NO TUNED CANDIDATE: {why}.")
+    print(f"    falling back to the v2 bct+fd model {fallback} as the candidate "
+          "(raise --flip-budget or --tune-epochs to let the search find one)")
+    registry.set_alias(MODEL_NAME, "candidate", fallback)
+    return fallback, where
+
+
+def _finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] | None:
+    """The search's ``pareto.json`` if every trial of it has ended, else ``None``."""
+    if not os.path.exists(os.path.join(run_dir, "pareto.json")):
+        return None
+    summary = load_report(run_dir)
+    statuses = [t.get("status") for t in summary.get("trials", [])]
+    if len(statuses) < trials or "running" in statuses:
+        return None
+    return summary
+
+
+# ------------------------------------------------------------------ serve
+def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, production: str,
+           candidate: str) -> tuple[str, dict[str, str]]:
+    """Shadow the candidate behind production on Ray Serve, replay the test split, gate, cut over.
+
+    Returns the cutover outcome (``done``, ``refused``, ``failed``) and URLs.
+    """
+    import secrets
+
+    from ray import serve
+
+    from graceful_ray.evaluate import load_split
+    from graceful_ray.serve.app import deploy
+    from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
+
+    _step(6, f"Ray Serve in shadow mode: {production} answers, {candidate} sees the same traffic")
+    token = secrets.token_urlsafe(24)
+    port = args.port or _free_port()
+    base = f"http://127.0.0.1:{port}"
+    storage = os.path.join(root, "shadow", time.strftime("%Y%m%d-%H%M%S"))
+    gates = GateConfig(**{**_demo_gates(args.flip_budget), **_parse_gates(args.gate)})
+    config = ShadowConfig(
+        registry=registry_root, baseline=f"{MODEL_NAME}@production", candidate=candidate, storage=storage,
+        app_name="demo", shadow_fraction=1.0, shadow_timeout_s=10.0, gates=gates,
+        max_inputs_per_request=max(64, args.batch),
+        # Fractions of a CPU: the whole application fits beside Ray's own processes on 2 cores.
+        router=Resources(num_cpus=0.25), baseline_resources=Resources(num_cpus=0.1),
+        candidate_resources=Resources(num_cpus=0.1),
+        comparator=Resources(num_cpus=0.1, max_ongoing_requests=1000),
+        flush_interval_s=2.0, dashboard_refresh_s=1.0,
+    ).with_admin_token(token)
+    t0 = time.perf_counter()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deploy(config, timeout_s=300)
+    print(f"    deployed in {time.perf_counter() - t0:.0f}s on {base} (comparison log {storage})")
+    print(f"    gates: {', '.join(f'{k}={v}' for k, v in gates.to_dict().items())}")
+    try:
+        outcome = _traffic_and_cutover(args, base, token, data, registry_root, load_split)
+        if args.keep_serving:
+            _wait_while_serving(base, token)
+    finally:
+        serve.delete(config.app_name)  # writes the last records to Parquet
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            serve.shutdown()  # a cluster we joined keeps Serve (and its other applications)
+        print(f"    application {config.app_name!r} deleted"
+              + ("" if args.keep_serving else " (--keep-serving leaves it up until Ctrl-C)"))
+    where = {"shadow comparison log": storage,
+             "Serve dashboard": f"{base}/dashboard" + ("" if args.keep_serving else " (while serving)")}
+    return outcome, where
+
+
+def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: str, registry_root: str,
+                         load_split) -> str:
+    from graceful_ray.registry import Registry
+
+    _step(7, "replay the test split as traffic over HTTP, then post the labels as they arrive later")
+    x, y, _ = load_split(data, "test")
+    flat = x.reshape(len(x), -1)
+    ids: list[str] = []
+    t0 = time.perf_counter()
+    for start in range(0, len(flat), args.batch):
+        status, body = _http("POST", f"{base}/v1/predict", {"inputs": flat[start:start + args.batch].tolist()})
+        if status != 200:
+            raise RuntimeError(f"POST /v1/predict answered {status}: {body}")
+        ids += [p["request_id"] for p in body["predictions"]]
+        if start == 0:
+            first = [p["decision"] for p in body["predictions"][:8]]
+            print(f"    first answer from {body['model']}: decisions {first}...")
+    sent_s = time.perf_counter() - t0
+    print(f"    POST /v1/predict: {len(ids)} rows in {-(-len(flat) // args.batch)} requests of up to "
+          f"{args.batch}, {sent_s:.1f}s ({len(ids) / max(sent_s, 1e-9):.0f} rows/s)")
+    _wait_for_records(base, len(ids))  # every row compared (or its shadow error recorded)
+    flips = {"negative": 0, "positive": 0}
+    for start in range(0, len(ids), 1000):  # delayed labels, in batches
+        chunk = [{"request_id": i, "label": int(lbl)}
+                 for i, lbl in zip(ids[start:start + 1000], y[start:start + 1000])]
+        status, body = _http("POST", f"{base}/v1/feedback", {"labels": chunk})
+        if status != 200 or set(body["status_counts"]) != {"200"}:
+            raise RuntimeError(f"POST /v1/feedback answered {status}: {str(body)[:500]}")
+        for r in body["results"]:
+            if r.get("flip") in flips:
+                flips[r["flip"]] += 1
+    print(f"    POST /v1/feedback: {len(ids)} labels; {flips['negative']} negative and {flips['positive']} "
+          "positive flips among them")
+
+    _step(8, "the gate report (GET /v1/shadow/report), then POST /v1/admin/cutover")
+    status, report = _http("GET", f"{base}/v1/shadow/report")
+    if status != 200:
+        raise RuntimeError(f"GET /v1/shadow/report answered {status}: {report}")
+    print(format_shadow_report(report, sent=len(ids)))
+    gates_pass = bool(report["gates"]["passed"])
+    force = bool(args.force_cutover) and not gates_pass
+    if not gates_pass:
+        print("    the gates fail; asking for the cutover anyway " + (
+            "with force (--force-cutover: the service records it as forced)" if force
+            else "without force, so the service must refuse it"))
+    status, body = _http("POST", f"{base}/v1/admin/cutover",
+                         {"force": force, "reason": "graceful-ray demo" + (" (--force-cutover)" if force else "")},
+                         token=token)
+    print(f"    POST /v1/admin/cutover -> {status}: {body.get('detail', body)}")
+    production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
+    if status != 200:
+        print(f"    no cutover: production stays {production}. Fix what the gates name (more traffic, a candidate "
+              "with fewer flips), relax them with --gate NAME=VALUE, or override with --force-cutover.")
+        return "refused" if status == 409 else "failed"
+    if production != report["candidate"]:
+        print(f"    ERROR: the service cut over but the registry's production alias is {production}, "
+              f"not {report['candidate']}")
+        return "failed"
+    _, after = _http("POST", f"{base}/v1/predict", {"input": flat[0].tolist()})
+    print(f"    registry: production -> {production} (was {report['baseline']}); the next request is "
+          f"answered by {after.get('model')}, and {report['baseline']} keeps running as the shadow "
+          "(POST /v1/admin/rollback undoes it at once)")
+    return "forced" if force else "done"
+
+
+def _wait_for_records(base: str, n: int, timeout_s: float = 120.0) -> dict[str, Any]:
+    """The report once every row sent has its record (both answers, or the shadow's error)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, report = _http("GET", f"{base}/v1/shadow/report")
+        if status == 200 and report["requests"] >= n and report.get("in_flight", 0) == 0:
+            return report
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"after {timeout_s:.0f}s the service has recorded "
+                               f"{report.get('requests') if status == 200 else '?'} of {n} rows")
+        time.sleep(0.5)
+
+
+def format_shadow_report(report: dict[str, Any], sent: int | None = None) -> str:
+    """The live comparison as a few lines: counts, agreement, flips with intervals, latency, gates."""
+    def rate(d: dict[str, Any]) -> str:
+        if not d.get("total"):
+            return "n/a (0/0)"
+        return f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}%, {100 * d['high']:.2f}%] ({d['count']}/{d['total']})"
+
+    models = report["models"]
+    lines = [f"    primary {report['primary']['ref']}, shadow {report['shadow']['ref']}",
+             f"    requests recorded {report['requests']}" + (f" (sent {sent})" if sent is not None else "")
+             + f", compared {report['compared']}, labelled {report['labelled']} "
+             f"(pairs {report['labelled_pairs']})",
+             f"    agreement          {rate(report['agreement'])}",
+             f"    NFR                {rate(report['nfr'])}",
+             f"    PFR                {rate(report['pfr'])}"]
+    for role in ("baseline", "candidate"):
+        m = models[role]
+        lat = m["latency_ms"]
+        p99 = f"{lat['p99']:.1f} ms" if lat.get("p99") is not None else "n/a"
+        lines.append(f"    {role + ' accuracy':<19}{rate(m['accuracy'])}, p99 latency {p99}")
+    verdict = "PASS" if report["gates"]["passed"] else "FAIL (" + ", ".join(report["gates"]["failing"]) + ")"
+    lines.append(f"    gates: {verdict}")
+    for c in report["gates"]["checks"]:
+        lines.append(f"      [{'x' if c['passed'] else ' '}] {c['name']:<18} {c['detail']}")
+    return "\n".join(lines)
+
+
+def _demo_gates(flip_budget: float) -> dict[str, Any]:
+    """Gates for a demo on a loaded 2-core machine.
+
+    The NFR gate is the flip budget the search selected under, now judged on
+    live traffic (the test split, rows the search never saw). A more accurate
+    v2 must disagree with a weak v1 wherever v1 was wrong, so agreement is held
+    to a floor that catches a broken model (chance is 10%), not to the
+    production default (90%). Latency: the candidate has twice v1's channels
+    and, as the shadow, runs at background priority, so its p99 may be up to
+    four times the primary's.
+    """
+    return {"min_labelled": 200, "max_nfr": flip_budget, "min_agreement": 0.5, "max_latency_ratio": 4.0,
+            "max_error_rate": 0.05, "min_latency_samples": 50}
+
+
+def _parse_gates(items: list[str] | None) -> dict[str, Any]:
+    from graceful_ray.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE, e.g. max_nfr=0.02")
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"--gate {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _wait_while_serving(base: str, token: str) -> None:
+    print(f"\n    serving on {base} until Ctrl-C. Try:")
+    print(f"      curl -s {base}/v1/predict -H 'Content-Type: application/json' "
+          "-d \"{\\\"input\\\": $(python -c 'print([0.5] * 40)')}\"")
+    print(f"      curl -s {base}/v1/shadow/report")
+    print(f"      curl -s -X POST {base}/v1/admin/rollback -H 'Authorization: Bearer {token}' "
+          "-H 'Content-Type: application/json' -d '{\"reason\": \"trying rollback\"}'")
+    print(f"      open {base}/dashboard")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\n    Ctrl-C: shutting Serve down")
+
+
+def _http(method: str, url: str, body: Any = None, *, token: str | None = None,
+          timeout: float = 120.0) -> tuple[int, Any]:
+    """``(status, parsed JSON body)``; the standard library only, so the demo needs no HTTP client."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with opener.open(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else {}
+    except ValueError:
+        return status, {"detail": raw.decode(errors="replace")[:500]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_dashboard_url() -> str | None:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:  # noqa: BLE001 - Ray not started, or started without the dashboard
+        return None
 
 
 def side_by_side(reports: dict[str, dict[str, Any]]) -> str:
@@ -137,11 +507,35 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="a whole upgrade on MNIST-1D on a local Ray (the first thing to run)",
         description="Generate MNIST-1D, train and register v1, train v2 plain and compatible on Ray Train, "
-                    "and print the flip and compatibility report side by side.")
+                    "print the flip and compatibility report side by side, search the accuracy / flip-rate "
+                    "trade-off on Ray Tune and publish a candidate under a flip budget, shadow it behind "
+                    "production on Ray Serve with the test split replayed as traffic and its labels posted "
+                    "later, show the gate report and cut over if the gates pass. A second run reuses the "
+                    "data, the trained models and a finished search.")
     p.add_argument("--root", default=os.environ.get("GRACEFUL_RAY_ROOT", ".graceful-ray"),
-                   help="where data, registry, runs and reports go")
+                   help="where data, registry, runs, tune runs, shadow logs and reports go")
     p.add_argument("--samples", type=int, default=20_000)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="epochs for v1 and the two v2 models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", help="Ray address (default: a local Ray)")
+    p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    t = p.add_argument_group("the trade-off search (Ray Tune)")
+    t.add_argument("--skip-tune", action="store_true", help="no search: the v2 bct+fd model is the candidate")
+    t.add_argument("--tune-trials", type=int, default=4)
+    t.add_argument("--tune-epochs", type=int, default=2)
+    t.add_argument("--tune-concurrency", type=int, default=2, help="trials in flight at once")
+    t.add_argument("--flip-budget", type=float, default=0.05,
+                   help="select the most accurate trial whose NFR upper 95%% bound is <= this; also the "
+                        "shadow NFR gate (default 0.05)")
+    s = p.add_argument_group("shadow mode and cutover (Ray Serve)")
+    s.add_argument("--skip-serve", action="store_true", help="no shadow deployment, no cutover")
+    s.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--batch", type=int, default=64, help="rows per /v1/predict request")
+    s.add_argument("--gate", action="append", metavar="NAME=VALUE",
+                   help="override a demo gate: min_labelled, max_nfr, min_agreement, max_latency_ratio, "
+                        "max_error_rate, min_latency_samples (repeatable)")
+    s.add_argument("--force-cutover", action="store_true",
+                   help="cut over even if the gates fail (the service records it as forced)")
+    s.add_argument("--keep-serving", action="store_true",
+                   help="leave the service up after the cutover until Ctrl-C (curl examples are printed)")
     p.set_defaults(func=run_demo)

@@ -152,7 +152,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="flip and compatibility report of a new model against an old one",
         description="Compare two registered models on a dataset split: error rates, negative/positive "
-                    "flip rates with 95%% intervals, per-class flips, and cross-model retrieval.")
+                    "flip rates with 95% intervals, per-class flips, and cross-model retrieval.")
     p.add_argument("--data", required=True)
     p.add_argument("--old", required=True, help="NAME@VERSION or NAME@ALIAS")
     p.add_argument("--new", required=True, help="NAME@VERSION or NAME@ALIAS")

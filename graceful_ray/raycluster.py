@@ -8,8 +8,12 @@ import os
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
+               include_dashboard: bool = False) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+
+    ``include_dashboard`` starts the Ray dashboard with a local Ray (on
+    127.0.0.1; the demo does, so a new user can watch the trials and replicas).
 
     A local start uses ``address="local"`` on purpose: a bare ``ray.init()``
     follows a stale ``/tmp/ray/ray_current_cluster`` and tries to join a dead
@@ -29,4 +33,5 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         # must leave room for Ray Data's read tasks or ingest starves.
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
         logger.info("starting a local Ray with %d logical CPUs", cpus)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
+                 **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}))

@@ -464,7 +464,7 @@ def test_manifest_validation():
 
 # ------------------------------------------------------------------------ CLI
 def test_cli_list_show_alias(tmp_path, monkeypatch, capsys):
-    root = str(tmp_path / "reg")
+    root = str(tmp_path / "registry")  # $GRACEFUL_RAY_ROOT/registry, as train and tune use
     reg = Registry(root)
     reg.publish("toy", tiny(0), spec=SPEC, classes=CLASSES)
     reg.publish("toy", tiny(1), spec=SPEC, classes=CLASSES, method="bct")
@@ -473,7 +473,7 @@ def test_cli_list_show_alias(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "toy" in out and "v1, v2" in out
 
-    monkeypatch.setenv("GRACEFUL_RAY_ROOT", root)  # default root from the environment
+    monkeypatch.setenv("GRACEFUL_RAY_ROOT", str(tmp_path))  # default root from the environment
     assert cli_main(["registry", "show", "toy@v2"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["version"] == 2 and shown["method"] == "bct"

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
-DEFAULT_ROOT = "./.graceful-ray/registry"
+DEFAULT_ROOT = "$GRACEFUL_RAY_ROOT/registry"
 
 
 def default_root() -> str:
-    """``$GRACEFUL_RAY_ROOT`` when set, else ``./.graceful-ray/registry``."""
-    return os.environ.get("GRACEFUL_RAY_ROOT") or DEFAULT_ROOT
+    """The registry every command shares: ``$GRACEFUL_RAY_ROOT/registry`` (the
+    project root defaults to ``./.graceful-ray``), the same place ``train`` and
+    ``tune`` publish to."""
+    from graceful_ray.train.config import default_root as project_root
+
+    return os.path.join(project_root(), "registry")
 
 
 def _registry(args: argparse.Namespace):
@@ -54,7 +58,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "registry", help="inspect the model registry and move aliases",
         description="Inspect the model registry and move aliases. The root defaults to "
-                    f"$GRACEFUL_RAY_ROOT, else {DEFAULT_ROOT}.")
+                    "$GRACEFUL_RAY_ROOT/registry ($GRACEFUL_RAY_ROOT defaults to ./.graceful-ray).")
     sub = parser.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
     root_help = "registry root (local path, s3:// or gs:// URI)"
 

@@ -69,12 +69,10 @@ def _parse_gates(items: list[str]) -> dict[str, Any]:
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by ``graceful-ray serve`` and ``jobs/deploy_shadow.py``."""
-    from graceful_ray.registry.cli import default_root
-
     p.add_argument("--old", help="baseline (current production) reference, e.g. digits@production")
     p.add_argument("--new", help="candidate reference, e.g. digits@candidate")
     p.add_argument("--root", "--registry", dest="root", default=None,
-                   help=f"registry root (default: $GRACEFUL_RAY_ROOT or {default_root()})")
+                   help="registry root (default $GRACEFUL_RAY_ROOT/registry)")
     p.add_argument("--storage", default=None,
                    help=f"where the comparison log goes (local path or s3://...; default "
                         f"{DEFAULT_STORAGE}/<old>__<new>)")

@@ -1,0 +1,57 @@
+"""The demo's pure helpers: reuse of a finished search, gates, the printed shadow report (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graceful_ray.demo import _demo_gates, _finished_search, _parse_gates, format_shadow_report
+from graceful_ray.errors import ConfigError
+from graceful_ray.serve.config import GateConfig
+from graceful_ray.serve.stats import ShadowStats, compose_report
+from graceful_ray.tune.runner import load_report
+
+
+def _write(run_dir, statuses) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trials = [{"trial_id": f"t{i}", "status": s} for i, s in enumerate(statuses)]
+    (run_dir / "pareto.json").write_text(json.dumps({"trials": trials}))
+
+
+def test_only_a_search_whose_every_trial_ended_is_reused(tmp_path):
+    run = tmp_path / "run"
+    assert _finished_search(str(run), 2, load_report) is None  # never ran
+    _write(run, ["complete", "running"])
+    assert _finished_search(str(run), 2, load_report) is None  # interrupted: resume it
+    _write(run, ["complete"])
+    assert _finished_search(str(run), 2, load_report) is None  # a trial never started
+    _write(run, ["complete", "early_stopped"])
+    assert [t["trial_id"] for t in _finished_search(str(run), 2, load_report)["trials"]] == ["t0", "t1"]
+
+
+def test_demo_gates_are_valid_and_overridable():
+    gates = GateConfig(**{**_demo_gates(0.05), **_parse_gates(["min_agreement=0.7", "min_labelled=500"])})
+    gates.validate()
+    assert (gates.max_nfr, gates.min_agreement, gates.min_labelled) == (0.05, 0.7, 500)
+    for bad in (["max_nfr"], ["=1"], ["max_nfr=abc"]):
+        with pytest.raises(ConfigError):
+            _parse_gates(bad)
+
+
+def test_shadow_report_lines_show_counts_intervals_and_every_gate():
+    stats = ShadowStats()
+    for i in range(300):
+        b, c = i % 10, (i % 10 if i % 5 else (i + 1) % 10)  # the candidate disagrees on every fifth row
+        stats.add_record("baseline", {"baseline": b, "candidate": c}, {"baseline": 1.0, "candidate": 2.0},
+                         True, None)
+        stats.add_label(b, c, b)  # labels side with the baseline: each disagreement is a negative flip
+    gates = GateConfig(**_demo_gates(0.05))
+    report = compose_report(stats, gates, {"baseline": "m@v1", "candidate": "m@v2"}, "baseline", in_flight=0)
+    text = format_shadow_report(report, sent=300)
+    assert "requests recorded 300 (sent 300)" in text and "labelled 300" in text
+    assert "NFR                20.00% [" in text and "(60/300)" in text
+    assert "agreement          80.00% [" in text
+    assert "gates: FAIL (max_nfr)" in text
+    for name in ("min_labelled", "max_nfr", "min_agreement", "max_latency_ratio", "max_error_rate"):
+        assert name in text
