@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from graceful_ray.errors import GracefulRayError
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_root_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         try:
@@ -49,9 +51,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ROOT_HELP = ("storage root shared by every stage: a local path, an NFS mount, s3:// or gs://. The registry is "
+             "ROOT/registry, Train runs ROOT/runs, Tune runs ROOT/tune, shadow logs ROOT/shadow, reports "
+             "ROOT/reports (default $GRACEFUL_RAY_ROOT, else ./.graceful-ray); an explicit --registry or "
+             "--storage still wins")
+
+
+def add_root_argument(parser: argparse.ArgumentParser) -> None:
+    """``--root``: the one storage root through which separate stages (and Ray
+    jobs) find each other's outputs."""
+    parser.add_argument("--root", dest="shared_root", metavar="ROOT", default=None, help=ROOT_HELP)
+
+
+def apply_root(root: str | None) -> None:
+    """Make ``root`` the default of every command (they read ``$GRACEFUL_RAY_ROOT``)."""
+    if root:
+        os.environ["GRACEFUL_RAY_ROOT"] = root if "://" in root else os.path.abspath(root)
+
+
+def run_job(command: list[str], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """A ``jobs/*.py`` entrypoint: ``parser`` (the command's own options plus
+    ``--root``) parses first, so ``--help`` documents the job and bad options
+    fail before anything runs; then the same code as ``graceful-ray COMMAND``."""
+    add_root_argument(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    only_root = argparse.ArgumentParser(add_help=False)
+    add_root_argument(only_root)
+    _, rest = only_root.parse_known_args(argv)
+    return main([*(["--root", args.shared_root] if args.shared_root else []), *command, *rest])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_root(args.shared_root)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

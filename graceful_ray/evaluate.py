@@ -134,16 +134,74 @@ def retrieval_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def evaluate_generations(data: str, refs: list[str], *, registry_root: str, split: str = "test",
+                         metrics: tuple[str, ...] = ("top1", "map")) -> dict[str, Any]:
+    """The compatibility matrix ``M(v_i, v_j)`` of generations ``refs`` (oldest first), with AC and AM.
+
+    Every model embeds the same split; models whose embeddings have another
+    dimension than the first cannot query each other's galleries, so they are
+    refused with the pair named rather than scored as zero.
+    """
+    from graceful_ray.metrics import compatibility_matrix
+
+    if len(refs) < 2:
+        raise ConfigError(f"--generations needs at least two models (oldest first), got {refs}")
+    x, y, _ = load_split(data, split)
+    preds = [predict(registry_root, ref, x) for ref in refs]
+    dims = {p.ref: int(p.embeddings.shape[1]) for p in preds}
+    if len(set(dims.values())) > 1:
+        raise ConfigError(f"generations must share an embedding dimension to search each other's galleries: {dims}")
+    result: dict[str, Any] = {"models": [p.ref for p in preds], "split": split, "rows": int(len(y)),
+                              "spaces": {p.ref: p.embedding_space for p in preds}}
+    for metric in metrics:
+        result[metric] = compatibility_matrix([p.embeddings for p in preds], y, metric=metric,
+                                              full=True).to_dict()
+    return result
+
+
+def format_generations(result: dict[str, Any]) -> str:
+    refs = result["models"]
+    lines = []
+    for metric in ("top1", "map"):
+        if metric not in result:
+            continue
+        m = result[metric]
+        lines.append(f"M(query, gallery) {metric}: AC = {m['ac']:.3f}, AM = {m['am']:.4f} "
+                     "(rows: query model, columns: gallery model; AC/AM use the lower triangle)")
+        width = max(max(len(r) for r in refs), 7) + 2
+        lines.append(" " * width + "".join(f"{r:>{width}}" for r in refs))
+        for ref, row in zip(refs, m["matrix"]):
+            lines.append(f"{ref:<{width}}" + "".join(f"{v:>{width}.4f}" for v in row))
+        lines.append("")
+    lines.append("embedding spaces: " + ", ".join(f"{r} -> {s}" for r, s in result["spaces"].items()))
+    return "\n".join(lines)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from graceful_ray.train.config import default_root
     import os
 
     registry = args.registry or os.path.join(default_root(), "registry")
+    out = args.out or (os.path.join(default_root(), "reports", args.run_name) if args.run_name else None)
+    if args.generations:
+        if args.old or args.new:
+            raise ConfigError("give either --old and --new, or --generations, not both")
+        result = evaluate_generations(args.data, args.generations, registry_root=registry, split=args.split)
+        print(f"compatibility of {len(result['models'])} generations on {args.split} ({result['rows']} rows)")
+        print(format_generations(result))
+        if out:
+            loc = resolve(out)
+            loc.makedirs()
+            loc.join("generations.json").write_bytes(json.dumps(result, indent=1).encode())
+            print(f"report: {loc.join('generations.json').uri}")
+        return 0
+    if not (args.old and args.new):
+        raise ConfigError("evaluate needs --old and --new (or --generations REF REF ...)")
     result = evaluate_upgrade(args.data, args.old, args.new, registry_root=registry, split=args.split,
-                              reference_ref=args.reference, out_dir=args.out)
+                              reference_ref=args.reference, out_dir=out)
     print(f"{result['new']} against {result['old']} on {args.split} ({result['rows']} rows)")
     print(result["table"])
-    if args.out:
+    if out:
         print(f"report: {result['json']}\nplot:   {result['png']}")
     return 0
 
@@ -152,12 +210,22 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="flip and compatibility report of a new model against an old one",
         description="Compare two registered models on a dataset split: error rates, negative/positive "
-                    "flip rates with 95% intervals, per-class flips, and cross-model retrieval.")
+                    "flip rates with 95% intervals, per-class flips, and cross-model retrieval. With "
+                    "--generations, the compatibility matrix M(v_i, v_j) of several generations with AC and AM.")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate)
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``graceful-ray evaluate`` and ``jobs/evaluate.py``."""
     p.add_argument("--data", required=True)
-    p.add_argument("--old", required=True, help="NAME@VERSION or NAME@ALIAS")
-    p.add_argument("--new", required=True, help="NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--old", help="NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--new", help="NAME@VERSION or NAME@ALIAS")
+    p.add_argument("--generations", nargs="+", metavar="REF",
+                   help="several models, oldest first (e.g. m@v1 m@v2 m@v3): print their compatibility matrix")
     p.add_argument("--reference", help="same architecture trained without compatibility, for the update gain")
     p.add_argument("--split", default="test")
-    p.add_argument("--registry")
-    p.add_argument("--out", help="directory for report.json and flips.png")
-    p.set_defaults(func=run_evaluate)
+    p.add_argument("--registry", help="registry root (default $GRACEFUL_RAY_ROOT/registry)")
+    p.add_argument("--out", help="directory for the report (report.json and flips.png)")
+    p.add_argument("--run-name", help="names the report: written to $GRACEFUL_RAY_ROOT/reports/<run-name> "
+                                      "unless --out is given")

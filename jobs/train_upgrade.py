@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graceful_ray.cli import main as cli_main
+from graceful_ray.cli import run_job
 from graceful_ray.train.cli import add_train_arguments
 
 
@@ -25,9 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
     parser.add_argument("--alias", help="registry alias to point at the new version (e.g. candidate)")
-    # Parse here so `--help` documents the job; then run the same code as `graceful-ray train`.
-    parser.parse_args(argv)
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    return run_job(["train"], parser, argv)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graceful_ray.cli import main as cli_main
+from graceful_ray.cli import run_job
 from graceful_ray.tune.cli import add_tune_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tune_arguments(parser)
-    # Parse here so `--help` documents the job; then run the same code as `graceful-ray tune`.
-    parser.parse_args(argv)
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+    return run_job(["tune"], parser, argv)
 
 
 if __name__ == "__main__":
