@@ -79,6 +79,13 @@ def test_kuberay_raycluster():
     _check_images(doc)
 
 
+def test_runtime_env_installs_the_package_for_jobs_on_a_stock_image():
+    env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and any(p.startswith("graceful-ray") for p in env["pip"])
+    # the RayCluster (stock images) tells job submitters to bring it
+    assert "--runtime-env cluster/runtime_env.yaml" in (ROOT / "cluster/kuberay/raycluster.yaml").read_text()
+
+
 def test_kuberay_rayjob_runs_the_training_job():
     doc = yaml.safe_load((ROOT / "cluster/kuberay/rayjob-train.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
