@@ -29,6 +29,35 @@ def _step(n: int, text: str) -> None:
     print(f"\n[{n}] {text}", flush=True)
 
 
+def _quiet_logging() -> None:
+    """Only the demo's own progress lines on the terminal: Ray's, Ray Data's and
+    Optuna's informational logging is kept for warnings and errors, and Ray
+    Data's progress bars are off (they redraw hundreds of times per dataset)."""
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "graceful_ray", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # e.g. the token-auth notice on every start
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+
+
+def _ray_log_dir() -> str:
+    try:
+        from ray._private.worker import _global_node
+
+        return os.path.join(_global_node.get_session_dir_path(), "logs")
+    except Exception:  # noqa: BLE001 - joined cluster or a Ray without this private API
+        return "/tmp/ray/session_latest/logs"
+
+
 def _published_for_run(registry, name: str, run_name: str):
     """The version a finished run already published, so a re-run reuses it."""
     try:
@@ -65,7 +94,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from graceful_ray.train.config import UpgradeConfig
 
     started = time.perf_counter()
-    root = os.path.abspath(args.root)
+    root = os.path.abspath(args.root or os.environ.get("GRACEFUL_RAY_ROOT", ".graceful-ray"))
     data = os.path.join(root, "data", f"mnist1d-{args.samples}-s{args.seed}")
     registry_root = os.path.join(root, "registry")
     storage = os.path.join(root, "runs")
@@ -80,7 +109,11 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    ensure_ray(args.address, include_dashboard=not args.no_dashboard)
+    if not args.ray_output:
+        _quiet_logging()
+    ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
+    if not args.ray_output:
+        print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
     registry = Registry(registry_root)
     common = dict(data=data, registry=registry_root, storage=storage, name=MODEL_NAME, epochs=args.epochs,
                   cpus_per_worker=1.0, workers=1, max_failures=1)
@@ -152,9 +185,10 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     instead of training it again; an interrupted one is resumed.
     """
     import shlex
+    from dataclasses import replace
 
     from graceful_ray.registry import Registry
-    from graceful_ray.tune.cli import _summary, add_tune_arguments, rule_from_args, settings_from_args
+    from graceful_ray.tune.cli import add_tune_arguments, rule_from_args, search_summary, settings_from_args
     from graceful_ray.tune.records import TrialRecord
     from graceful_ray.tune.runner import (SelectionRule, load_report, report_from_records, resume_search,
                                          start_search, write_outputs)
@@ -178,7 +212,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     t0 = time.perf_counter()
     run_dir = os.path.join(storage, run_name)
     if os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
-        settings = SearchSettings.load(storage, run_name)
+        settings = replace(SearchSettings.load(storage, run_name), verbose=0 if not args.ray_output else 1)
         summary = _finished_search(run_dir, settings.trials, load_report)
         if summary is not None:
             print(f"    reusing the finished search {run_name} ({len(summary['trials'])} trials)")
@@ -187,7 +221,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
             print(f"    resuming the interrupted search {run_name} (finished trials are kept)")
             records = records_from_results(resume_search(settings), sorted(settings.search_space().params))
     else:
-        settings = settings_from_args(targs)
+        settings = replace(settings_from_args(targs), verbose=0 if not args.ray_output else 1)
         print(f"    search {run_name}: run directory {settings.run_dir.uri}")
         records = records_from_results(start_search(settings), sorted(settings.search_space().params))
     report = report_from_records(settings, records, no_publish)
@@ -212,7 +246,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
             report.published = publish_trial(settings, record, alias="candidate")
             report.message += f"; published {report.published.ref} as candidate"
         write_outputs(settings, report)  # pareto.json / .md name the published version
-    print("\n".join("    " + line for line in _summary(settings, report).splitlines()))
+    print("\n".join("    " + line for line in search_summary(settings, report).splitlines()))
     print(f"    search step took {time.perf_counter() - t0:.0f}s")
     if report.published is not None:
         return report.published.ref, where
@@ -512,13 +546,17 @@ def add_parser(subparsers) -> None:
                     "production on Ray Serve with the test split replayed as traffic and its labels posted "
                     "later, show the gate report and cut over if the gates pass. A second run reuses the "
                     "data, the trained models and a finished search.")
-    p.add_argument("--root", default=os.environ.get("GRACEFUL_RAY_ROOT", ".graceful-ray"),
-                   help="where data, registry, runs, tune runs, shadow logs and reports go")
+    p.add_argument("--root", default=None,
+                   help="where data, registry, runs, tune runs, shadow logs and reports go "
+                        "(default $GRACEFUL_RAY_ROOT, else ./.graceful-ray)")
     p.add_argument("--samples", type=int, default=20_000)
     p.add_argument("--epochs", type=int, default=8, help="epochs for v1 and the two v2 models")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", help="Ray address (default: a local Ray)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    p.add_argument("--ray-output", action="store_true",
+                   help="show Ray's own output here (worker logs, Ray Data progress, Tune's trial tables); "
+                        "by default it goes to Ray's log directory and only the demo's steps are printed")
     t = p.add_argument_group("the trade-off search (Ray Tune)")
     t.add_argument("--skip-tune", action="store_true", help="no search: the v2 bct+fd model is the candidate")
     t.add_argument("--tune-trials", type=int, default=4)

@@ -9,7 +9,7 @@ logger = logging.getLogger(__name__)
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
-               include_dashboard: bool = False) -> None:
+               include_dashboard: bool = False, quiet: bool = False) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
 
     ``include_dashboard`` starts the Ray dashboard with a local Ray (on
@@ -17,7 +17,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
 
     A local start uses ``address="local"`` on purpose: a bare ``ray.init()``
     follows a stale ``/tmp/ray/ray_current_cluster`` and tries to join a dead
-    cluster. Inside a Ray job (``ray job submit``) ``RAY_ADDRESS`` is set and we
+    cluster. ``quiet`` keeps the workers' output (Train's worker-group lines,
+    Ray Data's progress bars) in Ray's log files instead of this terminal, for
+    a command that prints its own progress (the demo); the path is logged.
+    Inside a Ray job (``ray job submit``) ``RAY_ADDRESS`` is set and we
     join the job's cluster.
     """
     import ray
@@ -27,11 +30,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=not quiet)
     else:
         # Twice the cores as logical CPUs: Train workers with fractional CPUs
         # must leave room for Ray Data's read tasks or ingest starves.
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
         logger.info("starting a local Ray with %d logical CPUs", cpus)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard, log_to_driver=not quiet,
                  **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}))

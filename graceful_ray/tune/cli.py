@@ -157,7 +157,7 @@ def run_tune(args: argparse.Namespace) -> int:
     _say_where(settings)
     grid = resume_search(settings) if args.resume else start_search(settings)
     report = finish(settings, grid, rule)
-    print(_summary(settings, report))
+    print(search_summary(settings, report))
     if report.interrupted:
         return INTERRUPTED
     return 0 if report.selection is not None else NO_CANDIDATE
@@ -184,7 +184,7 @@ def _dashboard_url() -> str | None:
         return None
 
 
-def _summary(settings, report) -> str:
+def search_summary(settings, report) -> str:
     from graceful_ray.tune.pareto import format_table
 
     counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(report.counts.items()))

@@ -52,6 +52,7 @@ class SearchSettings:
     early_stop: bool = False
     grace_epochs: int | None = None
     margins: tuple[float, ...] | None = None
+    verbose: int = 1  # Tune's console output: 0 silent (the demo prints its own summary), 1 trial tables
 
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
@@ -161,7 +162,7 @@ def _run_config(settings: SearchSettings, stopper):
         callbacks=[TBXLoggerCallback()],
         stop=stopper,
         failure_config=tune.FailureConfig(max_failures=0),
-        verbose=1,
+        verbose=settings.verbose,
     )
 
 
