@@ -7,7 +7,11 @@ cluster's Serve proxy (port 8000 by default)::
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/deploy_shadow.py --old digits@production --new digits@candidate \\
             --root s3://bucket/registry --storage s3://bucket/shadow/digits \\
-            --shadow-fraction 0.5
+            --shadow-fraction 0.5 --gallery s3://bucket/galleries/digits
+
+``--gallery`` (optional) also serves ``POST /v1/search`` from a gallery built by
+``graceful-ray gallery build``; the primary must live in the gallery's
+embedding space, or the job fails before anything is deployed.
 
 The admin token is read from $GRACEFUL_RAY_ADMIN_TOKEN in the job's environment
 (or --admin-token-env NAME; e.g. `--runtime-env-json`); only its sha256 reaches the
@@ -47,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except GracefulRayError as e:
         log.error("%s", e)
         return 2
-    log.info("shadow service %r deployed: primary %s, shadow %s, fraction %.2f, log %s",
+    log.info("shadow service %r deployed: primary %s, shadow %s, fraction %.2f, log %s%s",
              config.app_name, config.baseline, config.candidate, config.shadow_fraction,
-             config.storage)
+             config.storage, f", search gallery {config.gallery}" if config.gallery else "")
     return 0
 
 

@@ -233,6 +233,15 @@ def test_admin_routes_require_the_token(service):
     assert c.get(service.url("main", "/healthz")).json()["primary"] == "m@v1"
 
 
+def test_search_without_a_gallery_says_how_to_enable_it(service):
+    """These apps have no gallery: /v1/search explains (tests/test_serve_search.py has one)."""
+    r = service.client.post(service.url("main", "/v1/search"),
+                            json={"inputs": inputs(1, 5).tolist()})
+    assert r.status_code == 404, r.text
+    assert "--gallery" in r.json()["detail"] and "gallery build" in r.json()["detail"]
+    assert service.report("main")["retrieval"]["searches"] == 0
+
+
 # ------------------------------------------------------- feedback and flips
 def test_feedback_turns_pairs_into_flips(service, local_models):
     x = inputs(40, 4)

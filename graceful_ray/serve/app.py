@@ -7,6 +7,11 @@ The application graph::
               |-- ModelReplica  <candidate version>  (shadow target when baseline is primary)
               `-- Comparator    (records, flips, gates, routing state; one replica)
 
+With ``gallery`` set, the same graph serves ``POST /v1/search``: the primary
+embeds and searches the faiss gallery in the router, the shadow does the same
+in its own deployment, and the comparator records the top-k overlap (see
+:mod:`graceful_ray.serve.search` for which models may search).
+
 References are resolved against the registry *here*, once, and pinned to exact
 versions, so every replica (including ones Serve restarts later) loads the same
 weights even after the ``production`` alias moves on cutover.
@@ -76,6 +81,10 @@ def build_app(config: ShadowConfig):
     from graceful_ray.serve.router import ShadowRouter
 
     refs, shape, classes = pin_refs(config)
+    if config.gallery is not None:
+        from graceful_ray.serve.search import check_gallery
+
+        check_gallery(config, refs)  # raises when the primary may not search the gallery
     models = {}
     for role in ROLES:
         res = config.resources_of(role)
@@ -87,7 +96,8 @@ def build_app(config: ShadowConfig):
         ).bind(config.registry, refs[role], config.shadow_batching, res.num_gpus,
                config.torch_threads,
                # shadow-only when the primary runs in the router: background priority
-               config.background_nice if config.primary_in_ingress else 0)
+               config.background_nice if config.primary_in_ingress else 0,
+               config.gallery, config.gallery_poll_s)
     all_classes = sorted(set(classes[BASELINE]) | set(classes[CANDIDATE]))
     comparator = Comparator.options(
         name="comparator", num_replicas=1,
@@ -99,8 +109,9 @@ def build_app(config: ShadowConfig):
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options=config.router.actor_options(),
     ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)
-    log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s", config.app_name,
-             refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage)
+    log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s%s", config.app_name,
+             refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage,
+             f", search gallery {config.gallery}" if config.gallery else "")
     return router
 
 

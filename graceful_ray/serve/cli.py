@@ -80,6 +80,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of requests also sent to the shadow (default 1.0)")
     p.add_argument("--shadow-timeout", type=float, default=None,
                    help="seconds before a shadow call counts as timed out (default 2)")
+    p.add_argument("--gallery", default=None, metavar="PATH",
+                   help="gallery (built by `graceful-ray gallery build`; local path or s3://...) "
+                        "to serve POST /v1/search from; the primary must live in its embedding "
+                        "space. Without it /v1/search answers 404")
+    p.add_argument("--search-k", type=int, default=None,
+                   help="results per search when a request gives no k (default 10)")
     p.add_argument("--config", help="YAML/JSON of ShadowConfig fields (or a Serve config file); "
                                     "command-line options override it")
     p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
@@ -122,6 +128,12 @@ def config_from_args(args: argparse.Namespace):
     set_if("admin_token_env", args.admin_token_env)
     set_if("app_name", args.name)
     set_if("route_prefix", args.route_prefix)
+    set_if("gallery", getattr(args, "gallery", None))
+    search_k = getattr(args, "search_k", None)
+    if search_k is not None:
+        data["search_k"] = search_k
+        if search_k > int(data.get("max_search_k", 100)):
+            data["max_search_k"] = search_k  # asking for a larger default raises the cap
     if args.primary_in_deployment:
         data["primary_in_ingress"] = False
     for key in ("baseline", "candidate"):
@@ -177,6 +189,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log.info("shadow service up: %s/v1/predict, report %s/v1/shadow/report, dashboard "
              "%s/dashboard (primary %s, shadow %s, fraction %.2f, log %s)", base, base, base,
              config.baseline, config.candidate, config.shadow_fraction, config.storage)
+    if config.gallery:
+        log.info("search: %s/v1/search over gallery %s (k %d, at most %d)", base,
+                 config.gallery, config.search_k, config.max_search_k)
     if args.detach:
         return 0
     stop.wait()

@@ -12,6 +12,11 @@ Routers learn the routing state (which model is primary, the shadow fraction)
 from the answer to every event batch, so a cutover reaches every router
 replica within one sync interval and never needs a replica restart.
 
+Searches (``POST /v1/search``) follow the same life cycle in their own records
+(``searches/`` in the log) and statistics (the report's ``retrieval`` section:
+top-k overlap, and with feedback labels each model's top-1 / top-k hits), so they
+never change predict's agreement, flips or gates.
+
 All methods return plain dicts (``{"status": 409, "detail": ...}`` for refusals)
 instead of raising, so the router can pass the status straight to the caller.
 """
@@ -31,9 +36,10 @@ from graceful_ray.errors import ConfigError, GracefulRayError
 from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig
 from graceful_ray.serve.gates import evaluate, explain
 from graceful_ray.serve.metrics import ComparatorMetrics
-from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, RecordLog
+from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, SEARCHES_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
-from graceful_ray.serve.stats import ShadowStats, compose_report
+from graceful_ray.serve.search import overlap as topk_overlap
+from graceful_ray.serve.stats import RetrievalStats, ShadowStats, compose_report
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,41 @@ class Tracked:
         self.done = False
 
 
+class SearchTracked:
+    """One searched input row (``POST /v1/search``), from the primary's top-k to its label."""
+
+    __slots__ = ("request_id", "time_ms", "epoch", "primary", "primary_ref", "shadow_ref",
+                 "shadowed", "k", "snapshot", "ids", "scores", "hit_labels", "ms", "error",
+                 "skipped", "overlap", "label", "features", "done")
+
+    def __init__(self, request_id: str, time_ms: int, epoch: int, primary: str,
+                 primary_ref: str, shadow_ref: str | None, shadowed: bool, k: int,
+                 snapshot: int | None) -> None:
+        self.request_id = request_id
+        self.time_ms = time_ms
+        self.epoch = epoch
+        self.primary = primary
+        self.primary_ref = primary_ref
+        self.shadow_ref = shadow_ref
+        self.shadowed = shadowed
+        self.k = k
+        self.snapshot = snapshot
+        self.ids: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
+        self.scores: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
+        self.hit_labels: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
+        self.ms: dict[str, float | None] = {BASELINE: None, CANDIDATE: None}
+        self.error: str | None = None
+        self.skipped: str | None = None
+        self.overlap: float | None = None
+        self.label: int | None = None
+        self.features = None
+        self.done = False
+
+
+def _rows(a: Any, i: int) -> list | None:
+    return None if a is None else a[i].tolist()
+
+
 class ComparatorCore:
     """The comparator's logic without Ray, so it can be unit-tested directly."""
 
@@ -85,6 +126,14 @@ class ComparatorCore:
         self.gates = config.gates
         self.written = 0
         self.failed_cols: dict[str, list] | None = None  # a batch whose write failed
+        # Searches (POST /v1/search): the same life cycle, kept apart from predict's.
+        self.search_stats = RetrievalStats(config.latency_window)
+        self.search_index: OrderedDict[str, SearchTracked] = OrderedDict()
+        self.search_open: dict[str, SearchTracked] = {}
+        self.search_orphans: dict[str, tuple] = {}
+        self.pending_searches: list[SearchTracked] = []
+        self.searches_written = 0
+        self.failed_search_cols: dict[str, list] | None = None
         self._restore()
 
     # ------------------------------------------------------------- restore
@@ -105,12 +154,13 @@ class ComparatorCore:
             "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
             "baseline_decision", "candidate_decision", "baseline_ms", "candidate_ms",
             "shadow_error", "label"])
+        labels: dict[str, int] = {}
+        label_table = self.log.read_table(LABELS_DIR, ["request_id", "label"])
+        if label_table is not None:
+            labels = dict(zip(label_table.column("request_id").to_pylist(),
+                              label_table.column("label").to_pylist()))
+        self._restore_searches(labels)
         if records is not None:
-            labels = {}
-            label_table = self.log.read_table(LABELS_DIR, ["request_id", "label"])
-            if label_table is not None:
-                labels = dict(zip(label_table.column("request_id").to_pylist(),
-                                  label_table.column("label").to_pylist()))
             for row in records.to_pylist():
                 t = Tracked(row["request_id"], 0, row["epoch"], row["primary"],
                             row["primary_ref"], row["shadow_ref"], row["shadowed"])
@@ -126,6 +176,32 @@ class ComparatorCore:
             log.info("resumed comparison log %s: %d records", self.log.root.uri,
                      records.num_rows)
         self.log.write_state(self.state)
+
+    def _restore_searches(self, labels: dict[str, int]) -> None:
+        searches = self.log.read_table(SEARCHES_DIR, columns=[
+            "request_id", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed", "k",
+            "snapshot", "baseline_ids", "candidate_ids", "baseline_scores", "candidate_scores",
+            "baseline_hit_labels", "candidate_hit_labels", "baseline_ms", "candidate_ms",
+            "overlap", "shadow_error", "shadow_skipped", "label"])
+        if searches is None:
+            return
+        for row in searches.to_pylist():
+            t = SearchTracked(row["request_id"], 0, row["epoch"], row["primary"],
+                              row["primary_ref"], row["shadow_ref"], row["shadowed"], row["k"],
+                              row["snapshot"])
+            for role in (BASELINE, CANDIDATE):
+                t.ids[role] = row[f"{role}_ids"]
+                t.scores[role] = row[f"{role}_scores"]
+                t.hit_labels[role] = row[f"{role}_hit_labels"]
+                t.ms[role] = row[f"{role}_ms"]
+            t.error, t.skipped, t.overlap = row["shadow_error"], row["shadow_skipped"], row["overlap"]
+            t.label = labels.get(t.request_id, row["label"])
+            t.done = True
+            self._account_search(t)
+            self._track_search(t)
+        self.searches_written = searches.num_rows
+        log.info("resumed search log %s: %d search records", self.log.root.uri,
+                 searches.num_rows)
 
     # ------------------------------------------------------------- records
     def _track(self, t: Tracked) -> None:
@@ -153,7 +229,11 @@ class ComparatorCore:
                 self._primary_event(*ev[1:])
             elif ev[0] == "s":
                 self._shadow_event(*ev[1:])
-            else:  # pragma: no cover - routers only send these two
+            elif ev[0] == "q":
+                self._search_event(*ev[1:])
+            elif ev[0] == "r":
+                self._search_shadow_event(*ev[1:])
+            else:  # pragma: no cover - routers only send these four
                 log.warning("unknown event kind %r ignored", ev[0])
 
     def _primary_event(self, ids: list[str], time_ms: int, epoch: int, role: str,
@@ -199,13 +279,89 @@ class ComparatorCore:
         t.error = error
         self._complete(t)
 
+    # ------------------------------------------------------------ searches
+    def _track_search(self, t: SearchTracked) -> None:
+        self.search_index[t.request_id] = t
+        while len(self.search_index) > self.cfg.max_tracked_records:
+            self.search_index.popitem(last=False)
+
+    def _account_search(self, t: SearchTracked) -> None:
+        self.search_stats.add_record(
+            t.primary, {r: t.ids[r] is not None for r in (BASELINE, CANDIDATE)}, t.ms,
+            t.shadowed, t.error, t.skipped, t.overlap)
+        if t.label is not None:
+            self.search_stats.add_label(t.hit_labels, t.label)
+
+    def _complete_search(self, t: SearchTracked) -> None:
+        t.done = True
+        t.overlap = topk_overlap(t.ids[t.primary], t.ids[CANDIDATE if t.primary == BASELINE
+                                                          else BASELINE])
+        self._account_search(t)
+        self.pending_searches.append(t)
+
+    def _search_event(self, ids: list[str], time_ms: int, epoch: int, role: str, k: int,
+                      top_ids: np.ndarray, scores: np.ndarray, hit_labels: np.ndarray | None,
+                      snapshot: int | None, ms: float, shadowed: bool,
+                      features: np.ndarray | None) -> None:
+        shadow_role = CANDIDATE if role == BASELINE else BASELINE
+        primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
+        for i, rid in enumerate(ids):
+            t = SearchTracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed,
+                              int(k), snapshot)
+            t.ids[role], t.scores[role] = _rows(top_ids, i), _rows(scores, i)
+            t.hit_labels[role] = _rows(hit_labels, i)
+            t.ms[role] = ms
+            if features is not None and self.cfg.log_inputs:
+                t.features = features[i]
+            self._track_search(t)
+            if not shadowed:
+                self._complete_search(t)
+                continue
+            orphan = self.search_orphans.pop(rid, None)
+            if orphan is not None:
+                self._apply_search_shadow(t, orphan)
+            else:
+                self.search_open[rid] = t
+
+    def _search_shadow_event(self, ids: list[str], role: str, top_ids: np.ndarray | None,
+                             scores: np.ndarray | None, hit_labels: np.ndarray | None,
+                             ms: float | None, error: str | None, skipped: str | None) -> None:
+        for i, rid in enumerate(ids):
+            row = (role, _rows(top_ids, i), _rows(scores, i), _rows(hit_labels, i), ms, error,
+                   skipped)
+            t = self.search_open.pop(rid, None)
+            if t is None:  # the shadow's event came first
+                self.search_orphans[rid] = row
+                if len(self.search_orphans) > _MAX_ORPHANS:
+                    self.search_orphans.pop(next(iter(self.search_orphans)))
+                continue
+            self._apply_search_shadow(t, row)
+
+    def _apply_search_shadow(self, t: SearchTracked, row: tuple) -> None:
+        role, top_ids, scores, hit_labels, ms, error, skipped = row
+        if error is None and skipped is None and top_ids is not None:
+            t.ids[role], t.scores[role], t.hit_labels[role] = top_ids, scores, hit_labels
+            t.ms[role] = ms
+        t.error, t.skipped = error, skipped
+        self._complete_search(t)
+
     # ------------------------------------------------------------ feedback
+    def settled(self, request_id: str) -> bool:
+        """True when a request id's record exists and is complete (feedback may name its result)."""
+        if request_id in self.index:
+            return request_id not in self.open
+        if request_id in self.search_index:
+            return request_id not in self.search_open
+        return False
+
     def label(self, request_id: str, label: int) -> dict[str, Any]:
         if label not in self.classes:
             return {"status": 422, "request_id": request_id,
                     "detail": f"label {label} is not one of the models' classes "
                               f"{sorted(self.classes)}"}
         t = self.index.get(request_id)
+        if t is None and request_id in self.search_index:
+            return self._label_search(self.search_index[request_id], label)
         if t is None:
             return {"status": 404, "request_id": request_id,
                     "detail": f"unknown request id {request_id!r}: it was never served here, or "
@@ -234,6 +390,41 @@ class ComparatorCore:
                 "candidate_correct": None if c is None else c == t.label,
                 "flip": flip}
 
+    def _label_search(self, t: SearchTracked, label: int) -> dict[str, Any]:
+        """A search request's true label: scores both models' retrieval hits."""
+        if t.label is not None:
+            if t.label == label:
+                return self._search_label_result(t, "duplicate")
+            return {"status": 409, "request_id": t.request_id,
+                    "detail": f"request {t.request_id!r} already has label {t.label}; a label "
+                              "cannot be changed"}
+        t.label = label
+        self.pending_labels.append((t.request_id, label, int(time.time() * 1000)))
+        flip = "pending"
+        if t.done:
+            flip = self.search_stats.add_label(t.hit_labels, label)
+            flip = "unpaired" if flip is None else flip
+        return self._search_label_result(t, flip)
+
+    def _search_label_result(self, t: SearchTracked, flip: str) -> dict[str, Any]:
+        """``flip`` is the *top-1 retrieval* flip: negative when the baseline's first
+        result has the query's label and the candidate's does not."""
+        out: dict[str, Any] = {"status": 200, "request_id": t.request_id, "label": t.label,
+                               "kind": "search", "k": t.k, "flip": flip}
+        for role in (BASELINE, CANDIDATE):
+            hl = t.hit_labels[role]
+            out[f"{role}_hit"] = None if not hl else hl[0] == t.label
+            out[f"{role}_hit_at_k"] = None if not hl else t.label in hl
+        return out
+
+    def retrieval_report(self) -> dict[str, Any]:
+        """The report's ``retrieval`` section: search pairs, top-k overlap, hits."""
+        return {"gallery": self.cfg.gallery, "search_k": self.cfg.search_k,
+                "max_search_k": self.cfg.max_search_k,
+                **self.search_stats.summary(self.gates.confidence),
+                "in_flight": len(self.search_open), "records_written": self.searches_written,
+                "records_pending": len(self.pending_searches)}
+
     # -------------------------------------------------------------- report
     def routing(self) -> dict[str, Any]:
         return {"primary": self.state["primary"], "shadow_fraction": self.state["shadow_fraction"],
@@ -246,7 +437,7 @@ class ComparatorCore:
             mode="live", shadow_fraction=self.state["shadow_fraction"],
             epoch=self.state["epoch"], in_flight=len(self.open), records_written=self.written,
             records_pending=len(self.pending), history=self.state["history"][-20:],
-            storage=self.log.root.uri)
+            storage=self.log.root.uri, retrieval=self.retrieval_report())
         self.metrics.gauges(report["nfr"]["high"], report["agreement"]["low"],
                             report["gates"]["passed"], primary == CANDIDATE)
         return report
@@ -302,6 +493,52 @@ class ComparatorCore:
             ids, values, times = zip(*labels)
             self.log.write_labels(list(ids), list(values), list(times))
         return n
+
+    def take_pending_searches(self, include_open: bool = False) -> dict[str, list] | None:
+        """Detach the completed search records to write; ``None`` if there are none."""
+        if include_open:
+            for t in list(self.search_open.values()):
+                t.error = "incomplete"
+                self._complete_search(t)
+            self.search_open.clear()
+        batch, self.pending_searches = self.pending_searches, []
+        if not batch:
+            return None
+        names = ["request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref",
+                 "shadowed", "k", "snapshot", "overlap", "shadow_error", "shadow_skipped", "label"]
+        for role in (BASELINE, CANDIDATE):
+            names += [f"{role}_ids", f"{role}_scores", f"{role}_hit_labels", f"{role}_ms"]
+        cols: dict[str, list] = {k: [] for k in names + ["features"]}
+        for t in batch:
+            for name, value in (("request_id", t.request_id), ("time", t.time_ms),
+                                ("epoch", t.epoch), ("primary", t.primary),
+                                ("primary_ref", t.primary_ref), ("shadow_ref", t.shadow_ref),
+                                ("shadowed", t.shadowed), ("k", t.k), ("snapshot", t.snapshot),
+                                ("overlap", t.overlap), ("shadow_error", t.error),
+                                ("shadow_skipped", t.skipped), ("label", t.label)):
+                cols[name].append(value)
+            for role in (BASELINE, CANDIDATE):
+                cols[f"{role}_ids"].append(t.ids[role])
+                cols[f"{role}_scores"].append(t.scores[role])
+                cols[f"{role}_hit_labels"].append(t.hit_labels[role])
+                cols[f"{role}_ms"].append(t.ms[role])
+            if self.cfg.log_inputs:
+                cols["features"].append(None if t.features is None
+                                        else np.asarray(t.features, np.float32).reshape(-1))
+            # Written: keep only what a late label needs (the hits' gallery labels).
+            t.features = None
+            t.scores = {BASELINE: None, CANDIDATE: None}
+        return cols
+
+    def write_searches(self, cols: dict[str, list] | None) -> int:
+        """Write what :meth:`take_pending_searches` detached (runs on a worker thread)."""
+        if cols is None:
+            return 0
+        self.log.write_searches(cols, self.cfg.log_inputs, {
+            "graceful_ray.baseline": self.refs[BASELINE],
+            "graceful_ray.candidate": self.refs[CANDIDATE],
+            "graceful_ray.gallery": self.cfg.gallery or ""})
+        return len(cols["request_id"])
 
     def restore_pending(self, cols: dict[str, list] | None, labels: list) -> None:
         """Put back what a failed write detached, so the next flush retries it."""
@@ -365,22 +602,37 @@ class Comparator:
                 log.exception("periodic flush failed; will retry")
 
     async def flush(self, include_open: bool = False) -> dict[str, Any]:
-        """Write completed records and labels to Parquet now."""
+        """Write completed records (predict and search) and labels to Parquet now."""
         self._primitives()
+        core = self._core
         async with self._lock:
-            failed, self._core.failed_cols = self._core.failed_cols, None
-            cols, labels = self._core.take_pending(include_open)
+            failed, core.failed_cols = core.failed_cols, None
+            cols, labels = core.take_pending(include_open)
             if failed is not None:
                 cols = failed if cols is None else {k: failed[k] + cols[k] for k in cols}
+            sfailed, core.failed_search_cols = core.failed_search_cols, None
+            scols = core.take_pending_searches(include_open)
+            if sfailed is not None:
+                scols = sfailed if scols is None else {k: sfailed[k] + scols[k] for k in scols}
             try:
-                n = await asyncio.to_thread(self._core.write, cols, labels)
+                n = await asyncio.to_thread(core.write, cols, labels)
             except Exception as e:
-                self._core.restore_pending(cols, labels)
+                core.restore_pending(cols, labels)
+                core.failed_search_cols = scols
                 log.error("could not write the comparison log (%s); records are kept in "
                           "memory and retried", e)
                 return {"status": 503, "detail": f"cannot write the comparison log: {e}"}
-            self._core.written += n
-            return {"status": 200, "written": n, "records_written": self._core.written}
+            core.written += n
+            try:
+                ns = await asyncio.to_thread(core.write_searches, scols)
+            except Exception as e:
+                core.failed_search_cols = scols
+                log.error("could not write the search log (%s); search records are kept in "
+                          "memory and retried", e)
+                return {"status": 503, "detail": f"cannot write the search log: {e}"}
+            core.searches_written += ns
+            return {"status": 200, "written": n, "records_written": core.written,
+                    "searches_written": ns, "search_records_written": core.searches_written}
 
     # ----------------------------------------------------------------- API
     async def ingest(self, events: list[tuple]) -> dict[str, Any]:
@@ -388,7 +640,8 @@ class Comparator:
         self._core.ingest(events)
         async with self._arrived:
             self._arrived.notify_all()
-        if len(self._core.pending) >= self._cfg.flush_records and not self._lock.locked():
+        if len(self._core.pending) + len(self._core.pending_searches) >= self._cfg.flush_records \
+                and not self._lock.locked():
             asyncio.get_running_loop().create_task(self.flush())
         return self._core.routing()
 
@@ -407,7 +660,7 @@ class Comparator:
         core = self._core
 
         def settled() -> bool:
-            return all(rid in core.index and rid not in core.open for rid, _ in items)
+            return all(core.settled(rid) for rid, _ in items)
 
         if not settled() and self._cfg.feedback_grace_s > 0:
             try:

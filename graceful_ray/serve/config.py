@@ -31,6 +31,9 @@ ROLES = (BASELINE, CANDIDATE)
 
 DEFAULT_TOKEN_ENV = "GRACEFUL_RAY_ADMIN_TOKEN"
 
+#: The largest ``max_search_k`` a deployment may allow (the searcher's own limit).
+MAX_SEARCH_K = 10_000
+
 
 def other(role: str) -> str:
     """The other role: the shadow of a primary and vice versa."""
@@ -183,6 +186,11 @@ class ShadowConfig:
     app_name: str = "shadow"
     route_prefix: str = "/"
     dashboard_refresh_s: float = 2.0
+    gallery: str | None = None           # gallery URI (`graceful-ray gallery build`): enables
+                                         # POST /v1/search; None: the route answers 404
+    search_k: int = 10                   # results per query when a search does not give k
+    max_search_k: int = 100              # the largest k a caller may ask for
+    gallery_poll_s: float = 2.0          # how often searchers look for a new snapshot
 
     def __post_init__(self) -> None:
         self.validate()
@@ -220,6 +228,20 @@ class ShadowConfig:
                 or not 0 <= self.background_nice <= 19:
             raise ConfigError(f"background_nice must be an integer in [0, 19], got "
                               f"{self.background_nice!r}")
+        if self.gallery is not None and (not isinstance(self.gallery, str)
+                                         or not self.gallery.strip()):
+            raise ConfigError(f"gallery must be a gallery path or URI (built with `graceful-ray "
+                              f"gallery build`), or None; got {self.gallery!r}")
+        for name in ("search_k", "max_search_k"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SEARCH_K:
+                raise ConfigError(f"{name} must be an integer in [1, {MAX_SEARCH_K}], got {v!r}")
+        if self.search_k > self.max_search_k:
+            raise ConfigError(f"search_k ({self.search_k}) must not exceed max_search_k "
+                              f"({self.max_search_k})")
+        if isinstance(self.gallery_poll_s, bool) \
+                or not isinstance(self.gallery_poll_s, (int, float)) or not self.gallery_poll_s > 0:
+            raise ConfigError(f"gallery_poll_s must be > 0 seconds, got {self.gallery_poll_s!r}")
         if not isinstance(self.feedback_grace_s, (int, float)) or self.feedback_grace_s < 0:
             raise ConfigError(f"feedback_grace_s must be >= 0, got {self.feedback_grace_s!r}")
         self.gates.validate()

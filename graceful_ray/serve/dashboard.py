@@ -93,6 +93,29 @@ _PAGE = """<!doctype html>
  <td data-field="models.candidate.shadow_errors.rate.value" data-fmt="rate">-</td></tr>
 </tbody></table>
 
+<h2>Search <span class="muted">(POST /v1/search; gallery
+ <code data-field="retrieval.gallery" data-fmt="text">-</code>)</span></h2>
+<table><thead><tr><th></th><th>baseline</th><th>candidate</th></tr></thead><tbody>
+<tr><td>searches / compared / labelled pairs</td><td colspan="2">
+ <span data-field="retrieval.searches" data-fmt="int">-</span> /
+ <span data-field="retrieval.compared" data-fmt="int">-</span> /
+ <span data-field="retrieval.labelled_pairs" data-fmt="int">-</span></td></tr>
+<tr><td>mean top-k overlap</td><td colspan="2">
+ <span data-field="retrieval.mean_topk_overlap" data-fmt="rate">-</span></td></tr>
+<tr><td>top-1 hit rate (labelled pairs)</td>
+ <td data-field="retrieval.models.baseline.hit_top1.value" data-fmt="rate">-</td>
+ <td data-field="retrieval.models.candidate.hit_top1.value" data-fmt="rate">-</td></tr>
+<tr><td>top-k hit rate (labelled pairs)</td>
+ <td data-field="retrieval.models.baseline.hit_topk.value" data-fmt="rate">-</td>
+ <td data-field="retrieval.models.candidate.hit_topk.value" data-fmt="rate">-</td></tr>
+<tr><td>shadow searches skipped (may not search)</td>
+ <td data-field="retrieval.models.baseline.skipped.count" data-fmt="int">-</td>
+ <td data-field="retrieval.models.candidate.skipped.count" data-fmt="int">-</td></tr>
+<tr><td>shadow search errors</td>
+ <td data-field="retrieval.models.baseline.shadow_errors.count" data-fmt="int">-</td>
+ <td data-field="retrieval.models.candidate.shadow_errors.count" data-fmt="int">-</td></tr>
+</tbody></table>
+
 <h2>Flips per true class</h2>
 <table id="per-class"><thead><tr><th>class</th><th>labelled pairs</th>
 <th>negative flips</th><th>NFR upper bound</th><th>positive flips</th></tr></thead>

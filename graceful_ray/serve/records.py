@@ -3,7 +3,9 @@
 Layout under ``storage`` (local, ``s3://``, ``gs://``)::
 
     records/part-<ms>-<seq>.parquet   one row per served input (see RECORD_SCHEMA)
-    labels/part-<ms>-<seq>.parquet    every feedback label (request_id, label, time)
+    searches/part-<ms>-<seq>.parquet  one row per searched input (see search_schema)
+    labels/part-<ms>-<seq>.parquet    every feedback label (request_id, label, time),
+                                      for predict and search request ids alike
     state.json                        which model is primary, fraction, gates, history
 
 A record's ``label`` column holds the label if it was known when the record was
@@ -29,6 +31,7 @@ from graceful_ray.storage import Location, resolve
 log = logging.getLogger(__name__)
 
 RECORDS_DIR = "records"
+SEARCHES_DIR = "searches"
 LABELS_DIR = "labels"
 STATE_FILE = "state.json"
 
@@ -60,6 +63,34 @@ def record_schema(with_features: bool) -> pa.Schema:
     return pa.schema(RECORD_FIELDS + ([FEATURES_FIELD] if with_features else []))
 
 
+def search_schema(id_type: pa.DataType, with_features: bool) -> pa.Schema:
+    """One row per searched input: both models' top-k (ids, cosine scores, the hits'
+    gallery labels), their overlap, and the query's label when known at write time."""
+    fields = [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("time", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("epoch", pa.int32(), nullable=False),
+        pa.field("primary", pa.string(), nullable=False),
+        pa.field("primary_ref", pa.string(), nullable=False),
+        pa.field("shadow_ref", pa.string()),
+        pa.field("shadowed", pa.bool_(), nullable=False),
+        pa.field("k", pa.int32(), nullable=False),
+        pa.field("snapshot", pa.int64()),                     # the primary's gallery snapshot
+    ]
+    for role in ("baseline", "candidate"):
+        fields += [pa.field(f"{role}_ids", pa.list_(id_type)),
+                   pa.field(f"{role}_scores", pa.list_(pa.float32())),
+                   pa.field(f"{role}_hit_labels", pa.list_(pa.int64())),
+                   pa.field(f"{role}_ms", pa.float32())]
+    fields += [
+        pa.field("overlap", pa.float32()),                    # |top-k both| / k; null unpaired
+        pa.field("shadow_error", pa.string()),
+        pa.field("shadow_skipped", pa.string()),              # why the shadow did not search
+        pa.field("label", pa.int64()),
+    ]
+    return pa.schema(fields + ([FEATURES_FIELD] if with_features else []))
+
+
 class RecordLog:
     """Writes and reads one comparison log."""
 
@@ -81,6 +112,22 @@ class RecordLog:
             {k.encode(): v.encode() for k, v in metadata.items()})
         table = pa.Table.from_pydict({f.name: rows[f.name] for f in schema}, schema=schema)
         return self._write(RECORDS_DIR, table)
+
+    def write_searches(self, rows: dict[str, list], with_features: bool,
+                       metadata: dict[str, str]) -> str | None:
+        """Write one Parquet file of search records (column lists); returns its URI."""
+        if not rows["request_id"]:
+            return None
+        id_type = pa.int64()
+        for col in ("baseline_ids", "candidate_ids"):
+            first = next((v for v in rows[col] if v), None)
+            if first is not None:
+                id_type = pa.int64() if isinstance(first[0], int) else pa.string()
+                break
+        schema = search_schema(id_type, with_features).with_metadata(
+            {k.encode(): v.encode() for k, v in metadata.items()})
+        table = pa.Table.from_pydict({f.name: rows[f.name] for f in schema}, schema=schema)
+        return self._write(SEARCHES_DIR, table)
 
     def write_labels(self, request_ids: list[str], labels: list[int],
                      times_ms: list[int]) -> str | None:

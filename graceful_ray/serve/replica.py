@@ -18,6 +18,7 @@ from ray import serve
 from graceful_ray.serve.config import Batching
 from graceful_ray.serve.runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
                                        split_rows)
+from graceful_ray.serve.search import SearchAnswer, SearchBackend
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,15 @@ class ModelReplica:
     """One registry version behind ``@serve.batch``."""
 
     def __init__(self, registry_root: str, ref: str, batching: Batching, num_gpus: float = 0.0,
-                 torch_threads: int = 1, nice: int = 0) -> None:
+                 torch_threads: int = 1, nice: int = 0, gallery: str | None = None,
+                 gallery_poll_s: float = 2.0) -> None:
         lower_priority(nice)
         self._runner = ModelRunner(registry_root, ref, device=pick_device(num_gpus),
                                    torch_threads=torch_threads)
+        # With a gallery, this version also answers (shadow) searches; a version the
+        # registry keeps out of the gallery's space answers "refused" (see serve.search).
+        self._search = (SearchBackend(gallery, registry_root, self._runner.ref, gallery_poll_s)
+                        if gallery else None)
         self._batch.set_max_batch_size(batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -51,6 +57,18 @@ class ModelReplica:
         pred = await self._batch((x, with_scores))
         return pred.decisions, pred.scores, (time.perf_counter() - t0) * 1000.0
 
+    async def search(self, x: np.ndarray, k: int) -> SearchAnswer:
+        """Top-``k`` gallery ids and scores for rows ``x``, embedded by this version.
+
+        ``SearchAnswer.refused`` says why when this version may not search the
+        gallery (or none is configured); query errors raise.
+        """
+        t0 = time.perf_counter()
+        if self._search is None:
+            return SearchAnswer(refused="this deployment has no gallery")
+        answer = await self._runner.run_async(self._search.search, self._runner.embed, x, k)
+        return answer.with_ms((time.perf_counter() - t0) * 1000.0)
+
     def describe(self) -> dict:
         return {"ref": self._runner.ref, "classes": self._runner.classes.tolist(),
                 "input_shape": list(self._runner.input_shape)}
@@ -59,3 +77,6 @@ class ModelReplica:
         runner = getattr(self, "_runner", None)
         if runner is not None:
             runner.close()
+        search = getattr(self, "_search", None)
+        if search is not None:
+            search.close()

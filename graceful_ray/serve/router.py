@@ -12,6 +12,12 @@ The task is bounded (a timeout and an in-flight cap) and catches everything, so
 a shadow that is slow, raises, times out or is dead only becomes a counted
 shadow error; the caller sees nothing.
 
+Search (``POST /v1/search``, with a ``gallery`` configured): the same path. The
+primary embeds the inputs and searches the faiss gallery (in this replica when
+the primary runs here), the shadow searches in its own deployment off the
+critical path, and the comparator pairs the two top-k lists; see
+:mod:`graceful_ray.serve.search` for which models may search.
+
 What is recorded: each answered row becomes a record at the comparator,
 identified by the request id returned to the caller. Events are batched here and
 sent every few milliseconds; the comparator's answer carries the routing state
@@ -41,9 +47,11 @@ from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, 
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.metrics import RouterMetrics
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
-from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
+from graceful_ray.serve.search import SearchAnswer, SearchBackend
+from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure, _awaited, classify
 from graceful_ray.serve.schemas import (CutoverRequest, FeedbackRequest, FractionRequest,
-                                        InputError, PredictRequest, parse_inputs)
+                                        InputError, PredictRequest, SearchRequest, check_k,
+                                        parse_inputs)
 
 try:
     import orjson
@@ -102,6 +110,14 @@ class ShadowRouter:
             self._primary_batch.set_max_batch_size(config.primary_batching.max_batch_size)
             self._primary_batch.set_batch_wait_timeout_s(
                 config.primary_batching.batch_wait_timeout_s)
+        # Searches: with the primary in this replica, both versions search from here too
+        # (a cutover switches searches with everything else); otherwise the model
+        # deployments search.
+        self._search: dict[str, SearchBackend] = {}
+        if config.gallery and config.primary_in_ingress:
+            for role in ROLES:
+                self._search[role] = SearchBackend(config.gallery, config.registry, refs[role],
+                                                   config.gallery_poll_s)
         self._primary_role = BASELINE
         self._fraction = float(config.shadow_fraction)
         self._epoch = 0
@@ -194,6 +210,8 @@ class ShadowRouter:
                 log.warning("could not send the last %d events at shutdown", len(self._events))
         for runner in getattr(self, "_runners", {}).values():
             runner.close()
+        for backend in getattr(self, "_search", {}).values():
+            backend.close()
 
     # -------------------------------------------------------------- predict
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
@@ -302,6 +320,118 @@ class ShadowRouter:
             log.warning("shadow %s failed (%s, %d so far): %s", ref, kind, n,
                         str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
 
+    # --------------------------------------------------------------- search
+    async def _run_primary_search(self, role: str, x: np.ndarray, k: int) -> SearchAnswer:
+        if self._runners:
+            t0 = time.perf_counter()
+            runner = self._runners[role]
+            answer = await runner.run_async(self._search[role].search, runner.embed, x, k)
+            return answer.with_ms((time.perf_counter() - t0) * 1000.0)
+        return await self._handles[role].search.remote(x, k)
+
+    @api.post("/v1/search")
+    async def search(self, body: SearchRequest) -> Response:
+        """The primary's top-k gallery ids and scores per input, with request ids for feedback."""
+        await self._ready()
+        if not self._cfg.gallery:
+            self._metrics.bad_request("search")
+            raise HTTPException(404, "search is not enabled: this service was deployed without a "
+                                     "gallery. Redeploy with --gallery PATH (`graceful-ray serve "
+                                     "... --gallery PATH`, or `gallery` in the config), a gallery "
+                                     "built by `graceful-ray gallery build`")
+        try:
+            x, single = parse_inputs(body, self._shape, self._cfg.max_inputs_per_request)
+            k = check_k(body.k, self._cfg.search_k, self._cfg.max_search_k)
+        except InputError as e:
+            self._metrics.bad_request("search")
+            raise HTTPException(e.status, e.message) from None
+        n = len(x)
+        ids = [uuid.uuid4().hex for _ in range(n)]
+        primary, epoch, fraction = self._primary_role, self._epoch, self._fraction
+        ref = self._refs[primary]
+        gate: asyncio.Future | None = None
+        shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
+        if shadowed:
+            gate = asyncio.get_running_loop().create_future()
+            self._spawn(self._shadow_search(other(primary), x, k, ids, gate))
+        now_ms = int(time.time() * 1000)
+        try:
+            answer = await self._run_primary_search(primary, x, k)
+        except Exception as e:  # noqa: BLE001 - answer and keep serving
+            if gate is not None:
+                gate.cancel()
+            from graceful_ray.retrieval.errors import QueryError
+
+            if isinstance(e, QueryError):
+                self._metrics.bad_request("search")
+                raise HTTPException(422, f"the primary {ref} produced no usable query embedding "
+                                         f"for this input: {e}") from None
+            log.exception("primary search with %s failed", ref)
+            raise HTTPException(503, f"the primary model {ref} failed to search: "
+                                     f"{type(e).__name__}: {e}") from None
+        if answer.refused is not None:
+            if gate is not None:
+                gate.cancel()
+            raise HTTPException(409, f"the primary {ref} may not search the gallery "
+                                     f"{self._cfg.gallery}: {answer.refused}. Roll back "
+                                     "(POST /v1/admin/rollback) or move the gallery into its "
+                                     "embedding space (`graceful-ray gallery backfill`)")
+        self._events.append(("q", ids, now_ms, epoch, primary, answer.k, answer.ids,
+                             answer.scores, answer.labels, answer.snapshot, answer.ms, shadowed,
+                             x if self._cfg.log_inputs else None))
+        if gate is not None:
+            gate.set_result(None)
+        self._metrics.answered(ref, "search-primary", n, answer.ms)
+        results = [{"request_id": ids[i], "ids": answer.ids[i].tolist(),
+                    "scores": answer.scores[i]} for i in range(n)]
+        out: dict[str, Any] = {"model": ref, "k": answer.k, "snapshot": answer.snapshot,
+                               "results": results}
+        if single:
+            out.update(results[0])
+        return _json(out)
+
+    async def _shadow_search(self, role: str, x: np.ndarray, k: int, ids: list[str],
+                             gate: asyncio.Future) -> None:
+        """The shadow's search of the same rows: bounded in time and in flight, never raises.
+
+        A shadow the registry keeps out of the gallery's space answers at once with
+        its reason: the record says "skipped", which is not a shadow error."""
+        n, ref = len(x), self._refs[role]
+        answer, error = None, None
+        if self._inflight_rows + n > self._cfg.max_shadow_inflight:
+            error = "overloaded"
+        else:
+            self._inflight_rows += n
+            response = None
+            try:
+                response = self._handles[role].search.remote(x, k)
+                answer = await asyncio.wait_for(_awaited(response), self._cfg.shadow_timeout_s)
+            except asyncio.TimeoutError:
+                if response is not None:
+                    response.cancel()
+                error = "timeout"
+                self._log_shadow_failure(ref, "search-timeout", ShadowFailure("timeout"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any shadow failure is only counted
+                error = classify(e)
+                self._log_shadow_failure(ref, f"search-{error}", e)
+            finally:
+                self._inflight_rows -= n
+        skipped = answer.refused if answer is not None else None
+        if error is not None:
+            self._metrics.shadow_error(ref, f"search-{error}", n)
+        elif skipped is None:
+            self._metrics.answered(ref, "search-shadow", n, answer.ms)
+        try:
+            await gate  # the primary's event must be buffered before ours
+        except asyncio.CancelledError:
+            return  # the primary did not answer: nothing to record
+        ok = answer is not None and skipped is None
+        self._events.append(("r", ids, role, answer.ids if ok else None,
+                             answer.scores if ok else None, answer.labels if ok else None,
+                             answer.ms if ok else None, error, skipped))
+
     # ------------------------------------------------------------- feedback
     @api.post("/v1/feedback")
     async def feedback(self, body: FeedbackRequest) -> Response:
@@ -357,7 +487,9 @@ class ShadowRouter:
                       "primary": self._refs[self._primary_role],
                       "shadow": self._refs[other(self._primary_role)],
                       "shadow_fraction": self._fraction, "epoch": self._epoch,
-                      "primary_in_ingress": bool(self._runners)})
+                      "primary_in_ingress": bool(self._runners),
+                      "gallery": self._cfg.gallery,
+                      "search": {role: b.status() for role, b in self._search.items()}})
 
     # ---------------------------------------------------------------- admin
     def _authorize(self, request: Request) -> None:

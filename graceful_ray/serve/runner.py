@@ -71,6 +71,20 @@ class ModelRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self.predict, x, with_scores)
 
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """The model's embeddings (n, d) float32 for rows ``x``: the query vectors of a search."""
+        import torch
+
+        with torch.inference_mode():
+            x = np.require(x, dtype=np.float32, requirements=["C", "W"])
+            z = self.model.embed(torch.from_numpy(x).to(self.device))
+            return z.float().cpu().numpy()
+
+    async def run_async(self, fn, *args):
+        """``fn(*args)`` on the model's own thread (e.g. embed and search), awaited."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

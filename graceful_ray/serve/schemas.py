@@ -35,6 +35,24 @@ class PredictRequest(BaseModel):
     inputs: list[Any] | None = Field(default=None, description="several samples")
 
 
+class SearchRequest(PredictRequest):
+    """``{"inputs": [[...], ...], "k": 5}`` (or ``"input"`` for one sample): raw inputs,
+    as for predict; the primary embeds them and searches the gallery."""
+
+    k: StrictInt | None = Field(default=None, description="results per input (default: the "
+                                                           "service's search_k)")
+
+
+def check_k(k: int | None, default: int, max_k: int) -> int:
+    """The ``k`` a search uses, or :class:`InputError` when it is out of range."""
+    if k is None:
+        return default
+    if not 1 <= k <= max_k:
+        raise InputError(422, f"k must be between 1 and {max_k} (this service's max_search_k), "
+                              f"got {k}")
+    return k
+
+
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

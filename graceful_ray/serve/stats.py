@@ -171,3 +171,143 @@ def compose_report(stats: ShadowStats, gates: GateConfig, refs: dict[str, str],
         "gates": evaluate(summary, gates),
         **extra,
     }
+
+
+@dataclass
+class SearchModelStats:
+    """What is known about one model's searches."""
+
+    answered: int = 0                      # query rows it returned a top-k for
+    as_shadow: int = 0                     # query rows sent to it as the shadow
+    shadow_errors: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows (may not search)
+    latencies: deque = field(default_factory=deque)
+    hits_top1: int = 0                     # over labelled pairs
+    hits_topk: int = 0
+
+
+class RetrievalStats:
+    """Incremental counts behind the report's ``retrieval`` section (``POST /v1/search``).
+
+    Kept apart from :class:`ShadowStats`, so searches never change predict's
+    agreement, flips or gates. A search *pair* is a query row both models
+    answered; its overlap is ``|top-k(primary) & top-k(shadow)| / k``. With a
+    feedback label (the query's true class), each model *hits at 1* when its
+    first result carries that label in the gallery, and *hits at k* when any of
+    its k results does. Hit rates are over labelled pairs, so both models are
+    judged on the same queries.
+    """
+
+    def __init__(self, latency_window: int = 10_000) -> None:
+        self.searches = 0          # query rows the primary answered
+        self.compared = 0          # ... that the shadow answered too
+        self.overlap_sum = 0.0
+        self.identical = 0         # pairs with the same top-k set
+        self.labelled = 0          # search rows with a true label
+        self.labelled_pairs = 0    # ... and both top-k lists with gallery labels
+        self.unscorable = 0        # labelled pairs whose hits carry no gallery label
+        self.negative_flips = 0    # baseline's top-1 hit, candidate's top-1 miss
+        self.positive_flips = 0
+        self.models = {r: SearchModelStats(latencies=deque(maxlen=latency_window))
+                       for r in ROLES}
+
+    def add_record(self, primary: str, answered: dict[str, bool],
+                   latencies_ms: dict[str, float | None], shadowed: bool,
+                   shadow_error: str | None, skipped: str | None,
+                   overlap: float | None) -> None:
+        """One completed search row: the primary answered; the shadow maybe."""
+        self.searches += 1
+        shadow = CANDIDATE if primary == BASELINE else BASELINE
+        if shadowed:
+            m = self.models[shadow]
+            m.as_shadow += 1
+            if shadow_error is not None:
+                m.shadow_errors[shadow_error] += 1
+            if skipped is not None:
+                m.skipped[skipped] += 1
+        for role in ROLES:
+            if answered.get(role):
+                self.models[role].answered += 1
+                ms = latencies_ms.get(role)
+                if ms is not None:
+                    self.models[role].latencies.append(float(ms))
+        if overlap is not None:
+            self.compared += 1
+            self.overlap_sum += float(overlap)
+            self.identical += int(overlap >= 1.0)
+
+    def add_label(self, hit_labels: dict[str, Any], label: int) -> str | None:
+        """A true label for a completed search row; returns its top-1 retrieval flip.
+
+        ``hit_labels[role]``: the gallery labels of that model's top-k (None if it
+        did not answer). ``"negative"`` (baseline's top-1 hit, candidate's
+        miss), ``"positive"``, ``"none"``; ``"unscorable"`` when the gallery
+        holds no labels; ``None`` when only one model answered.
+        """
+        self.labelled += 1
+        b, c = hit_labels.get(BASELINE), hit_labels.get(CANDIDATE)
+        if b is None or c is None:
+            return None
+        if len(b) == 0 or len(c) == 0 or (all(v is None or v < 0 for v in b)
+                                          and all(v is None or v < 0 for v in c)):
+            self.unscorable += 1
+            return "unscorable"
+        self.labelled_pairs += 1
+        label = int(label)
+        hits = {}
+        for role, row in ((BASELINE, b), (CANDIDATE, c)):
+            top1, topk = row[0] == label, label in list(row)
+            self.models[role].hits_top1 += int(top1)
+            self.models[role].hits_topk += int(topk)
+            hits[role] = top1
+        if hits[BASELINE] and not hits[CANDIDATE]:
+            self.negative_flips += 1
+            return "negative"
+        if hits[CANDIDATE] and not hits[BASELINE]:
+            self.positive_flips += 1
+            return "positive"
+        return "none"
+
+    def latency(self, role: str) -> dict[str, Any]:
+        samples = self.models[role].latencies
+        if not samples:
+            return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
+        a = np.fromiter(samples, dtype=np.float64, count=len(samples))
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return {"n": int(a.size), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+                "mean": float(a.mean())}
+
+    def summary(self, confidence: float = 0.95) -> dict[str, Any]:
+        pairs = self.labelled_pairs
+        models = {}
+        for role in ROLES:
+            m = self.models[role]
+            errors = sum(m.shadow_errors.values())
+            models[role] = {
+                "answered": m.answered,
+                "hit_top1": Rate.of(m.hits_top1, pairs, confidence).to_dict(),
+                "hit_topk": Rate.of(m.hits_topk, pairs, confidence).to_dict(),
+                "latency_ms": self.latency(role),
+                "shadow_searches": m.as_shadow,
+                "shadow_errors": {
+                    "count": errors,
+                    "rate": Rate.of(errors, m.as_shadow, confidence).to_dict(),
+                    "by_kind": {k: int(m.shadow_errors.get(k, 0)) for k in ERROR_KINDS},
+                },
+                "skipped": {"count": sum(m.skipped.values()),
+                            "reasons": [{"reason": r, "count": n}
+                                        for r, n in m.skipped.most_common(5)]},
+            }
+        return {
+            "searches": self.searches,
+            "compared": self.compared,
+            "mean_topk_overlap": (self.overlap_sum / self.compared) if self.compared else None,
+            "identical_topk": Rate.of(self.identical, self.compared, confidence).to_dict(),
+            "labelled": self.labelled,
+            "labelled_pairs": pairs,
+            "unscorable": self.unscorable,
+            "top1_negative_flips": self.negative_flips,
+            "top1_positive_flips": self.positive_flips,
+            "top1_nfr": Rate.of(self.negative_flips, pairs, confidence).to_dict(),
+            "models": models,
+        }
