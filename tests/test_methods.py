@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import (BCT, METHODS, Composite, FocalDistillation, MethodBatch, UpgradeContext,
-                                  UpgradeMethod, bct_influence_loss, build_method, extend_old_head,
+                                  UpgradeMethod, bct_influence_loss, build_method, distillation_distance,
+                                  extend_old_head,
                                   focal_distillation_loss, focal_weights, kl_divergence_loss,
                                   l2_embedding_loss, logit_difference_inhibition_loss, logit_matching_loss,
                                   register_method, valid_hyperparameters)
@@ -87,6 +88,27 @@ def test_logit_matching_by_hand():
     got = logit_matching_loss(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]),
                               torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
     assert got.tolist() == [6.5, 1.0]
+
+
+def test_standardized_logit_matching_by_hand_and_scale_free():
+    new = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    old = torch.tensor([[3.0, 2.0, 1.0]], dtype=torch.float64)
+    z = (new - 2.0) / math.sqrt(2.0 / 3.0)  # population std of (1, 2, 3)
+    expected = 0.5 * ((z - (-z)) ** 2).sum().item()
+    got = distillation_distance(new, old, kind="lm-std")
+    assert got.item() == pytest.approx(expected, rel=1e-5)  # eps in the denominator
+    # shift and positive scale of either side change nothing; raw logit matching does change
+    assert distillation_distance(5 * new + 7, 0.1 * old - 3, kind="lm-std").item() == pytest.approx(expected, rel=1e-4)
+    assert distillation_distance(new, 3 * new - 1, kind="lm-std").item() == pytest.approx(0.0, abs=1e-9)
+    assert logit_matching_loss(new, 3 * new - 1).item() > 1.0
+    # bounded by 2K, so one lambda fits any old model's logit scale
+    assert distillation_distance(1e4 * new, -1e4 * new, kind="lm-std").item() == pytest.approx(2 * 3, rel=1e-5)
+
+
+def test_standardized_logit_matching_needs_two_shared_classes():
+    m = build_method("fd", fd_kind="lm-std")
+    with pytest.raises(ConfigError, match="share only 1"):
+        m.setup(UpgradeContext(num_classes=3, old_classes=[0, 7], new_embedding_dim=4))
 
 
 def test_focal_distillation_loss_by_hand():
@@ -440,13 +462,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_focal_distillation_lowers_negative_flips(one_thread):
+@pytest.mark.parametrize("hp", [{"fd_kind": "lm", "fd_alpha": 1, "fd_beta": 5, "fd_lambda": 1},
+                                {"fd_kind": "lm-std", "fd_alpha": 1, "fd_beta": 5, "fd_lambda": 0.3}],
+                         ids=["lm", "lm-std"])
+def test_focal_distillation_lowers_negative_flips(one_thread, hp):
     """Old MLP on 1500 samples; new MLPs (other seeds) on 2000: plain vs FD-LM (1, 5, 1).
 
     A noisy 10-class problem (5% label noise, overlapping clusters) so both
     models make hundreds of errors on 4000 held-out samples and NFR is measured
     on large counts. Numbers seen (torch 2.13 CPU, mean of 2 seeds): old accuracy
-    0.770; plain NFR 5.67% at accuracy 0.795; FD-LM NFR 2.64% at accuracy 0.780.
+    0.770; plain NFR 5.67% at accuracy 0.795; FD-LM NFR 2.64% at accuracy 0.780;
+    FD on standardized logits (lm-std, lambda 0.3) NFR 2.29% at accuracy 0.795.
     """
     from sklearn.datasets import make_classification
 
@@ -468,7 +494,7 @@ def test_focal_distillation_lowers_negative_flips(one_thread):
                          old_head_bias=old.head.bias.detach(), old_embedding_dim=32, new_embedding_dim=32)
 
     results: dict[str, tuple[float, float]] = {}
-    for spec_name, hp in (("plain", {}), ("fd", {"fd_kind": "lm", "fd_alpha": 1, "fd_beta": 5, "fd_lambda": 1})):
+    for spec_name, hp in (("plain", {}), ("fd", hp)):
         nfr, acc = [], []
         for seed in (1, 2):
             method = build_method(spec_name, **hp)

@@ -17,7 +17,8 @@ from graceful_ray.methods.l2 import L2, l2_embedding_loss
 from graceful_ray.methods.focal_distillation import (FocalDistillation, FocalDistillationKL,
                                                      FocalDistillationLM, KnowledgeDistillation,
                                                      distillation_distance, focal_distillation_loss,
-                                                     focal_weights, kl_divergence_loss, logit_matching_loss)
+                                                     focal_weights, kl_divergence_loss, logit_matching_loss,
+                                                     standardized_logit_matching_loss)
 from graceful_ray.methods.elodi import ELODI, logit_difference_inhibition_loss
 from graceful_ray.methods.lqf import LQF, squared_loss
 
@@ -27,6 +28,6 @@ __all__ = [
     "valid_hyperparameters", "Plain", "BCT", "bct_influence_loss", "extend_old_head", "L2",
     "l2_embedding_loss", "FocalDistillation", "FocalDistillationKL", "FocalDistillationLM",
     "KnowledgeDistillation", "focal_weights", "kl_divergence_loss", "logit_matching_loss",
-    "distillation_distance", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
+    "distillation_distance", "standardized_logit_matching_loss", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
     "LQF", "squared_loss",
 ]

@@ -10,7 +10,7 @@ method            hyperparameters (defaults)
 ``plain``         none
 ``bct``           ``bct_lambda`` (1.0)
 ``l2``            ``l2_lambda`` (1.0)
-``fd``            ``fd_kind`` ("lm"), ``fd_alpha`` (1), ``fd_beta`` (5),
+``fd``            ``fd_kind`` ("lm", or "lm-std", "kl"), ``fd_alpha`` (1), ``fd_beta`` (5),
                   ``fd_lambda`` (1), ``fd_temperature`` (100, kl only)
 ``fd-kl``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``, ``fd_temperature``
 ``fd-lm``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``
