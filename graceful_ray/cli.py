@@ -48,7 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(sub)
+    _root_everywhere(sub)
     return parser
+
+
+def _root_everywhere(subparsers_action) -> None:
+    """``--root`` after any sub-command too (``graceful-ray train --root R``), unless
+    the command has its own (the demo's means the same)."""
+    for p in set(subparsers_action.choices.values()):
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for n in nested:
+                _root_everywhere(n)
+        elif "--root" not in p._option_string_actions:
+            p.add_argument("--root", dest="shared_root", metavar="ROOT", default=argparse.SUPPRESS,
+                           help=ROOT_HELP)
 
 
 ROOT_HELP = ("storage root shared by every stage: a local path, an NFS mount, s3:// or gs://. The registry is "

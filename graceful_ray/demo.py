@@ -23,6 +23,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "mnist1d-classifier"
+# Focal distillation on standardized logits at the weight that lowered NFR on
+# MNIST-1D (benchmarks/results/upgrade_methods.md), plus BCT for the embeddings.
+COMPATIBLE_HPARAMS = {"fd_kind": "lm-std", "fd_alpha": 1, "fd_beta": 5, "fd_lambda": 0.03}
 
 
 def _step(n: int, text: str) -> None:
@@ -127,8 +130,8 @@ def run_demo(args: argparse.Namespace) -> int:
     v2_common = dict(common, model="cnn1d", model_kwargs={"channels": 32}, old=v1, seed=args.seed + 1)
     v2_plain, _ = _train(registry, UpgradeConfig(**v2_common, method="plain", run_name="demo-v2-plain"), "v2 plain")
     v2_compat, _ = _train(registry, UpgradeConfig(**v2_common, method="bct+fd",
-                                                  hparams={"fd_kind": "lm", "fd_alpha": 1, "fd_beta": 5},
-                                                  run_name="demo-v2-bct-fd"), "v2 bct+fd")
+                                                  hparams=COMPATIBLE_HPARAMS,
+                                                  run_name="demo-v2-bct-fdstd"), "v2 bct+fd")
 
     _step(4, "the upgrade report on the test split: flips and cross-model retrieval")
     reports = {}
@@ -164,7 +167,7 @@ def run_demo(args: argparse.Namespace) -> int:
     dashboard = _ray_dashboard_url()
     where["Ray dashboard"] = f"http://{dashboard}" if dashboard else \
         "not running (started without it: --no-dashboard, or joined a cluster without one)"
-    where["registry"] = f"{registry_root} (graceful-ray registry list --root {registry_root})"
+    where["registry"] = f"{registry_root} (graceful-ray registry list --registry {registry_root})"
     for what, at in where.items():
         print(f"    {what + ':':<24}{at}")
     production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
@@ -195,8 +198,9 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, records_from_results
 
     storage = os.path.join(root, "tune")
-    run_name = f"demo-tune-fd-t{args.tune_trials}-e{args.tune_epochs}-s{args.seed}"
-    argv = ["--data", data, "--old", v1, "--method", "fd", "--model", "cnn1d", "--model-arg", "channels=32",
+    run_name = f"demo-tune-fdstd-t{args.tune_trials}-e{args.tune_epochs}-s{args.seed}"
+    argv = ["--data", data, "--old", v1, "--method", "fd", "--hp", "fd_kind=lm-std",
+            "--model", "cnn1d", "--model-arg", "channels=32",
             "--name", MODEL_NAME, "--epochs", str(args.tune_epochs), "--trials", str(args.tune_trials),
             "--max-concurrent", str(args.tune_concurrency), "--seed", str(args.seed),
             "--cpus-per-worker", "1", "--flip-budget", f"{args.flip_budget:g}", "--registry", registry_root,

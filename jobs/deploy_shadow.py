@@ -28,15 +28,18 @@ log = logging.getLogger("deploy_shadow")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from graceful_ray.cli import add_root_argument, apply_root
     from graceful_ray.errors import GracefulRayError
     from graceful_ray.serve.cli import add_serve_arguments, config_from_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)
+    add_root_argument(parser)
     parser.add_argument("--host", default="0.0.0.0", help="Serve HTTP host (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     parser.add_argument("--address", default="auto", help="Ray address (default: this job's)")
     args = parser.parse_args(argv)
+    apply_root(args.shared_root)  # registry and comparison log default to ROOT/registry, ROOT/shadow
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         import ray

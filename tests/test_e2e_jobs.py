@@ -172,7 +172,7 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
     port = cluster["serve_port"]
     jobs.run("deploy-shadow", [
         PY, str(REPO / "jobs" / "deploy_shadow.py"), "--old", f"{NAME}@production", "--new", f"{NAME}@candidate",
-        "--root", registry, "--storage", shadow_log, "--host", "127.0.0.1", "--port", str(port),
+        "--registry", registry, "--storage", shadow_log, "--host", "127.0.0.1", "--port", str(port),
         "--router-cpus", "0.2", "--model-cpus", "0.1", "--shadow-timeout", "30", "--name", "e2e",
         "--gate", "min_labelled=100", "--gate", "max_nfr=1.0", "--gate", "min_agreement=0.0",
         "--gate", "max_latency_ratio=1000", "--gate", "max_error_rate=1.0", "--gate", "min_latency_samples=10"],

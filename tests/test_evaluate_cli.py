@@ -23,6 +23,12 @@ from graceful_ray.registry import Registry
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _keep_root_env(monkeypatch):
+    """`--root` sets $GRACEFUL_RAY_ROOT for the process; undo it after each test."""
+    monkeypatch.setenv("GRACEFUL_RAY_ROOT", os.environ.get("GRACEFUL_RAY_ROOT", str(REPO / ".graceful-ray")))
+
+
 @pytest.fixture(scope="module")
 def published(mnist1d_small, tmp_path_factory):
     """``ROOT/registry`` with m@v1 -> m@v2 -> m@v3 (one space) and a model of another embedding dim."""
@@ -99,3 +105,27 @@ def test_evaluate_job_takes_the_shared_root(published, capsys):
     with pytest.raises(SystemExit):  # the job's own parser refuses unknown options before running
         job.main(["--data", published["data"], "--bogus"])
     capsys.readouterr()
+
+
+def test_root_after_the_sub_command_and_for_the_serve_defaults(published, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from graceful_ray.cli import add_root_argument, apply_root
+    from graceful_ray.serve.cli import add_serve_arguments, config_from_args
+
+    root = published["root"]
+    assert main(["evaluate", "--data", published["data"], "--generations", "m@v1", "m@v2", "--root", root,
+                 "--run-name", "after"]) == 0
+    assert (Path(root) / "reports" / "after" / "generations.json").exists()
+    assert main(["registry", "list", "--root", root]) == 0
+    assert "m" in capsys.readouterr().out
+
+    # jobs/deploy_shadow.py: --root puts the registry and the comparison log under it
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    add_root_argument(parser)
+    args = parser.parse_args(["--old", "m@v1", "--new", "m@v2", "--root", str(tmp_path)])
+    apply_root(args.shared_root)
+    config = config_from_args(args)
+    assert config.registry == str(tmp_path / "registry")
+    assert config.storage.startswith(str(tmp_path / "shadow"))

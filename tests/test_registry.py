@@ -469,7 +469,7 @@ def test_cli_list_show_alias(tmp_path, monkeypatch, capsys):
     reg.publish("toy", tiny(0), spec=SPEC, classes=CLASSES)
     reg.publish("toy", tiny(1), spec=SPEC, classes=CLASSES, method="bct")
 
-    assert cli_main(["registry", "list", "--root", root]) == 0
+    assert cli_main(["registry", "list", "--registry", root]) == 0
     out = capsys.readouterr().out
     assert "toy" in out and "v1, v2" in out
 
@@ -480,7 +480,7 @@ def test_cli_list_show_alias(tmp_path, monkeypatch, capsys):
 
     assert cli_main(["registry", "alias", "toy", "production", "1"]) == 0
     assert "toy@production -> v1 (new alias)" in capsys.readouterr().out
-    assert cli_main(["registry", "alias", "toy", "production", "latest", "--root", root]) == 0
+    assert cli_main(["registry", "alias", "toy", "production", "latest", "--registry", root]) == 0
     assert "-> v2 (was v1)" in capsys.readouterr().out
     assert Registry(root).get("toy@production").version == 2
 
@@ -491,8 +491,8 @@ def test_cli_list_show_alias(tmp_path, monkeypatch, capsys):
 def test_cli_on_s3(s3_root, capsys):
     root = f"{s3_root}/reg"
     Registry(root).publish("toy", tiny(), spec=SPEC, classes=CLASSES)
-    assert cli_main(["registry", "alias", "toy", "production", "v1", "--root", root]) == 0
-    assert cli_main(["registry", "list", "--root", root]) == 0
+    assert cli_main(["registry", "alias", "toy", "production", "v1", "--registry", root]) == 0
+    assert cli_main(["registry", "list", "--registry", root]) == 0
     assert "production->v1" in capsys.readouterr().out
 
 

@@ -549,7 +549,7 @@ def test_records_are_all_in_parquet_after_shutdown_and_replay_agrees(service, re
     from graceful_ray.cli import main as cli_main
 
     out = os.path.join(os.path.dirname(storage), "replay.json")
-    assert cli_main(["shadow", "replay", "--log", storage, "--root", registry.uri,
+    assert cli_main(["shadow", "replay", "--log", storage, "--registry", registry.uri,
                      "--gate", "min_labelled=100000", "--out", out]) == 0
     with open(out) as f:
         from_cli = json.load(f)

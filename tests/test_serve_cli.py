@@ -50,7 +50,7 @@ def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
     port = _free_port()
     env = {**os.environ, "GRACEFUL_RAY_ADMIN_TOKEN": "cli-token", "RAY_SERVE_LOG_TO_STDERR": "0"}
     cmd = [sys.executable, "-m", "graceful_ray.cli", "serve", "--old", "digits@production",
-           "--new", "digits@candidate", "--root", root, "--storage", storage,
+           "--new", "digits@candidate", "--registry", root, "--storage", storage,
            "--shadow-fraction", "0.5", "--port", str(port), "--address", ray.get_runtime_context().gcs_address,
            "--router-cpus", "0.2", "--model-cpus", "0.1", "--gate", "min_labelled=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -353,7 +353,7 @@ def test_cli_and_job_flags_set_the_gallery(tmp_path):
 
     p = argparse.ArgumentParser()
     add_serve_arguments(p)  # the options of `graceful-ray serve` and jobs/deploy_shadow.py
-    base = ["--old", "m@v1", "--new", "m@v2", "--root", str(tmp_path / "reg")]
+    base = ["--old", "m@v1", "--new", "m@v2", "--registry", str(tmp_path / "reg")]
     cfg = config_from_args(p.parse_args(base + ["--gallery", "s3://b/g", "--search-k", "20"]))
     assert (cfg.gallery, cfg.search_k, cfg.max_search_k) == ("s3://b/g", 20, 100)
     assert config_from_args(p.parse_args(base)).gallery is None

@@ -278,7 +278,7 @@ def test_cli_builds_config_from_flags_and_file(tmp_path):
     add_serve_arguments(parser)
     file = tmp_path / "c.yaml"
     file.write_text(yaml.safe_dump({"shadow_fraction": 0.3, "gates": {"max_nfr": 0.1}}))
-    args = parser.parse_args(["--old", "m@production", "--new", "m@candidate", "--root", "R",
+    args = parser.parse_args(["--old", "m@production", "--new", "m@candidate", "--registry", "R",
                               "--config", str(file), "--gate", "min_labelled=12",
                               "--model-cpus", "0.2", "--router-replicas", "2"])
     c = config_from_args(args)

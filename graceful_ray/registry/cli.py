@@ -20,7 +20,7 @@ def default_root() -> str:
 def _registry(args: argparse.Namespace):
     from graceful_ray.registry.store import Registry
 
-    return Registry(args.root or default_root())
+    return Registry(args.registry or default_root())
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -63,17 +63,17 @@ def add_parser(subparsers) -> None:
     root_help = "registry root (local path, s3:// or gs:// URI)"
 
     p = sub.add_parser("list", help="models with their versions and aliases")
-    p.add_argument("--root", default=None, help=root_help)
+    p.add_argument("--registry", default=None, help=root_help)
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("show", help="print a version's manifest as JSON")
     p.add_argument("ref", metavar="REF", help="name, name@latest, name@v3, name@3 or name@alias")
-    p.add_argument("--root", default=None, help=root_help)
+    p.add_argument("--registry", default=None, help=root_help)
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("alias", help="point an alias (e.g. production) at a version")
     p.add_argument("name", metavar="NAME")
     p.add_argument("alias", metavar="ALIAS")
     p.add_argument("version", metavar="VERSION", help="3, v3, latest or another alias")
-    p.add_argument("--root", default=None, help=root_help)
+    p.add_argument("--registry", default=None, help=root_help)
     p.set_defaults(func=_cmd_alias)

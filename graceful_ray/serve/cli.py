@@ -20,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "./.graceful-ray/shadow"
+DEFAULT_STORAGE = "$GRACEFUL_RAY_ROOT/shadow"
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
@@ -71,7 +71,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by ``graceful-ray serve`` and ``jobs/deploy_shadow.py``."""
     p.add_argument("--old", help="baseline (current production) reference, e.g. digits@production")
     p.add_argument("--new", help="candidate reference, e.g. digits@candidate")
-    p.add_argument("--root", "--registry", dest="root", default=None,
+    p.add_argument("--registry", default=None,
                    help="registry root (default $GRACEFUL_RAY_ROOT/registry)")
     p.add_argument("--storage", default=None,
                    help=f"where the comparison log goes (local path or s3://...; default "
@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace):
 
     set_if("baseline", args.old)
     set_if("candidate", args.new)
-    set_if("registry", args.root)
+    set_if("registry", args.registry)
     data.setdefault("registry", default_root())
     set_if("storage", args.storage)
     set_if("shadow_fraction", args.shadow_fraction)
@@ -142,7 +142,9 @@ def config_from_args(args: argparse.Namespace):
                               "reference) or set it in --config")
     if "storage" not in data:
         safe = lambda r: r.replace("@", "-").replace("/", "-")  # noqa: E731
-        data["storage"] = os.path.join(DEFAULT_STORAGE,
+        from graceful_ray.train.config import default_root as project_root
+
+        data["storage"] = os.path.join(project_root(), "shadow",
                                        f"{safe(data['baseline'])}__{safe(data['candidate'])}")
     gates = {**(data.get("gates") or {}), **_parse_gates(args.gate)}
     if gates:
@@ -207,7 +209,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from graceful_ray.serve.replay import replay
 
     gates = _parse_gates(args.gate)  # on top of the gates the service used
-    report = replay(args.log, args.root or default_root(), candidate=args.candidate,
+    report = replay(args.log, args.registry or default_root(), candidate=args.candidate,
                     baseline=args.baseline, gates=gates)
     text = json.dumps(report, indent=2)
     if args.out:
@@ -249,7 +251,7 @@ def add_parser(subparsers) -> None:
                                    "candidate offline and print the same report as "
                                    "GET /v1/shadow/report.")
     r.add_argument("--log", required=True, help="the service's storage path")
-    r.add_argument("--root", "--registry", dest="root", default=None, help="registry root")
+    r.add_argument("--registry", default=None, help="registry root (default $GRACEFUL_RAY_ROOT/registry)")
     r.add_argument("--candidate", help="candidate reference (default: the log's candidate)")
     r.add_argument("--baseline", help="baseline reference (default: the log's baseline)")
     r.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
