@@ -45,8 +45,17 @@ def _quiet_logging() -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:  # pragma: no cover - optuna is a dependency
         pass
+    # Ray Data configures its own loggers (from RAY_DATA_LOG_LEVEL) when it is
+    # first used, which would undo a level set here; set the variable and re-apply.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     import ray
 
+    try:
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()
+    except ImportError:  # pragma: no cover - a Ray without this private module
+        pass
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
@@ -97,6 +106,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from graceful_ray.train.config import UpgradeConfig
 
     started = time.perf_counter()
+    if not args.ray_output:
+        _quiet_logging()
     root = os.path.abspath(args.root or os.environ.get("GRACEFUL_RAY_ROOT", ".graceful-ray"))
     data = os.path.join(root, "data", f"mnist1d-{args.samples}-s{args.seed}")
     registry_root = os.path.join(root, "registry")
@@ -112,8 +123,6 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    if not args.ray_output:
-        _quiet_logging()
     ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")

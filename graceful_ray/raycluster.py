@@ -30,11 +30,17 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=not quiet)
+        ray.init(address=address, log_to_driver=not quiet, **_quiet_init(quiet))
     else:
         # Twice the cores as logical CPUs: Train workers with fractional CPUs
         # must leave room for Ray Data's read tasks or ingest starves.
         cpus = num_cpus or 2 * (os.cpu_count() or 1)
         logger.info("starting a local Ray with %d logical CPUs", cpus)
         ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard, log_to_driver=not quiet,
-                 **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}))
+                 **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}), **_quiet_init(quiet))
+
+
+def _quiet_init(quiet: bool) -> dict:
+    """``ray.init`` options that keep Ray's own driver messages (start-up banner,
+    token-auth notice) to errors; Ray sets its logger's level at init."""
+    return {"logging_level": logging.ERROR} if quiet else {}

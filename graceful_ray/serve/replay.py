@@ -103,7 +103,7 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
     ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs,
                                columns=_COLUMNS)
     ds = ds.map_batches(_ReplayPredictor, fn_constructor_args=(registry, candidate, baseline),
-                        batch_size=batch_size, batch_format="numpy", concurrency=1,
+                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                         num_cpus=num_cpus)
     stats = ShadowStats(latency_window=10_000_000)
     recomputed = 0

@@ -132,7 +132,8 @@ def compute_old_outputs(data_root: str, split: str, *, registry_root: str, old_r
         _OldModelPredictor,
         fn_constructor_kwargs=dict(registry_root=registry_root, old_ref=f"{manifest.name}@v{manifest.version}",
                                    feature_shape=list(info.feature_shape)),
-        batch_size=batch_size, batch_format="pyarrow", concurrency=1, num_cpus=num_cpus,
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=num_cpus,
     )
     ds.write_parquet(out_dir.path, filesystem=out_dir.fs)
     written = sorted(f.path for f in out_dir.list() if f.path.endswith(".parquet"))
