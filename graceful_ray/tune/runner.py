@@ -17,9 +17,11 @@ What a finished search leaves in its run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,13 +89,34 @@ def start_search(settings: SearchSettings, *, callbacks: list | None = None):
     loc.makedirs()
     settings.save()
     logger.info("search %s: %d trials over %s", settings.run_name, settings.trials, "; ".join(space.describe()))
-    return build_tuner(settings, callbacks=callbacks).fit()
+    with _console(settings.verbose):
+        return build_tuner(settings, callbacks=callbacks).fit()
 
 
 def resume_search(settings: SearchSettings):
     """Continue an interrupted search: finished trials kept, the rest run."""
     logger.info("resuming search %s from %s", settings.run_name, settings.run_dir.uri)
-    return restore_tuner(settings).fit()
+    with _console(settings.verbose):
+        return restore_tuner(settings).fit()
+
+
+@contextlib.contextmanager
+def _console(verbose: int):
+    """``verbose=0`` silences Tune's console entirely: its default (new) output
+    prints the experiment header and paths even at verbosity 0; the classic
+    reporter honours it. Scoped to this fit: the variable is read per run."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 
