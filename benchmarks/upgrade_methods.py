@@ -35,6 +35,12 @@ METHODS = {
     # at this scale (see results); a lighter weight is the point the Tune search finds.
     "fd-lm-0.1": ("fd", {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 0.1}),
     "fd-lm-0.01": ("fd", {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 0.01}),
+    # Logit matching on standardized logits (fd_kind="lm-std", see methods/focal_distillation.py):
+    # the shape of the old model's class preferences without its scale. kd-lm-std gives every
+    # sample the weight fd gives on average (1 + 5 * old accuracy ~ 5.6), so the two rows differ
+    # only in where the weight goes.
+    "fd-lm-std": ("fd", {"fd_kind": "lm-std", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 0.03}),
+    "kd-lm-std": ("kd", {"kd_kind": "lm-std", "kd_lambda": 0.17}),
 }
 SCENARIOS = {
     "same-arch": ({"channels": 32}, {"channels": 32}),
