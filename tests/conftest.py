@@ -13,6 +13,19 @@ import uuid
 
 import pytest
 
+# Ray Data's V1 Parquet reader for the whole session, set before any Ray
+# process starts so the session's Ray, the multi-node clusters, Tune trials and
+# Ray jobs all inherit it. The V2 reader (Ray 2.60's default) starts a pool of
+# up to 32 footer-reading actors for every read_parquet, even of one small
+# file: 5-15 s per read on this 2-core machine against 0.2-1 s for V1, and
+# every training run reads two splits. It changes how fast the data is read,
+# not what the tests check; test_data.py (a split) and test_train.py (the
+# cached old outputs) still read through the V2 reader (``ray_data_v2_reader``).
+# (Ray Train's RAY_TRAIN_* knobs are left alone on purpose: Train copies them
+# into its workers' runtime_env, and workers with a runtime_env of their own
+# can no longer take Ray's pre-started worker processes.)
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -113,6 +126,19 @@ def ray_module(_ray_for_session):
     if not ray.is_initialized():
         _start_local_ray()
     return ray
+
+
+@pytest.fixture
+def ray_data_v2_reader():
+    """Ray Data's default (V2) Parquet reader in this process for the test, as a
+    user's Ray 2.60 has it (the session uses V1, see the top of this file)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = True
+    yield
+    ctx.use_datasource_v2 = saved
 
 
 @pytest.fixture(scope="module")

@@ -355,7 +355,7 @@ def test_cli_make_and_check(tmp_path, capsys):
     assert "dataset.json is missing" in capsys.readouterr().err
 
 
-def test_ray_dataset_counts_rows(ray_session, mnist_dir):
+def test_ray_dataset_counts_rows(ray_session, mnist_dir, ray_data_v2_reader):
     info = read_info(mnist_dir)
     table = read_split(mnist_dir, "train")
     ref_ids, ref_X, _ = to_numpy(table, info)
