@@ -50,9 +50,11 @@ def test_first_version_published_with_manifest(v1, workspace):
 
 
 def test_compatible_method_shares_space_and_cache_feeds_flips(v1, workspace):
+    # Local mode (workers=0): this is about the methods, the manifest and the cache; the
+    # cached outputs through a Ray Train worker group are the worker-kill test's run.
     reg = Registry(workspace["registry"])
-    bct = run_upgrade(_cfg(workspace, old=v1.model_ref, method="bct", seed=1, run_name="bct"))
-    fd = run_upgrade(_cfg(workspace, old=v1.model_ref, method="fd", seed=1, run_name="fd"))
+    bct = run_upgrade(_cfg(workspace, old=v1.model_ref, method="bct", seed=1, workers=0, run_name="bct"))
+    fd = run_upgrade(_cfg(workspace, old=v1.model_ref, method="fd", seed=1, workers=0, run_name="fd"))
     mb, mf, m1 = reg.get(bct.model_ref), reg.get(fd.model_ref), reg.get(v1.model_ref)
     assert mb.parent == m1.ref and mf.parent == m1.ref
     assert mb.embedding_space == m1.embedding_space  # BCT: compatible, same space
@@ -86,6 +88,35 @@ def test_old_output_cache_is_reused_and_correct(v1, workspace, caplog):
     np.testing.assert_array_equal(table.column("old_correct").to_numpy()[order], (expected == y[np.argsort(ids)]))
 
 
+def test_cached_outputs_reach_the_loop_through_ray_datas_default_reader(v1, workspace, ray_data_v2_reader):
+    """The old-output cache as a worker reads it, through Ray Data's default (V2) Parquet reader."""
+    from graceful_ray.data import read_info
+    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.train.loop import materialize
+    from graceful_ray.train.trainer import _read_split
+
+    info = read_info(workspace["data"])
+    cached = compute_old_outputs(workspace["data"], "val", registry_root=workspace["registry"], old_ref=v1.model_ref)
+    ds = _read_split(_cfg(workspace, old=v1.model_ref, method="fd"), info, "val", cached)
+    got = materialize(ds, tuple(info.feature_shape), {c: c for c in range(10)}, with_old=True)
+    table = cached.read()
+    n = table.num_rows
+    want = {
+        "x": inputs_from_arrow(table, tuple(info.feature_shape)),
+        "label": table.column("label").to_numpy(),
+        "old_logits": table.column("old_logits").combine_chunks().flatten().to_numpy().reshape(n, -1),
+        "old_embedding": table.column("old_embedding").combine_chunks().flatten().to_numpy().reshape(n, -1),
+        "old_correct": table.column("old_correct").to_numpy(zero_copy_only=False),
+    }
+    assert len(got["label"]) == n == info.splits["val"].rows
+    # Ray Data may deliver blocks in any order: match rows by their inputs (distinct in MNIST-1D)
+    row_of = {want["x"][i].tobytes(): i for i in range(n)}
+    rows = [row_of[x.tobytes()] for x in got["x"].numpy()]
+    assert sorted(rows) == list(range(n))
+    for key in ("label", "old_logits", "old_embedding", "old_correct"):
+        np.testing.assert_array_equal(got[key].numpy(), want[key][rows], err_msg=key)
+
+
 def test_cache_key_changes_with_old_weights_and_dataset(v1, workspace, tmp_path):
     reg = Registry(workspace["registry"])
     m1 = reg.get(v1.model_ref)
@@ -102,7 +133,7 @@ def test_cache_key_changes_with_old_weights_and_dataset(v1, workspace, tmp_path)
 
 def test_augmented_inputs_use_online_teacher(v1, workspace):
     r = run_upgrade(_cfg(workspace, old=v1.model_ref, method="fd", seed=2, augment_noise=0.05,
-                         augment_shift=2, run_name="fd-aug", publish=False))
+                         augment_shift=2, workers=0, run_name="fd-aug", publish=False))
     assert r.workers["teacher"] == "online"
     assert r.metrics["loss_fd"] > 0 and "val_nfr" in r.metrics
 
