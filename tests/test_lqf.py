@@ -588,7 +588,8 @@ def test_lqf_runs_on_ray_train_and_publishes_the_linearized_model(ray_module, mn
     registry, storage = str(tmp_path / "registry"), str(tmp_path / "runs")
     base = dict(data=mnist1d_small, registry=registry, storage=storage, model="cnn1d",
                 model_kwargs={"channels": 8, "activation": "leaky_relu"}, batch_size=128, cpus_per_worker=1.0)
-    v1 = run_upgrade(UpgradeConfig(**base, train_split="old_train", epochs=3, run_name="lqf-v1"))
+    # the parent: Ray Train's local mode (workers=0); the lqf+fd run below is the one on a worker group
+    v1 = run_upgrade(UpgradeConfig(**base, train_split="old_train", epochs=3, workers=0, run_name="lqf-v1"))
     # w0 = the parent's weights. (lqf_init defaults to "parent", which needs a trainer that
     # fills UpgradeContext.old_ref/registry; naming it explicitly works with any.)
     # lqf+fd: keep the parent's head scale (fd matches the parent's raw logits).
