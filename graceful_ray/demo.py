@@ -573,7 +573,8 @@ def add_parser(subparsers) -> None:
     t = p.add_argument_group("the trade-off search (Ray Tune)")
     t.add_argument("--skip-tune", action="store_true", help="no search: the v2 bct+fd model is the candidate")
     t.add_argument("--tune-trials", type=int, default=4)
-    t.add_argument("--tune-epochs", type=int, default=2)
+    t.add_argument("--tune-epochs", type=int, default=5,
+                   help="epochs per trial (fewer leave every trial above the flip budget)")
     t.add_argument("--tune-concurrency", type=int, default=2, help="trials in flight at once")
     t.add_argument("--flip-budget", type=float, default=0.05,
                    help="select the most accurate trial whose NFR upper 95%% bound is <= this; also the "
