@@ -30,9 +30,10 @@ def ws(ray_module, mnist1d_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     ws = {"data": mnist1d_small, "registry": str(root / "registry"), "runs": str(root / "runs"),
           "tune": str(root / "tune")}
+    # The old model, trained in Ray Train's local mode (workers=0): the trials are what runs on worker groups.
     v1 = run_upgrade(UpgradeConfig(data=mnist1d_small, registry=ws["registry"], storage=ws["runs"], epochs=1,
                                    model_kwargs={"channels": 8}, train_split="old_train", run_name="v1",
-                                   cpus_per_worker=0.5, name="model"))
+                                   workers=0, name="model"))
     ws["v1"] = v1.model_ref
     # The old model's outputs, cached once here (a search's driver would compute them before its first trial).
     from graceful_ray.train.old_outputs import compute_old_outputs
