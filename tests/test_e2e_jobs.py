@@ -4,8 +4,9 @@
 start`` processes, token auth on) on ports of their own, so it runs beside the
 test session's Ray. Through :class:`~ray.job_submission.JobSubmissionClient`
 (the bearer token in its headers) the test submits, in order and waiting for
-each: the dataset, v1 (aliased ``production``), a focal-distillation v2, a
-two-trial Tune search that publishes ``candidate``, and the shadow deployment
+each: the dataset, v1 (aliased ``production``; trained in the job's process, Ray
+Train's local mode), a focal-distillation v2 (two workers, spread over the nodes), a
+two-trial Tune search (both trials at once) that publishes ``candidate``, and the shadow deployment
 (the admin token reaches the job through ``runtime_env`` ``env_vars``; only its
 hash reaches the replicas). Then it drives the service over HTTP as a user
 would: the test split as traffic, a cutover the gates refuse (no labels yet),
@@ -123,7 +124,7 @@ class Jobs:
                 self.client.stop_job(sid)
                 status = f"TIMEOUT after {timeout_s:.0f}s"
                 break
-            time.sleep(2.0)
+            time.sleep(0.5)
         self.timings[name] = time.monotonic() - t0
         logs = self.client.get_job_logs(sid)
         if status != JobStatus.SUCCEEDED:
@@ -153,12 +154,15 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
     # ---------------------------------------------------------------- stages
     jobs.run("data", [PY, "-m", "graceful_ray.cli", "data", "make", "mnist1d", "--out", data,
                       "--samples", "2000", "--seed", "0"])
-    jobs.run("train-v1", [*train, "--train-split", "old_train", "--run-name", "e2e-v1", "--alias", "production"])
+    # v1 trains in the job's own process (Ray Train local mode): Ray Train's worker groups on the two
+    # nodes are v2's (--workers 2 --spread) and the Tune trials'.
+    jobs.run("train-v1", [*train, "--train-split", "old_train", "--run-name", "e2e-v1", "--alias", "production",
+                          "--workers", "0"])
     jobs.run("train-v2", [*train, "--old", f"{NAME}@production", "--method", "fd", "--hp", "fd_kind=lm",
                           "--workers", "2", "--spread", "--run-name", "e2e-v2"])
     jobs.run("tune", [PY, str(REPO / "jobs" / "tune_tradeoff.py"), "--data", data, "--old", f"{NAME}@production",
                       "--method", "fd", "--name", NAME, "--model", "cnn1d", "--model-arg", "channels=8",
-                      "--epochs", "1", "--trials", "2", "--max-concurrent", "1", "--cpus-per-worker", "0.5",
+                      "--epochs", "1", "--trials", "2", "--max-concurrent", "2", "--cpus-per-worker", "0.5",
                       "--flip-budget", "1.0", "--registry", registry, "--storage", tune, "--run-name", "e2e-tune"])
     reg = Registry(registry)
     v1 = reg.get(f"{NAME}@production").ref
