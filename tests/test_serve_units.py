@@ -25,6 +25,7 @@ from graceful_ray.serve.config import (BASELINE, CANDIDATE, GateConfig, Resource
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.gates import evaluate, explain
 from graceful_ray.serve.records import read_log
+from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
 from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
@@ -244,6 +245,36 @@ def test_comparator_log_roundtrip_and_resume(tmp_path):
         assert after[key] == before[key], key
     with pytest.raises(ConfigError, match="fresh storage path"):
         ComparatorCore(cfg(tmp_path), {BASELINE: "m@v1", CANDIDATE: "m@v3"}, list(range(10)))
+
+
+def test_every_routing_change_bumps_the_revision_and_survives_a_restart(tmp_path):
+    core = _core(tmp_path)
+    seen = [core.routing()["revision"]]
+    core.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
+    seen.append(core.routing()["revision"])
+    core.switch(BASELINE, action="rollback", forced=True, reason="", gates=None)
+    seen.append(core.routing()["revision"])
+    assert seen == [0, 1, 2] and core.routing()["epoch"] == 2
+    restarted = _core(tmp_path)
+    assert restarted.routing() == core.routing()
+
+
+def test_a_router_never_goes_back_to_an_older_routing_state():
+    # The race CI caught: an event batch answered with the pre-cutover state,
+    # delivered after the cutover's own answer, sent traffic back to the old model.
+    copy = RoutingCopy()
+    before = {"primary": BASELINE, "shadow_fraction": 1.0, "epoch": 0, "revision": 0}
+    cutover = {"primary": CANDIDATE, "shadow_fraction": 1.0, "epoch": 1, "revision": 1}
+    assert copy.apply(before) is False  # first state learnt: same primary and epoch
+    assert copy.apply(cutover) is True
+    assert copy.apply(before) is False  # the late answer
+    assert (copy.primary, copy.epoch, copy.revision) == (CANDIDATE, 1, 1)
+    # a fraction change bumps the revision without a switch, and is taken
+    assert copy.apply({**cutover, "shadow_fraction": 0.25, "revision": 2}) is False
+    assert copy.shadow_fraction == 0.25
+    assert copy.apply(cutover) is False and copy.shadow_fraction == 0.25
+    assert copy.apply({"status": 503, "detail": "comparator down"}) is False
+    assert copy.primary == CANDIDATE
 
 
 # ------------------------------------------------------------------- misc

@@ -122,7 +122,8 @@ class ComparatorCore:
         self.pending_labels: list[tuple[str, int, int]] = []
         self.state = {"baseline": refs[BASELINE], "candidate": refs[CANDIDATE],
                       "primary": BASELINE, "shadow_fraction": float(config.shadow_fraction),
-                      "epoch": 0, "gates": config.gates.to_dict(), "history": []}
+                      "epoch": 0, "revision": 0, "gates": config.gates.to_dict(),
+                      "history": []}
         self.gates = config.gates
         self.written = 0
         self.failed_cols: dict[str, list] | None = None  # a batch whose write failed
@@ -148,7 +149,10 @@ class ComparatorCore:
                     f"{saved.get('baseline')} vs {saved.get('candidate')}, not "
                     f"{self.refs[BASELINE]} vs {self.refs[CANDIDATE]}: give a fresh storage path")
             self.state.update({k: saved[k] for k in ("primary", "shadow_fraction", "epoch",
-                                                     "history", "gates") if k in saved})
+                                                     "revision", "history", "gates")
+                               if k in saved})
+            # A state saved before revisions existed: its epoch counted every switch.
+            self.state["revision"] = int(saved.get("revision", self.state["epoch"]))
             self.gates = GateConfig.from_dict(self.state["gates"])
         records = self.log.read_table(RECORDS_DIR, columns=[
             "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
@@ -428,7 +432,7 @@ class ComparatorCore:
     # -------------------------------------------------------------- report
     def routing(self) -> dict[str, Any]:
         return {"primary": self.state["primary"], "shadow_fraction": self.state["shadow_fraction"],
-                "epoch": self.state["epoch"]}
+                "epoch": self.state["epoch"], "revision": self.state["revision"]}
 
     def report(self) -> dict[str, Any]:
         primary = self.state["primary"]
@@ -552,6 +556,7 @@ class ComparatorCore:
         previous = self.state["primary"]
         self.state["primary"] = to
         self.state["epoch"] += 1
+        self.state["revision"] += 1
         self.state["history"] = (self.state["history"] + [{
             "action": action, "at": time.time(), "from": self.refs[previous],
             "to": self.refs[to], "forced": forced, "reason": reason,
@@ -678,6 +683,7 @@ class Comparator:
     async def set_fraction(self, fraction: float) -> dict[str, Any]:
         self._start()
         self._core.state["shadow_fraction"] = float(fraction)
+        self._core.state["revision"] += 1
         await asyncio.to_thread(self._core.log.write_state, self._core.state)
         log.info("shadow fraction set to %.3f", fraction)
         return {"status": 200, **self._core.routing()}

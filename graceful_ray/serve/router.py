@@ -46,6 +46,7 @@ from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.metrics import RouterMetrics
+from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
 from graceful_ray.serve.search import SearchAnswer, SearchBackend
 from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure, _awaited, classify
@@ -118,9 +119,7 @@ class ShadowRouter:
             for role in ROLES:
                 self._search[role] = SearchBackend(config.gallery, config.registry, refs[role],
                                                    config.gallery_poll_s)
-        self._primary_role = BASELINE
-        self._fraction = float(config.shadow_fraction)
-        self._epoch = 0
+        self._routing = RoutingCopy(BASELINE, float(config.shadow_fraction))
         self._events: list[tuple] = []
         self._tasks: set[asyncio.Task] = set()
         self._inflight_rows = 0
@@ -155,14 +154,10 @@ class ShadowRouter:
         self._started = True
 
     def _apply(self, routing: dict[str, Any]) -> None:
-        if "primary" not in routing:
-            return
-        if routing["epoch"] != self._epoch or routing["primary"] != self._primary_role:
-            log.info("routing: primary %s (epoch %d)", self._refs[routing["primary"]],
-                     routing["epoch"])
-        self._primary_role = routing["primary"]
-        self._fraction = float(routing["shadow_fraction"])
-        self._epoch = int(routing["epoch"])
+        # Answers can arrive out of order; the copy never goes back to an older state.
+        if self._routing.apply(routing):
+            log.info("routing: primary %s (epoch %d)", self._refs[self._routing.primary],
+                     self._routing.epoch)
 
     async def _sync_loop(self) -> None:
         """Send events every EVENT_FLUSH_S while traffic flows, and learn the
@@ -244,7 +239,8 @@ class ShadowRouter:
             raise HTTPException(e.status, e.message) from None
         n = len(x)
         ids = [uuid.uuid4().hex for _ in range(n)]
-        primary, epoch, fraction = self._primary_role, self._epoch, self._fraction
+        r = self._routing
+        primary, epoch, fraction = r.primary, r.epoch, r.shadow_fraction
         gate: asyncio.Future | None = None
         shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
         if shadowed:
@@ -347,7 +343,8 @@ class ShadowRouter:
             raise HTTPException(e.status, e.message) from None
         n = len(x)
         ids = [uuid.uuid4().hex for _ in range(n)]
-        primary, epoch, fraction = self._primary_role, self._epoch, self._fraction
+        r = self._routing
+        primary, epoch, fraction = r.primary, r.epoch, r.shadow_fraction
         ref = self._refs[primary]
         gate: asyncio.Future | None = None
         shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
@@ -484,9 +481,10 @@ class ShadowRouter:
     async def healthz(self) -> Response:
         await self._ready()
         return _json({"status": "ok", "replica": self._replica_id, "pid": os.getpid(),
-                      "primary": self._refs[self._primary_role],
-                      "shadow": self._refs[other(self._primary_role)],
-                      "shadow_fraction": self._fraction, "epoch": self._epoch,
+                      "primary": self._refs[self._routing.primary],
+                      "shadow": self._refs[other(self._routing.primary)],
+                      "shadow_fraction": self._routing.shadow_fraction,
+                      "epoch": self._routing.epoch, "revision": self._routing.revision,
                       "primary_in_ingress": bool(self._runners),
                       "gallery": self._cfg.gallery,
                       "search": {role: b.status() for role, b in self._search.items()}})
