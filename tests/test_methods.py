@@ -344,7 +344,7 @@ def test_registry_names_flags_and_hyperparameters():
                                    "fd_temperature": 100.0}
     assert build_method("elodi").hyperparameters() == {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0}
     hp = build_method(" BCT + fd-kl ", bct_lambda=np.float64(0.3), fd_temperature=50).hyperparameters()
-    assert hp == {"bct_lambda": 0.3, "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 50.0}
+    assert hp == {"bct_lambda": 0.3, "bct_kind": "linear", "bct_scale": 16.0, "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 50.0}
     json.dumps(hp)  # recorded in the registry manifest
     assert build_method("bct+fd-kl", **hp).hyperparameters() == hp  # round trip
     assert valid_hyperparameters("fd-lm") == ["fd_alpha", "fd_beta", "fd_lambda"]
@@ -355,7 +355,7 @@ def test_unknown_names_and_hyperparameters_list_the_valid_ones():
         build_method("bcd")
     with pytest.raises(ConfigError, match="empty method spec"):
         build_method("")
-    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['fd_lambda'\].*\['bct_lambda'\]"):
+    with pytest.raises(ConfigError, match=r"unknown hyperparameter\(s\) \['fd_lambda'\].*\['bct_kind', 'bct_lambda', 'bct_scale'\]"):
         build_method("bct", fd_lambda=1.0)
     with pytest.raises(ConfigError, match=r"\['lambda'\].*'fd_alpha'"):
         build_method("fd", **{"lambda": 1.0})
@@ -572,3 +572,78 @@ def test_bct_makes_new_queries_searchable_against_the_old_gallery(one_thread):
     assert scores["bct"][0] > scores["plain"][0] + 0.4, msg
     assert scores["bct"][2] > scores["plain"][2] - 0.03, msg  # compatibility costs little accuracy
     assert scores["bct"][1] > 0.9, msg  # and the new space is still good on its own
+
+
+def test_cosine_bct_meets_the_compatibility_criterion_when_classes_are_added(one_thread):
+    """Old MLP sees digits 0-4; new MLPs see 0-9. Criterion: M(new, old) > M(old, old).
+
+    The old model files digits 5-9 inside the cones of 0-4, so a class-mean row
+    with bias 0 only wins the *linear* old head far from those samples: linear BCT
+    pushes new-class queries away from their old gallery neighbours and misses the
+    criterion. The cosine influence loss (``bct_kind="cosine"``) constrains the
+    geometry retrieval uses and meets it. Numbers seen (seeds 0, 1), top-1 overall
+    and on digits 5-9: old/old 0.732, 0.756 (new classes 0.502, 0.573); linear new/old
+    0.524, 0.626 (0.154, 0.361); cosine new/old 0.838, 0.776 (0.793, 0.714).
+    """
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    x_test, y_test, x_pool, y_pool = x[:500], y[:500], x[500:], y[500:]
+    labels = y_test.numpy()
+    added = labels >= 5
+
+    def top1(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+        """Per-query hit of the cosine nearest neighbour, leave-one-out."""
+        q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+        sim = q @ g.T
+        np.fill_diagonal(sim, -np.inf)
+        return labels[sim.argmax(1)] == labels
+
+    hits: dict[str, list[np.ndarray]] = {"old/old": [], "linear": [], "cosine": []}
+    for seed in (0, 1):
+        seen = y_pool < 5
+        torch.manual_seed(seed)
+        old = _train(build_model(ModelSpec("mlp", (64,), 5, MLP)), x_pool[seen], y_pool[seen],
+                     build_method("plain"), seed, 20)
+        with torch.no_grad():
+            old_emb = old.embed(x_pool)
+            gallery = old.embed(x_test).numpy()
+        ctx = UpgradeContext(num_classes=10, old_classes=list(range(5)), old_head_weight=old.head.weight.detach(),
+                             old_head_bias=old.head.bias.detach(), old_embedding_dim=32, new_embedding_dim=32,
+                             old_class_means={c: old_emb[y_pool == c].mean(0) for c in range(10)})
+        hits["old/old"].append(top1(gallery, gallery))
+        for kind in ("linear", "cosine"):
+            method = build_method("bct", bct_kind=kind)
+            method.setup(ctx)
+            torch.manual_seed(100 + seed)
+            new = _train(build_model(ModelSpec("mlp", (64,), 10, MLP)), x_pool, y_pool, method, 100 + seed, 20)
+            with torch.no_grad():
+                hits[kind].append(top1(new.embed(x_test).numpy(), gallery))
+
+    overall = {k: float(np.mean([h.mean() for h in v])) for k, v in hits.items()}
+    on_added = {k: float(np.mean([h[added].mean() for h in v])) for k, v in hits.items()}
+    msg = f"top-1 overall {overall}; on the added classes {on_added}"
+    print(msg)  # visible with -s
+    assert overall["cosine"] > overall["old/old"] + 0.02, msg  # the criterion, with a margin
+    assert overall["linear"] < overall["old/old"], msg  # the paper's linear loss misses it here
+    assert on_added["cosine"] > on_added["linear"] + 0.2, msg  # because of the added classes
+
+
+def test_cosine_influence_loss_by_hand_and_blind_to_the_embedding_norm():
+    g = torch.Generator().manual_seed(0)
+    z, w, b = torch.randn(6, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    cos = (z / z.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+    expected = torch.nn.functional.cross_entropy(8.0 * cos, y)  # the bias plays no part
+    got = bct_influence_loss(z, w, b, y, kind="cosine", scale=8.0)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(bct_influence_loss(5 * z, w, b, y, kind="cosine", scale=8.0), got, atol=1e-6)
+    assert not torch.allclose(bct_influence_loss(5 * z, w, b, y), bct_influence_loss(z, w, b, y))
+    with pytest.raises(ConfigError, match="bct_kind must be one of"):
+        build_method("bct", bct_kind="cos")
+    with pytest.raises(ConfigError, match="bct_scale must be > 0"):
+        build_method("bct", bct_kind="cosine", bct_scale=0)

@@ -10,6 +10,20 @@ Classes the old head never saw get synthesized rows: the mean old embedding
 ``phi_o(x)`` of that class's training samples (bias 0), as in the paper. The
 extended head is indexed by global class id, so it can be used with the labels
 directly.
+
+Two kinds of influence loss:
+
+- ``linear`` (the paper's formula): the old head as it is, ``W_o z + b_o``.
+- ``cosine``: the old head's rows and the new embedding L2-normalised, logits
+  ``s * cos(z, w_c)`` and no bias. Retrieval compares embeddings by cosine, so
+  this constrains the geometry the gallery search uses. It matters when classes
+  are added: the old model puts a new class's samples inside the cones of the old
+  classes it confuses them with, and a class-mean row with bias 0 can then only
+  win the *linear* old head far from those samples, so the linear loss pushes new
+  queries away from their old gallery neighbours. With cosine logits the class
+  mean's row wins around the class mean's direction, which is where the old
+  gallery items of that class are. Measured in ``benchmarks/results/upgrade_methods.md``
+  (class-incremental rows) and ``tests/test_methods.py``.
 """
 
 from __future__ import annotations
@@ -67,27 +81,48 @@ def extend_old_head(old_head_weight: Tensor, old_head_bias: Tensor | None, old_c
     return weight, bias
 
 
+KINDS = ("linear", "cosine")
+
+
 def bct_influence_loss(new_embedding: Tensor, old_head_weight_ext: Tensor, old_head_bias_ext: Tensor,
-                       y: Tensor) -> Tensor:
-    """``CE(W_o phi_n + b_o, y)`` through the extended, frozen old head (mean over the batch)."""
+                       y: Tensor, kind: str = "linear", scale: float = 16.0) -> Tensor:
+    """The influence loss through the extended, frozen old head (mean over the batch).
+
+    ``linear``: ``CE(W_o phi_n + b_o, y)``. ``cosine``: ``CE(s * normalize(phi_n)
+    normalize(W_o)^T, y)``, the bias dropped (see the module docstring).
+    """
     z = upcast(new_embedding)
-    logits = F.linear(z, old_head_weight_ext.detach().to(z.dtype), old_head_bias_ext.detach().to(z.dtype))
+    weight = old_head_weight_ext.detach().to(z.dtype)
+    if kind == "linear":
+        logits = F.linear(z, weight, old_head_bias_ext.detach().to(z.dtype))
+    elif kind == "cosine":
+        logits = scale * F.linear(F.normalize(z, dim=-1), F.normalize(weight, dim=-1))
+    else:
+        raise ConfigError(f"unknown bct kind {kind!r}; choose one of {list(KINDS)}")
     return F.cross_entropy(logits, y)
 
 
 @register_method("bct")
 class BCT(UpgradeMethod):
-    """Cross-entropy plus ``lam`` times the BCT influence loss. Part name ``bct``."""
+    """Cross-entropy plus ``lam`` times the BCT influence loss. Part name ``bct``.
+
+    Hyperparameters: ``bct_lambda`` (1), ``bct_kind`` (``"linear"``, or
+    ``"cosine"``), ``bct_scale`` (16, the cosine logits' scale).
+    """
 
     name = "bct"
     prefix = "bct"
     needs_old_model = True
     compatible = True
 
-    def __init__(self, *, lam: float = 1.0) -> None:
+    def __init__(self, *, lam: float = 1.0, kind: str = "linear", scale: float = 16.0) -> None:
         super().__init__()
-        self.lam = float(lam)
+        self.lam, self.kind, self.scale = float(lam), str(kind), float(scale)
         check_nonnegative("bct", bct_lambda=self.lam)
+        if self.kind not in KINDS:
+            raise ConfigError(f"bct: bct_kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if not self.scale > 0:
+            raise ConfigError(f"bct: bct_scale must be > 0, got {self.scale}")
         self.weight_ext: Tensor | None = None
         self.bias_ext: Tensor | None = None
 
@@ -121,4 +156,4 @@ class BCT(UpgradeMethod):
                 f"{self.weight_ext.shape[1]}"
             )
         return {"bct": self.lam * bct_influence_loss(batch.new_embedding, self.weight_ext,
-                                                      self.bias_ext, batch.y)}
+                                                      self.bias_ext, batch.y, self.kind, self.scale)}
