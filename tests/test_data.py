@@ -13,7 +13,7 @@ import pytest
 from graceful_ray.cli import main
 from graceful_ray.data import (
     DatasetInfo, batch_to_numpy, conform, import_dataset, make_digits, make_mnist1d, ray_dataset, read_info,
-    read_split, to_numpy, validate_dataset, validate_table, write_dataset,
+    read_split, split_paths, to_numpy, validate_dataset, validate_table, write_dataset,
 )
 from graceful_ray.data.contract import features_type
 from graceful_ray.data.images import encode_png
@@ -369,3 +369,31 @@ def test_ray_dataset_counts_rows(ray_session, mnist_dir, ray_data_v2_reader):
         assert all(np.array_equal(ref[i], x) for i, x in zip(ids.tolist(), X))
         rows += len(ids)
     assert rows == info.splits["train"].rows
+
+
+def _read_ops(ds) -> list[str]:
+    """The logical operators of a dataset's plan, from the read on (Ray internals, read only)."""
+    op, names = ds._logical_plan.dag, []
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    return names[::-1]
+
+
+def test_small_reads_take_the_v1_reader_unless_the_environment_chooses(ray_session, mnist_dir, monkeypatch):
+    import ray.data
+
+    from graceful_ray.data import reader
+
+    fs, paths = split_paths(mnist_dir, "val")
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)  # Ray 2.60's default
+    monkeypatch.delenv(reader.RAY_READER_ENV, raising=False)
+    small = reader.read_parquet(paths, filesystem=fs)
+    assert _read_ops(small) == ["ReadParquet"] and ctx.use_datasource_v2  # the context is restored
+    assert small.count() == read_info(mnist_dir).splits["val"].rows
+    monkeypatch.setattr(reader, "SMALL_READ_FILES", 0)  # a large read keeps Ray's default
+    assert _read_ops(reader.read_parquet(paths, filesystem=fs))[0] == "ListFiles"
+    monkeypatch.setattr(reader, "SMALL_READ_FILES", 64)
+    monkeypatch.setenv(reader.RAY_READER_ENV, "1")  # an explicit choice wins: the context decides
+    assert _read_ops(reader.read_parquet(paths, filesystem=fs))[0] == "ListFiles"

@@ -185,12 +185,12 @@ def ray_dataset(root: PathLike, split: str, *, verify: bool = True, **read_kwarg
     the split); pass ``verify=False`` for very large datasets already checked
     with ``graceful-ray data check``.
     """
-    import ray.data
+    from graceful_ray.data.reader import read_parquet
 
     if verify:
         verify_split(root, split)
     fs, paths = split_paths(root, split)
-    return ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    return read_parquet(paths, filesystem=fs, **read_kwargs)
 
 
 # --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def embed_dataset(data_root: str, split: str, *, registry_root: str, model_ref: 
     import ray
 
     from graceful_ray.data import read_info, split_paths
+    from graceful_ray.data.reader import read_parquet
     from graceful_ray.registry import Registry
 
     info = read_info(data_root)
@@ -83,7 +84,7 @@ def embed_dataset(data_root: str, split: str, *, registry_root: str, model_ref: 
     manifest = registry.get(model_ref)  # fail here, not inside an actor
     second = registry.get(second_model_ref) if second_model_ref else None
     fs, paths = split_paths(data_root, split)
-    ds = ray.data.read_parquet(paths, filesystem=fs)
+    ds = read_parquet(paths, filesystem=fs)
     ds = ds.map_batches(
         _Embedder,
         fn_constructor_kwargs=dict(

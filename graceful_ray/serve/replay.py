@@ -74,6 +74,7 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
     import pyarrow.parquet as pq
     import ray
 
+    from graceful_ray.data.reader import read_parquet
     from graceful_ray.registry import Registry
 
     rl = RecordLog(log_dir)
@@ -100,8 +101,7 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
         labels = dict(zip(label_table.column("request_id").to_pylist(),
                           label_table.column("label").to_pylist()))
 
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs,
-                               columns=_COLUMNS)
+    ds = read_parquet([f.path for f in files], filesystem=files[0].fs, columns=_COLUMNS)
     ds = ds.map_batches(_ReplayPredictor, fn_constructor_args=(registry, candidate, baseline),
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                         num_cpus=num_cpus)

@@ -121,13 +121,14 @@ def compute_old_outputs(data_root: str, split: str, *, registry_root: str, old_r
         return hit
 
     from graceful_ray.data import split_paths
+    from graceful_ray.data.reader import read_parquet
 
     split_info = info.splits[split]
     src_fs, paths = split_paths(data_root, split)
     attempt = uuid.uuid4().hex[:12]
     out_dir = _split_dir(data_root, key, split).join(attempt)
     logger.info("computing old-model outputs (%s) for %s/%s", old_ref, data_root, split)
-    ds = ray.data.read_parquet(paths, filesystem=src_fs)
+    ds = read_parquet(paths, filesystem=src_fs)
     ds = ds.map_batches(
         _OldModelPredictor,
         fn_constructor_kwargs=dict(registry_root=registry_root, old_ref=f"{manifest.name}@v{manifest.version}",
