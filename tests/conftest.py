@@ -13,24 +13,17 @@ import uuid
 
 import pytest
 
-# Ray settings for the whole session, set before any Ray process starts so the
-# session's Ray, the multi-node clusters, Tune trials and Ray jobs all inherit
-# them. They change how fast Ray does the work on this 2-core machine, not what
-# the tests check:
-# - Ray Data's V1 Parquet reader. The V2 reader (Ray 2.60's default) starts a
-#   pool of up to 32 footer-reading actors for every read_parquet, even of one
-#   small file: 5-15 s per read here against 0.2-1 s for V1, and every training
-#   run reads two splits. test_data.py (a split) and test_train.py (the cached
-#   old outputs) still read through the V2 reader (``ray_data_v2_reader``).
-# - The Train controller polls its workers every 0.5 s, not 2 s. It takes one
-#   report per poll and a worker's ``ray.train.report`` waits for it, so every
-#   epoch and the end of every run waited up to 2 s: about 3.5 s of a 30 s
-#   two-epoch run with one worker here. (Train copies RAY_TRAIN_* settings into
-#   its workers' runtime_env, which costs them Ray's pre-started worker
-#   processes; measured, this one still pays. Disabling the preemption watcher
-#   did not, so it is left on.)
-for _name, _value in (("RAY_DATA_USE_DATASOURCE_V2", "0"), ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")):
-    os.environ.setdefault(_name, _value)
+# Ray Data's V1 Parquet reader for the whole session, set before any Ray
+# process starts so the session's Ray, the multi-node clusters, Tune trials and
+# Ray jobs all inherit it. The V2 reader (Ray 2.60's default) starts a pool of
+# up to 32 footer-reading actors for every read_parquet, even of one small
+# file: 5-15 s per read on this 2-core machine against 0.2-1 s for V1, and
+# every training run reads two splits. It changes how fast the data is read,
+# not what the tests check; test_data.py (a split) and test_train.py (the
+# cached old outputs) still read through the V2 reader (``ray_data_v2_reader``).
+# (The Train controller's poll interval, the other per-epoch cost here, is the
+# product's own default: graceful_ray.train.trainer.CONTROLLER_POLL_S.)
+os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
 
 
 def _free_port() -> int:

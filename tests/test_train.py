@@ -196,3 +196,18 @@ def test_local_mode_persists_checkpoints_and_extends_a_run(v1, workspace):
     assert [h["epoch"] for h in longer.history] == [1, 2]
     assert longer.history[0] == first.history[0], "epoch 1 was re-run instead of resumed"
     assert longer.published is not None
+
+
+def test_fit_makes_the_train_controller_poll_often_unless_the_environment_says(monkeypatch):
+    import os
+
+    from graceful_ray.train import trainer as trainer_module
+
+    class Recorder:  # stands in for a TorchTrainer: records what fit() saw
+        def fit(self):
+            return os.environ.get(trainer_module.CONTROLLER_POLL_ENV)
+
+    monkeypatch.delenv(trainer_module.CONTROLLER_POLL_ENV, raising=False)
+    assert trainer_module.fit(Recorder()) == trainer_module.CONTROLLER_POLL_S == "0.5"
+    monkeypatch.setenv(trainer_module.CONTROLLER_POLL_ENV, "2")
+    assert trainer_module.fit(Recorder()) == "2"

@@ -268,6 +268,7 @@ def train_transform(cfg: TransformConfig) -> Transform:
 
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.embed import embed_dataset
+    from graceful_ray.train.trainer import fit
 
     cfg = cfg.resolved()
     reg = Registry(cfg.registry)
@@ -297,7 +298,7 @@ def train_transform(cfg: TransformConfig) -> Transform:
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
     t0 = time.perf_counter()
-    result = trainer.fit()
+    result = fit(trainer)
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:

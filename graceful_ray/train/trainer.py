@@ -25,6 +25,15 @@ from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
+# (2 s by default) and takes one report per poll; a worker's ``ray.train.report``
+# waits for it. So every epoch waited up to 2 s: on small epochs (MNIST-1D, about
+# 1 s) that was most of Ray Train's overhead against a plain PyTorch loop
+# (benchmarks/results/train_overhead.md). Train hands the driver's value on to the
+# controller and the workers; ours applies unless the environment sets one.
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_S = "0.5"
+
 
 @dataclass
 class UpgradeResult:
@@ -58,14 +67,14 @@ def _training_classes(cfg: UpgradeConfig, info) -> list[int]:
 
 
 def _read_split(cfg: UpgradeConfig, info, split: str, cached):
-    import ray
+    from graceful_ray.data.reader import read_parquet
 
     if cached is not None:
-        return ray.data.read_parquet(cached.files, filesystem=cached.location.fs)
+        return read_parquet(cached.files, filesystem=cached.location.fs)
     from graceful_ray.data import split_paths
 
     fs, paths = split_paths(cfg.data, split)
-    return ray.data.read_parquet(paths, filesystem=fs)
+    return read_parquet(paths, filesystem=fs)
 
 
 def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any], Any]:
@@ -170,6 +179,13 @@ def build_trainer(cfg: UpgradeConfig, loop_config: dict[str, Any], datasets: dic
     )
 
 
+def fit(trainer):
+    """``trainer.fit()``, with Ray Train's controller polling every CONTROLLER_POLL_S
+    unless the environment says otherwise (why: see CONTROLLER_POLL_ENV)."""
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_S)
+    return trainer.fit()
+
+
 def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     """Train (or resume) one upgrade run and publish the model to the registry."""
     cfg = cfg.resolved()
@@ -177,7 +193,7 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     if resumed:
         logger.info("run %r exists under %s: resuming it from its latest checkpoint", cfg.run_name, cfg.storage)
     loop_config, datasets, info = prepare_upgrade(cfg)
-    result = build_trainer(cfg, loop_config, datasets).fit()
+    result = fit(build_trainer(cfg, loop_config, datasets))
     if result.error is not None:
         raise result.error
     if cfg.workers == 0:  # local mode: our own persisted checkpoints

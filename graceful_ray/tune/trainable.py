@@ -185,7 +185,7 @@ def upgrade_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             return
 
     from graceful_ray.models import ModelSpec
-    from graceful_ray.train.trainer import build_trainer, prepare_upgrade
+    from graceful_ray.train.trainer import build_trainer, fit, prepare_upgrade
 
     cfg = trial_config(spec, sample, trial_id)
     loop_config, datasets, _ = prepare_upgrade(cfg)
@@ -196,7 +196,7 @@ def upgrade_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     trainer = build_trainer(cfg, loop_config, datasets)
     # build_trainer builds the RunConfig without callbacks; Train reads them at fit().
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _epoch_forwarder(constants, cfg.epochs)]
-    result = trainer.fit()
+    result = fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: Train run {cfg.run_name} finished without a checkpoint")
     ckpt = checkpoint_uri(result.checkpoint)
