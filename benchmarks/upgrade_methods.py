@@ -5,15 +5,24 @@ Everything runs through the product path (Ray Train via ``run_upgrade``, the
 registry, ``evaluate_upgrade`` on the test split), on MNIST-1D generated locally.
 
 Part 1 (PCT, Yan et al. CVPR 2021, Table 2a): rows plain, kd, fd-kl, fd-lm, bct;
-columns ER_old, ER_new, NFR, relative NFR; two scenarios:
+columns ER_old, ER_new, NFR, relative NFR; three scenarios:
   same-arch  v1 cnn1d(32) on the old half of the training data -> v2 cnn1d(32) on all of it, new seed
   arch-up    v1 cnn1d(16) on the old half                       -> v2 cnn1d(64) on all of it
+  retrain    v1 cnn1d(32) on 90% of the training data           -> v2 cnn1d(32) on all of it, new seed
+             (PCT's regime: old and new of similar accuracy, so their errors differ mostly by chance)
 Part 2 (BCT, Shen et al. CVPR 2020): class-incremental split (v1 sees classes 0-4);
-M(new, old) vs M(old, old) for plain, l2 and bct, and the update gain.
+M(new, old) vs M(old, old) for plain, l2, bct and bct with the cosine influence loss, and the
+update gain.
+
+The results JSON doubles as a resume log: a run already recorded (and still in the
+registry) is not trained again. --scenarios and --methods pick a subset.
 
 Usage:
-    python benchmarks/upgrade_methods.py --samples 30000 --epochs 30 --seeds 0 1 2
-Results: benchmarks/results/upgrade_methods.{json,md}
+    python benchmarks/upgrade_methods.py --samples 20000 --epochs 15 --seeds 0 1 2
+    python benchmarks/upgrade_methods.py --samples 20000 --epochs 15 --seeds 0 1 2 3 4 \
+        --parts pct --scenarios retrain --methods plain kd fd-kl fd-lm bct fd-lm-std-0.3 kd-lm-std-1.7
+Results: benchmarks/results/upgrade_methods.{json,md} (the hand-written reading at the end of
+the .md, from its first "## Reading" heading on, is kept when the tables are rewritten)
 """
 
 from __future__ import annotations
@@ -41,11 +50,19 @@ METHODS = {
     # only in where the weight goes.
     "fd-lm-std": ("fd", {"fd_kind": "lm-std", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 0.03}),
     "kd-lm-std": ("kd", {"kd_kind": "lm-std", "kd_lambda": 0.17}),
+    # The retrain scenario's weight (from a one-seed probe at 0.1 and 0.3), and kd with the
+    # same average weight (1 + 5 * old accuracy ~ 5.8 times lambda).
+    "fd-lm-std-0.3": ("fd", {"fd_kind": "lm-std", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 0.3}),
+    "kd-lm-std-1.7": ("kd", {"kd_kind": "lm-std", "kd_lambda": 1.74}),
 }
+# scenario: (v1 model kwargs, v2 model kwargs, share of the training data v1 saw)
 SCENARIOS = {
-    "same-arch": ({"channels": 32}, {"channels": 32}),
-    "arch-up": ({"channels": 16}, {"channels": 64}),
+    "same-arch": ({"channels": 32}, {"channels": 32}, 0.5),
+    "arch-up": ({"channels": 16}, {"channels": 64}, 0.5),
+    "retrain": ({"channels": 32}, {"channels": 32}, 0.9),
 }
+CI_METHODS = {"plain": ("plain", {}), "l2": ("l2", {}), "bct": ("bct", {}),
+              "bct-cos": ("bct", {"bct_kind": "cosine"})}
 
 
 def _mean_sd(values):
@@ -69,6 +86,8 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/graceful-ray-bench/upgrade")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "upgrade_methods"))
     p.add_argument("--parts", default="pct,bct")
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--workers", type=int, default=0,
                    help="Ray Train workers per run; 0 = Ray Train local mode (same loop, no actor start-up)")
     args = p.parse_args()
@@ -87,7 +106,15 @@ def main() -> None:
     registry, storage = os.path.join(args.root, "registry"), os.path.join(args.root, "runs")
     results_path = args.out + ".json"
     results = json.load(open(results_path)) if os.path.exists(results_path) else {"runs": {}}
-    results["config"] = {"samples": args.samples, "epochs": args.epochs, "seeds": args.seeds}
+    results["config"] = {"samples": args.samples, "epochs": args.epochs}
+    from graceful_ray.registry import Registry
+
+    def registered(ref):
+        try:
+            Registry(registry).get(ref)
+            return True
+        except Exception:  # noqa: BLE001 - any failure to load means: train it again
+            return False
 
     def save():
         os.makedirs(os.path.dirname(results_path), exist_ok=True)
@@ -96,7 +123,7 @@ def main() -> None:
 
     def train(key, **kw):
         """Train once per key (the JSON doubles as a resume log for this script)."""
-        if key in results["runs"] and "ref" in results["runs"][key]:
+        if key in results["runs"] and registered(results["runs"][key].get("ref", "")):
             return results["runs"][key]["ref"]
         t0 = time.perf_counter()
         cfg = UpgradeConfig(registry=registry, storage=storage, epochs=args.epochs, batch_size=128, lr=3e-3,
@@ -110,22 +137,27 @@ def main() -> None:
         return r.model_ref
 
     def evaluate(key, data, old, new, reference=None):
-        if "eval" not in results["runs"].get(key, {}):
+        run = results["runs"].get(key, {})
+        if "eval" not in run or run["eval"].get("against") != [old, new, reference]:
             rep = evaluate_upgrade(data, old, new, registry_root=registry, split="test", reference_ref=reference)
             results["runs"][key]["eval"] = {"flips": rep["flips"]["metrics"] if "metrics" in rep["flips"] else rep["flips"],
-                                            "retrieval": rep["retrieval"]}
+                                            "retrieval": rep["retrieval"], "against": [old, new, reference]}
             save()
         return results["runs"][key]["eval"]
 
     if "pct" in args.parts:
-        data = os.path.join(args.root, f"mnist1d-{args.samples}")
-        if not dataset_exists(data):
-            make_mnist1d(data, samples=args.samples, seed=1234, scenario="data_growth", old_fraction=0.5)
-        for scen, (old_kw, new_kw) in SCENARIOS.items():
+        for scen in args.scenarios:
+            old_kw, new_kw, old_fraction = SCENARIOS[scen]
+            suffix = "" if old_fraction == 0.5 else f"-old{round(100 * old_fraction)}"
+            data = os.path.join(args.root, f"mnist1d-{args.samples}{suffix}")
+            if not dataset_exists(data):
+                make_mnist1d(data, samples=args.samples, seed=1234, scenario="data_growth",
+                             old_fraction=old_fraction)
             for seed in args.seeds:
                 v1 = train(f"{scen}-v1/s{seed}", data=data, model="cnn1d", model_kwargs=old_kw,
                            train_split="old_train", seed=seed)
-                for label, (method, hp) in METHODS.items():
+                for label in args.methods:
+                    method, hp = METHODS[label]
                     key = f"{scen}-{label}/s{seed}"
                     new = train(key, data=data, model="cnn1d", model_kwargs=new_kw, method=method, hparams=hp,
                                 old=v1, seed=seed + 100)
@@ -141,42 +173,51 @@ def main() -> None:
                        train_split="old_train", seed=seed)
             plain = train(f"ci-plain/s{seed}", data=data, model="cnn1d", model_kwargs={"channels": 32},
                           old=v1, seed=seed + 100)
-            for label, method in (("plain", "plain"), ("l2", "l2"), ("bct", "bct")):
+            for label, (method, hp) in CI_METHODS.items():
                 key = f"ci-{label}/s{seed}"
                 new = plain if label == "plain" else train(key, data=data, model="cnn1d",
                                                            model_kwargs={"channels": 32}, method=method,
-                                                           old=v1, seed=seed + 100)
+                                                           hparams=hp, old=v1, seed=seed + 100)
                 evaluate(key, data, v1, new, reference=plain)
 
     write_markdown(results, args)
 
 
+def _evals(runs, prefix):
+    """The recorded evaluations of ``prefix/s<seed>`` for every seed, by seed."""
+    out = {}
+    for key, run in runs.items():
+        head, _, seed = key.partition("/s")
+        if head == prefix and "eval" in run:
+            out[int(seed)] = run["eval"]
+    return [out[s] for s in sorted(out)], sorted(out)
+
+
 def write_markdown(results, args) -> None:
     runs = results["runs"]
-    lines = [f"# Upgrade methods on MNIST-1D ({args.samples} samples, {args.epochs} epochs, "
-             f"seeds {', '.join(map(str, args.seeds))})", "",
-             "Command: `python benchmarks/upgrade_methods.py " + " ".join(
-                 [f"--samples {args.samples}", f"--epochs {args.epochs}", f"--workers {args.workers}",
-                  "--seeds " + " ".join(map(str, args.seeds))]) + "`",
-             "", "Test split, mean ± standard deviation over seeds, in percent.", ""]
-    for scen in SCENARIOS:
+    lines = [f"# Upgrade methods on MNIST-1D ({args.samples} samples, {args.epochs} epochs)", "",
+             "Commands: `python benchmarks/upgrade_methods.py --samples 20000 --epochs 15 --workers 0 "
+             "--seeds 0 1 2` (same-arch, arch-up, class-incremental); the retrain scenario with "
+             "`--seeds 0 1 2 3 4 --parts pct --scenarios retrain --methods plain kd fd-kl fd-lm bct "
+             "fd-lm-std-0.3 kd-lm-std-1.7`.", "",
+             "Test split, mean ± standard deviation over seeds, in percent.", ""]
+    for scen, (old_kw, new_kw, old_fraction) in SCENARIOS.items():
         rows = []
         for label in METHODS:
-            evs = [runs.get(f"{scen}-{label}/s{s}", {}).get("eval") for s in args.seeds]
-            evs = [e for e in evs if e]
+            evs, seeds = _evals(runs, f"{scen}-{label}")
             if not evs:
                 continue
             f = [e["flips"] for e in evs]
             rows.append(f"| {label} | {fmt([x['error_rate_old']['value'] for x in f])} | "
                         f"{fmt([x['error_rate_new']['value'] for x in f])} | {fmt([x['nfr']['value'] for x in f])} | "
-                        f"{fmt([x['relative_nfr'] for x in f], pct=False)} | {len(evs)} |")
+                        f"{fmt([x['relative_nfr'] for x in f], pct=False)} | {','.join(map(str, seeds))} |")
         if rows:
-            lines += [f"## {scen}: v1 {SCENARIOS[scen][0]} -> v2 {SCENARIOS[scen][1]}", "",
-                      "| method | ER_old | ER_new | NFR | relative NFR | seeds |", "|---|---|---|---|---|---|", *rows, ""]
+            lines += [f"## {scen}: v1 {old_kw} on {round(100 * old_fraction)}% of train -> v2 {new_kw} on all of it",
+                      "", "| method | ER_old | ER_new | NFR | relative NFR | seeds |", "|---|---|---|---|---|---|",
+                      *rows, ""]
     rows = []
-    for label in ("plain", "l2", "bct"):
-        evs = [runs.get(f"ci-{label}/s{s}", {}).get("eval") for s in args.seeds]
-        evs = [e for e in evs if e]
+    for label in CI_METHODS:
+        evs, seeds = _evals(runs, f"ci-{label}")
         if not evs:
             continue
         r = [e["retrieval"] for e in evs]
@@ -189,8 +230,14 @@ def write_markdown(results, args) -> None:
                   "| method | M(old,old) top-1 | M(new,old) top-1 | M(new,new) top-1 | compatible (top-1) | "
                   "M(old,old) mAP | M(new,old) mAP | compatible (mAP) | update gain (top-1) |",
                   "|---|---|---|---|---|---|---|---|---|", *rows, ""]
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    path = args.out + ".md"
+    reading = ""
+    if os.path.exists(path):  # keep the hand-written reading below the tables
+        old = open(path).read()
+        if "\n## Reading" in old:
+            reading = old[old.index("\n## Reading") + 1:]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n" + ("\n" + reading if reading else ""))
     print("\n".join(lines))
 
 
