@@ -247,24 +247,51 @@ def test_comparator_log_roundtrip_and_resume(tmp_path):
         ComparatorCore(cfg(tmp_path), {BASELINE: "m@v1", CANDIDATE: "m@v3"}, list(range(10)))
 
 
-def test_every_routing_change_bumps_the_revision_and_survives_a_restart(tmp_path):
+def test_every_routing_change_bumps_the_revision_and_survives_a_restart(tmp_path, monkeypatch):
     core = _core(tmp_path)
     seen = [core.routing()["revision"]]
     core.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
     seen.append(core.routing()["revision"])
+    core.change_routing(shadow_fraction=0.25)  # what POST /v1/admin/shadow-fraction does
+    seen.append(core.routing()["revision"])
     core.switch(BASELINE, action="rollback", forced=True, reason="", gates=None)
     seen.append(core.routing()["revision"])
-    assert seen == [0, 1, 2] and core.routing()["epoch"] == 2
+    assert seen == [0, 1, 2, 3] and core.routing()["epoch"] == 2
+    assert [h["action"] for h in core.state["history"]] == ["cutover", "rollback"]
     restarted = _core(tmp_path)
-    assert restarted.routing() == core.routing()
+    routing = {k: v for k, v in restarted.routing().items() if k != "incarnation"}
+    assert routing == {k: v for k, v in core.routing().items() if k != "incarnation"}
+    assert restarted.routing()["incarnation"] != core.routing()["incarnation"]
+
+    # A state that cannot be saved changes nothing: no router may see it first.
+    def broken(state):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(restarted.log, "write_state", broken)
+    before = dict(restarted.state)
+    with pytest.raises(OSError, match="disk full"):
+        restarted.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
+    assert restarted.state == before
+
+
+def test_a_state_saved_before_revisions_existed_resumes_at_its_epoch(tmp_path):
+    core = _core(tmp_path)
+    core.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
+    saved = dict(core.state)
+    del saved["revision"]
+    core.log.write_state(saved)
+    resumed = _core(tmp_path)
+    assert resumed.routing()["revision"] == resumed.routing()["epoch"] == 1
+    assert resumed.routing()["primary"] == CANDIDATE
 
 
 def test_a_router_never_goes_back_to_an_older_routing_state():
     # The race CI caught: an event batch answered with the pre-cutover state,
     # delivered after the cutover's own answer, sent traffic back to the old model.
     copy = RoutingCopy()
-    before = {"primary": BASELINE, "shadow_fraction": 1.0, "epoch": 0, "revision": 0}
-    cutover = {"primary": CANDIDATE, "shadow_fraction": 1.0, "epoch": 1, "revision": 1}
+    run = {"incarnation": "a"}
+    before = {"primary": BASELINE, "shadow_fraction": 1.0, "epoch": 0, "revision": 0, **run}
+    cutover = {"primary": CANDIDATE, "shadow_fraction": 1.0, "epoch": 1, "revision": 1, **run}
     assert copy.apply(before) is False  # first state learnt: same primary and epoch
     assert copy.apply(cutover) is True
     assert copy.apply(before) is False  # the late answer
@@ -275,6 +302,10 @@ def test_a_router_never_goes_back_to_an_older_routing_state():
     assert copy.apply(cutover) is False and copy.shadow_fraction == 0.25
     assert copy.apply({"status": 503, "detail": "comparator down"}) is False
     assert copy.primary == CANDIDATE
+    # a restarted comparator is the authority, even with a lower count (a lost state file)
+    assert copy.apply({**before, "incarnation": "b"}) is True and copy.primary == BASELINE
+    # a comparator of an earlier release (no revision) is followed as before
+    assert copy.apply({"primary": CANDIDATE, "shadow_fraction": 1.0, "epoch": 1}) is True
 
 
 # ------------------------------------------------------------------- misc

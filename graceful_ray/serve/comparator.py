@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -125,6 +126,9 @@ class ComparatorCore:
                       "epoch": 0, "revision": 0, "gates": config.gates.to_dict(),
                       "history": []}
         self.gates = config.gates
+        # Which start of the comparator this is: a router takes any state from a
+        # new incarnation, whose revision may restart lower (a lost state file).
+        self.incarnation = uuid.uuid4().hex
         self.written = 0
         self.failed_cols: dict[str, list] | None = None  # a batch whose write failed
         # Searches (POST /v1/search): the same life cycle, kept apart from predict's.
@@ -432,7 +436,8 @@ class ComparatorCore:
     # -------------------------------------------------------------- report
     def routing(self) -> dict[str, Any]:
         return {"primary": self.state["primary"], "shadow_fraction": self.state["shadow_fraction"],
-                "epoch": self.state["epoch"], "revision": self.state["revision"]}
+                "epoch": self.state["epoch"], "revision": self.state["revision"],
+                "incarnation": self.incarnation}
 
     def report(self) -> dict[str, Any]:
         primary = self.state["primary"]
@@ -551,18 +556,28 @@ class ComparatorCore:
         self.pending_labels = list(labels) + self.pending_labels
 
     # ------------------------------------------------------------ routing
+    def change_routing(self, **changes: Any) -> None:
+        """Apply ``changes`` to the state as one new revision, saved before anyone sees it.
+
+        Routers learn the state from every answer, so a change must not be
+        visible before it is stored (a failed write would leave routers ahead of
+        what a restarted comparator restores): the new state is written first
+        and only then replaces the one in memory. A failed write raises and
+        changes nothing.
+        """
+        state = {**self.state, **changes, "revision": self.state["revision"] + 1}
+        self.log.write_state(state)
+        self.state = state
+
     def switch(self, to: str, *, action: str, forced: bool, reason: str,
                gates: dict[str, Any] | None) -> None:
-        previous = self.state["primary"]
-        self.state["primary"] = to
-        self.state["epoch"] += 1
-        self.state["revision"] += 1
-        self.state["history"] = (self.state["history"] + [{
+        previous, epoch = self.state["primary"], self.state["epoch"] + 1
+        history = (self.state["history"] + [{
             "action": action, "at": time.time(), "from": self.refs[previous],
             "to": self.refs[to], "forced": forced, "reason": reason,
             "failing_gates": gates["failing"] if gates else [],
-            "epoch": self.state["epoch"]}])[-_HISTORY:]
-        self.log.write_state(self.state)
+            "epoch": epoch}])[-_HISTORY:]
+        self.change_routing(primary=to, epoch=epoch, history=history)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
@@ -682,9 +697,11 @@ class Comparator:
 
     async def set_fraction(self, fraction: float) -> dict[str, Any]:
         self._start()
-        self._core.state["shadow_fraction"] = float(fraction)
-        self._core.state["revision"] += 1
-        await asyncio.to_thread(self._core.log.write_state, self._core.state)
+        try:
+            await asyncio.to_thread(self._core.change_routing, shadow_fraction=float(fraction))
+        except Exception as e:  # noqa: BLE001 - report any storage failure to the admin
+            return {"status": 503, "detail": f"the shadow fraction was not changed: could not "
+                                             f"save the routing state: {e}", **self._core.routing()}
         log.info("shadow fraction set to %.3f", fraction)
         return {"status": 200, **self._core.routing()}
 
@@ -739,8 +756,17 @@ class Comparator:
                                                  f"{alias!r} in the registry: {e}",
                         **core.routing()}
         forced = gates is not None and not gates["passed"]
-        await asyncio.to_thread(core.switch, to, action=action, forced=forced, reason=reason,
-                                gates=gates)
+        try:
+            await asyncio.to_thread(core.switch, to, action=action, forced=forced, reason=reason,
+                                    gates=gates)
+        except Exception as e:  # noqa: BLE001 - report any storage failure to the admin
+            if alias:  # put the alias back where the unchanged routing is
+                try:
+                    await asyncio.to_thread(self._set_alias, core.refs[core.state["primary"]], alias)
+                except Exception:  # noqa: BLE001
+                    log.exception("could not move %r back after the failed %s", alias, action)
+            return {"status": 503, "detail": f"{action} aborted: could not save the routing "
+                                             f"state: {e}", **core.routing()}
         log.info("%s: %s is primary now (epoch %d)", action, core.refs[to], core.state["epoch"])
         return {"status": 200, "detail": f"{action} done: {core.refs[to]} is primary",
                 "gates": gates, **core.routing()}
