@@ -13,17 +13,12 @@ import uuid
 
 import pytest
 
-# Ray Data's V1 Parquet reader for the whole session, set before any Ray
-# process starts so the session's Ray, the multi-node clusters, Tune trials and
-# Ray jobs all inherit it. The V2 reader (Ray 2.60's default) starts a pool of
-# up to 32 footer-reading actors for every read_parquet, even of one small
-# file: 5-15 s per read on this 2-core machine against 0.2-1 s for V1, and
-# every training run reads two splits. It changes how fast the data is read,
-# not what the tests check; test_data.py (a split) and test_train.py (the
-# cached old outputs) still read through the V2 reader (``ray_data_v2_reader``).
-# (The Train controller's poll interval, the other per-epoch cost here, is the
-# product's own default: graceful_ray.train.trainer.CONTROLLER_POLL_S.)
-os.environ.setdefault("RAY_DATA_USE_DATASOURCE_V2", "0")
+# Ray Data's Parquet reader is the product's own choice (graceful_ray.data.reader:
+# V1 for the few files of a split, which on 2 cores costs 0.2-1 s where Ray
+# 2.60's default V2 starts a pool of footer-reading actors). test_data.py (a
+# split) and test_train.py (the cached old outputs) read through V2 as well
+# (``ray_data_v2_reader``). So does the Train controller's poll interval
+# (graceful_ray.train.trainer.CONTROLLER_POLL_S).
 
 
 def _free_port() -> int:
@@ -129,15 +124,23 @@ def ray_module(_ray_for_session):
 
 @pytest.fixture
 def ray_data_v2_reader():
-    """Ray Data's default (V2) Parquet reader in this process for the test, as a
-    user's Ray 2.60 has it (the session uses V1, see the top of this file)."""
+    """Ray Data's V2 Parquet reader in this process for the test, as a user who
+    sets RAY_DATA_USE_DATASOURCE_V2=1 has it (small reads otherwise take V1, see
+    graceful_ray.data.reader)."""
     import ray.data
 
+    from graceful_ray.data.reader import RAY_READER_ENV
+
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2
+    saved, saved_env = ctx.use_datasource_v2, os.environ.get(RAY_READER_ENV)
     ctx.use_datasource_v2 = True
+    os.environ[RAY_READER_ENV] = "1"  # the user's explicit choice, which the product follows
     yield
     ctx.use_datasource_v2 = saved
+    if saved_env is None:
+        os.environ.pop(RAY_READER_ENV, None)
+    else:
+        os.environ[RAY_READER_ENV] = saved_env
 
 
 @pytest.fixture(scope="module")

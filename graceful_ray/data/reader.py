@@ -2,26 +2,37 @@
 
 Ray 2.60 reads Parquet through its DataSource V2 by default. V2 lists files and
 reads their footers with a pool of actors, which pays off over thousands of
-files; for the few files of a split or a cached-output table it is pure start-up
-cost. Measured on a 2-core machine, one 14,000-row MNIST-1D split (one file),
-iterated to the end: 20-37 s through V2, 0.2-1 s through V1
-(benchmarks/results/train_overhead.md). Every training run reads two splits, so
-that was most of a short run's wall time.
+files; for the few files of a split or a cached-output table it is start-up cost.
+Measured on a 2-core machine: one 14,000-row MNIST-1D split (one file), read and
+iterated to the end while a benchmark kept both cores busy, took 20-37 s through
+V2 and 0.2-1 s through V1; on the quiet machine a whole 10-epoch training run,
+which reads two splits, took 1.16x as long with V2
+(benchmarks/results/train_overhead.md).
 
-So reads of up to ``SMALL_READ_FILES`` files go through V1, larger ones through
-Ray's default. Setting ``RAY_DATA_USE_DATASOURCE_V2`` in the environment is an
-explicit choice and always wins: then the ``DataContext`` decides, as in plain Ray.
+So reads of up to ``SMALL_READ_FILES`` files go through V1, larger ones (and
+reads that need V2-only arguments) through Ray's default. ``paths`` are files,
+not directories. Setting ``RAY_DATA_USE_DATASOURCE_V2`` in the environment is an
+explicit choice and always wins: then the ``DataContext`` decides, as in plain
+Ray. (A ``DataContext.use_datasource_v2 = True`` set in code without the
+variable is Ray's default as far as this module can tell, and is overridden for
+small reads.)
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Sequence
 
 #: Up to this many files, a read goes through Ray Data's V1 Parquet reader.
 SMALL_READ_FILES = 64
 #: Ray Data's own switch; when it is set, we leave the choice to Ray.
 RAY_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+#: Arguments only V2 implements (V1 raises on them).
+V2_ONLY_ARGUMENTS = ("ignore_missing_paths", "skip_paths")
+# The DataContext is one object per process: two threads flipping it at once
+# could leave it flipped.
+_context_lock = threading.Lock()
 
 
 def uses_v1_reader(num_files: int) -> bool:
@@ -34,14 +45,15 @@ def read_parquet(paths: Sequence[str] | str, *, filesystem: Any = None, **kwargs
     import ray.data
 
     paths = [paths] if isinstance(paths, str) else list(paths)
-    if not uses_v1_reader(len(paths)):
+    if not uses_v1_reader(len(paths)) or any(kwargs.get(k) for k in V2_ONLY_ARGUMENTS):
         return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
     # The reader is picked when the read is planned, here on the driver; the
     # dataset keeps that plan, so the context is restored at once.
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = saved
+    with _context_lock:
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.use_datasource_v2
+        ctx.use_datasource_v2 = False
+        try:
+            return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
+        finally:
+            ctx.use_datasource_v2 = saved
