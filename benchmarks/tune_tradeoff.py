@@ -16,6 +16,10 @@ selection rule would pick at several budgets.
 
 Usage:
     python benchmarks/tune_tradeoff.py --samples 20000 --epochs 8 --trials 16
+    # PCT's regime (v1 on 90% of train, close to v2), distillation on standardized logits:
+    python benchmarks/tune_tradeoff.py --samples 20000 --epochs 8 --v1-epochs 15 --trials 16 \
+        --old-fraction 0.9 --hp fd_kind=lm-std --flip-budget 0.015 --root /tmp/graceful-ray-bench/tune-retrain \
+        --out benchmarks/results/tune_tradeoff_retrain
 Results: benchmarks/results/tune_tradeoff.{md,json,png}
 """
 
@@ -90,6 +94,11 @@ def main() -> None:
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--flip-budget", type=float, default=0.03)
+    p.add_argument("--old-fraction", type=float, default=0.3, help="share of train v1 sees (old_train)")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="fixed method hyperparameter for every trial, e.g. fd_kind=lm-std")
+    p.add_argument("--space", action="append", default=[], metavar="NAME=RANGE",
+                   help="search range override, as `graceful-ray tune --space`")
     p.add_argument("--root", default="/tmp/graceful-ray-bench/tune")
     p.add_argument("--data", help="an existing MNIST-1D dataset (default <root>/data, generated)")
     p.add_argument("--run-name", default="tradeoff-fd")
@@ -106,9 +115,12 @@ def main() -> None:
     t0 = time.time()
     start_ray()
     if not os.path.exists(data):
-        run(["data", "make", "mnist1d", "--out", data, "--samples", str(args.samples), "--seed", "0"], commands)
+        run(["data", "make", "mnist1d", "--out", data, "--samples", str(args.samples), "--seed", "0",
+             "--old-fraction", str(args.old_fraction)], commands)
+    from graceful_ray.data import read_info
     from graceful_ray.registry import Registry
 
+    old_fraction = read_info(data).scenario.get("old_fraction")  # what the data has, whoever made it
     if "mnist1d" not in Registry(registry).list_models():
         run(["train", "--data", data, "--train-split", "old_train", "--name", "mnist1d", "--model", "cnn1d",
              "--model-arg", f"channels={args.channels}", "--epochs", str(args.v1_epochs),
@@ -120,6 +132,10 @@ def main() -> None:
                 "--trials", str(args.trials), "--max-concurrent", str(args.max_concurrent),
                 "--cpus-per-worker", str(args.cpus_per_worker), "--flip-budget", str(args.flip_budget),
                 "--registry", registry, "--storage", tune]
+    for hp in args.hp:
+        tune_cmd += ["--hp", hp]
+    for space in args.space:
+        tune_cmd += ["--space", space]
     if os.path.exists(os.path.join(run_dir, "search.json")):
         tune_cmd += ["--resume", args.run_name]
     else:
@@ -145,12 +161,13 @@ def main() -> None:
     lines = [
         "# Trade-off search: focal distillation on MNIST-1D (Ray Tune + Optuna NSGA-II)", "",
         f"{len(records)} trials ({summary['counts']}), {args.epochs} epochs each, cnn1d(channels={args.channels}), "
-        f"{args.samples} MNIST-1D samples, v1 trained on old_train (30% of train) for {args.v1_epochs} epochs. "
+        f"{args.samples} MNIST-1D samples, v1 trained on old_train ({round(100 * old_fraction)}% of train) "
+        f"for {args.v1_epochs} epochs. Fixed hyperparameters: {', '.join(args.hp) or 'none'}. "
         f"Validation rows: {int(complete[0].value('val_rows')) if complete else 'n/a'}. "
         f"Wall time {wall / 60:.1f} min on a shared 2-core machine (Ray with 4 logical CPUs, "
         f"{args.max_concurrent} trials at a time, {args.cpus_per_worker} CPU per Train worker).", "",
         "Commands:", "", "```", *commands, "```", "",
-        f"Old model (v1) validation accuracy: {old_acc:.4f}. Plot: `benchmarks/results/tune_tradeoff.png` "
+        f"Old model (v1) validation accuracy: {old_acc:.4f}. Plot: `benchmarks/results/{os.path.basename(args.out)}.png` "
         f"(run copy: `{run_dir}/pareto.png`).", "",
         "## Pareto front (accuracy up, NFR down)", "",
         "| trial | fd_lambda | fd_beta | lr | accuracy | NFR | NFR upper 95% | PFR |",

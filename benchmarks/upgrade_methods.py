@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 
 METHODS = {
@@ -123,14 +124,16 @@ def main() -> None:
 
     def train(key, **kw):
         """Train once per key (the JSON doubles as a resume log for this script)."""
-        if key in results["runs"] and registered(results["runs"][key].get("ref", "")):
-            return results["runs"][key]["ref"]
+        run = results["runs"].get(key, {})
+        if registered(run.get("ref", "")) and run.get("old") == kw.get("old"):
+            return run["ref"]  # trained against the same parent, and still in the registry
         t0 = time.perf_counter()
         cfg = UpgradeConfig(registry=registry, storage=storage, epochs=args.epochs, batch_size=128, lr=3e-3,
                             name=key.split("/")[0], run_name=key.replace("/", "-"), cpus_per_worker=2.0,
                             workers=args.workers, max_failures=1, **kw)
         r = run_upgrade(cfg)
-        results["runs"][key] = {"ref": r.model_ref, "train_s": time.perf_counter() - t0, "val": r.metrics}
+        results["runs"][key] = {"ref": r.model_ref, "old": kw.get("old"), "train_s": time.perf_counter() - t0,
+                                "val": r.metrics}
         save()
         print(f"  trained {key} -> {r.model_ref} in {time.perf_counter() - t0:.0f}s "
               f"(val acc {r.metrics['val_accuracy']:.4f})", flush=True)
@@ -199,7 +202,9 @@ def write_markdown(results, args) -> None:
              "Commands: `python benchmarks/upgrade_methods.py --samples 20000 --epochs 15 --workers 0 "
              "--seeds 0 1 2` (same-arch, arch-up, class-incremental); the retrain scenario with "
              "`--seeds 0 1 2 3 4 --parts pct --scenarios retrain --methods plain kd fd-kl fd-lm bct "
-             "fd-lm-std-0.3 kd-lm-std-1.7`.", "",
+             "fd-lm-std-0.3 kd-lm-std-1.7`. The rows are what the results JSON holds (the seeds "
+             "column says which); the last invocation was `python benchmarks/upgrade_methods.py "
+             f"{' '.join(sys.argv[1:])}`.", "",
              "Test split, mean ± standard deviation over seeds, in percent.", ""]
     for scen, (old_kw, new_kw, old_fraction) in SCENARIOS.items():
         rows = []

@@ -629,7 +629,6 @@ def test_cosine_bct_meets_the_compatibility_criterion_when_classes_are_added(one
     msg = f"top-1 overall {overall}; on the added classes {on_added}"
     print(msg)  # visible with -s
     assert overall["cosine"] > overall["old/old"] + 0.02, msg  # the criterion, with a margin
-    assert overall["linear"] < overall["old/old"], msg  # the paper's linear loss misses it here
     assert on_added["cosine"] > on_added["linear"] + 0.2, msg  # because of the added classes
 
 
