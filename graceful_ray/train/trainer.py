@@ -26,11 +26,14 @@ from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
 logger = logging.getLogger(__name__)
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S
-# (2 s by default) and takes one report per poll; a worker's ``ray.train.report``
-# waits for it. So every epoch waited up to 2 s: on small epochs (MNIST-1D, about
-# 1 s) that was most of Ray Train's overhead against a plain PyTorch loop
-# (benchmarks/results/train_overhead.md). Train hands the driver's value on to the
-# controller and the workers; ours applies unless the environment sets one.
+# (2 s by default) and takes one report per poll; a worker's report queue holds
+# one, so its next ``ray.train.report`` blocks until the poll. On short epochs
+# (MNIST-1D: 0.6 s) every epoch waited for it: Ray Train took 3.8x the wall time of
+# a plain PyTorch loop, 1.25x at 0.5 s (benchmarks/results/train_overhead.md).
+# Polling faster did not pay there: at 0.2 s the wait was as short, but the polls
+# took CPU from a loop that uses every core (1.52x). Train hands the driver's
+# value on to the controller and the workers; ours applies unless the
+# environment sets one.
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 CONTROLLER_POLL_S = "0.5"
 
