@@ -178,7 +178,7 @@ def test_bct_with_mismatched_embedding_dims_says_what_to_do(v1, workspace):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(epochs=0), "epochs"), (dict(workers=-1), "workers"), (dict(lr=-1), "lr"),
-    (dict(run_name="has space"), "run name"),
+    (dict(run_name="has space"), "run name"), (dict(lr_schedule="step"), "lr_schedule must be one of"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -211,3 +211,17 @@ def test_fit_makes_the_train_controller_poll_often_unless_the_environment_says(m
     assert trainer_module.fit(Recorder()) == trainer_module.CONTROLLER_POLL_S == "0.5"
     monkeypatch.setenv(trainer_module.CONTROLLER_POLL_ENV, "2")
     assert trainer_module.fit(Recorder()) == "2"
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_is_what_the_run_trains_with(ray_module, workspace, schedule):
+    """The optimizer state the run checkpoints at its end: cosine decays to 0, constant keeps lr."""
+    from graceful_ray.train.loop import latest_local_checkpoint, load_checkpoint_dir
+
+    cfg = _cfg(workspace, epochs=2, workers=0, lr=2e-3, lr_schedule=schedule, run_name=f"lr-{schedule}",
+               publish=False)
+    run_upgrade(cfg)
+    with latest_local_checkpoint(cfg.resolved()).as_directory() as d:
+        _, opt_state, _ = load_checkpoint_dir(d)
+    lr = opt_state["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(2e-3 if schedule == "constant" else 0.0, abs=1e-9)

@@ -43,6 +43,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine decay to 0 over the run (default), or a constant learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment-noise", type=float, default=0.0,
@@ -67,6 +69,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, model=args.model, model_kwargs=parse_kv(args.model_arg), method=args.method,
         hparams=parse_kv(args.hp), old=args.old, name=args.name, train_split=args.train_split,
         val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, seed=args.seed, augment_noise=args.augment_noise,
         augment_shift=args.augment_shift, workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, placement_strategy="SPREAD" if args.spread else "PACK",

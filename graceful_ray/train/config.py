@@ -29,6 +29,9 @@ def generate_run_name(prefix: str = "upgrade") -> str:
     return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class UpgradeConfig:
     """One training run: data, model, method, old model, and how to run it.
@@ -49,6 +52,10 @@ class UpgradeConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 3e-3
+    # "cosine": decay to 0 over the run (the default); "constant": the same lr
+    # throughout. The choice changes how many flips there are to remove: see
+    # benchmarks/results/upgrade_methods.md (retrain scenarios).
+    lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
     seed: int = 0
     # Feature-space augmentation (Gaussian noise std, random circular shift);
@@ -78,6 +85,8 @@ class UpgradeConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 1 (or 0 for Ray Train's local mode), got {self.workers}")
         if self.cpus_per_worker <= 0:

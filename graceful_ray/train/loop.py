@@ -228,7 +228,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     old_class_ids = torch.tensor(ctx_data["old_class_positions"], device=device) \
         if ctx_data.get("old_class_positions") is not None else None
 
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
+    if cfg.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
+    else:  # constant: still a scheduler, so checkpoints have the same shape
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     start_epoch, history = 0, []
     local_mode = cfg.workers == 0
     checkpoint = latest_local_checkpoint(cfg) if local_mode else ray.train.get_checkpoint()
