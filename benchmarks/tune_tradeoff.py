@@ -95,6 +95,8 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--flip-budget", type=float, default=0.03)
     p.add_argument("--old-fraction", type=float, default=0.3, help="share of train v1 sees (old_train)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="v1's and every trial's learning-rate schedule")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="fixed method hyperparameter for every trial, e.g. fd_kind=lm-std")
     p.add_argument("--space", action="append", default=[], metavar="NAME=RANGE",
@@ -125,13 +127,14 @@ def main() -> None:
         run(["train", "--data", data, "--train-split", "old_train", "--name", "mnist1d", "--model", "cnn1d",
              "--model-arg", f"channels={args.channels}", "--epochs", str(args.v1_epochs),
              "--cpus-per-worker", "1", "--registry", registry, "--storage", runs, "--run-name", "v1",
-             "--alias", "production"], commands)
+             "--alias", "production", "--lr-schedule", args.lr_schedule], commands)
     run_dir = os.path.join(tune, args.run_name)
     tune_cmd = ["tune", "--data", data, "--old", "mnist1d@v1", "--method", "fd", "--name", "mnist1d",
                 "--model", "cnn1d", "--model-arg", f"channels={args.channels}", "--epochs", str(args.epochs),
                 "--trials", str(args.trials), "--max-concurrent", str(args.max_concurrent),
                 "--cpus-per-worker", str(args.cpus_per_worker), "--flip-budget", str(args.flip_budget),
                 "--registry", registry, "--storage", tune]
+    tune_cmd += ["--lr-schedule", args.lr_schedule]
     for hp in args.hp:
         tune_cmd += ["--hp", hp]
     for space in args.space:
@@ -162,7 +165,8 @@ def main() -> None:
         "# Trade-off search: focal distillation on MNIST-1D (Ray Tune + Optuna NSGA-II)", "",
         f"{len(records)} trials ({summary['counts']}), {args.epochs} epochs each, cnn1d(channels={args.channels}), "
         f"{args.samples} MNIST-1D samples, v1 trained on old_train ({round(100 * old_fraction)}% of train) "
-        f"for {args.v1_epochs} epochs. Fixed hyperparameters: {', '.join(args.hp) or 'none'}. "
+        f"for {args.v1_epochs} epochs, learning-rate schedule {args.lr_schedule}. "
+        f"Fixed hyperparameters: {', '.join(args.hp) or 'none'}. "
         f"Validation rows: {int(complete[0].value('val_rows')) if complete else 'n/a'}. "
         f"Wall time {wall / 60:.1f} min on a shared 2-core machine (Ray with 4 logical CPUs, "
         f"{args.max_concurrent} trials at a time, {args.cpus_per_worker} CPU per Train worker).", "",

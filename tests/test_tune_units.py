@@ -318,3 +318,16 @@ def test_interrupted_search_writes_outputs_but_selects_nothing(tmp_path):
     done = report_from_records(settings, records, SelectionRule(flip_budget=0.5, publish=False))
     assert not done.interrupted and done.selection.record.trial_id == "t1"
     assert "| t2 | early stopped |" in (tmp_path / "r" / "pareto.md").read_text()
+
+
+def test_cli_passes_the_learning_rate_schedule_to_every_trial(tmp_path):
+    import argparse
+
+    from graceful_ray.tune.cli import add_tune_arguments, settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_tune_arguments(p)
+    common = ["--data", str(tmp_path / "d"), "--old", "m@v1", "--storage", str(tmp_path), "--run-name", "r"]
+    assert settings_from_args(p.parse_args(common)).base["lr_schedule"] == "cosine"
+    settings = settings_from_args(p.parse_args(common + ["--lr-schedule", "constant"]))
+    assert settings.base["lr_schedule"] == "constant"

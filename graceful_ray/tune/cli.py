@@ -40,6 +40,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3, help="learning rate when it is not searched")
     g.add_argument("--no-search-lr", action="store_true", help="do not search the learning rate (trade-off search)")
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="every trial's schedule: cosine decay to 0 (default) or a constant learning rate")
     g.add_argument("--seed", type=int, default=0, help="training seed and the NSGA-II sampler's seed")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP) per trial")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -113,7 +115,8 @@ def settings_from_args(args: argparse.Namespace):
     base = UpgradeConfig(
         data=args.data, model=args.model, model_kwargs=model_kwargs, method=method, hparams=hparams, old=args.old,
         name=args.name, train_split=args.train_split, val_split=args.val_split, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, workers=args.workers_per_trial,
+        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
+        workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu, max_failures=1, registry=registry,
         storage=storage, run_name=run_name, publish=False)
     return SearchSettings(
