@@ -297,6 +297,8 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
 
+    if not args.ray_output:  # importing Serve set its driver-side logger back to INFO
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     _step(6, f"Ray Serve in shadow mode: {production} answers, {candidate} sees the same traffic")
     token = secrets.token_urlsafe(24)
     port = args.port or _free_port()
