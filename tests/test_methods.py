@@ -517,6 +517,33 @@ def test_focal_distillation_lowers_negative_flips(one_thread, hp):
     assert acc_fd > old_acc - 0.01, msg  # and still no worse than the model it replaces
 
 
+def _digits_split():
+    """scikit-learn's digits, shuffled once: 500 test rows and the rest to train on."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    return x[:500], y[:500], x[500:], y[500:]
+
+
+def _old_model_on_first_classes(x_pool, y_pool, x_test, n_old: int, seed: int, epochs: int):
+    """An old MLP trained on the classes below ``n_old``: its gallery (the test rows'
+    embeddings) and the context BCT needs (class means for every class)."""
+    seen = y_pool < n_old
+    torch.manual_seed(seed)
+    old = _train(build_model(ModelSpec("mlp", (64,), n_old, MLP)), x_pool[seen], y_pool[seen],
+                 build_method("plain"), seed, epochs)
+    with torch.no_grad():
+        old_emb = old.embed(x_pool)
+        gallery = old.embed(x_test).numpy()
+    ctx = UpgradeContext(num_classes=10, old_classes=list(range(n_old)), old_head_weight=old.head.weight.detach(),
+                         old_head_bias=old.head.bias.detach(), old_embedding_dim=32, new_embedding_dim=32,
+                         old_class_means={c: old_emb[y_pool == c].mean(0) for c in range(10)})
+    return gallery, ctx
+
+
 def test_bct_makes_new_queries_searchable_against_the_old_gallery(one_thread):
     """Old MLP sees digits 0-7 only; new MLPs see 0-9. Search: new queries vs old gallery.
 
@@ -524,25 +551,9 @@ def test_bct_makes_new_queries_searchable_against_the_old_gallery(one_thread):
     BCT, with synthesized old-head rows for 8 and 9, lands in the old space.
     Numbers seen: old/old top-1 0.92; new/old plain 0.05, BCT 0.82.
     """
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    x_test, y_test, x_pool, y_pool = x[:500], y[:500], x[500:], y[500:]
+    x_test, y_test, x_pool, y_pool = _digits_split()
     epochs = 20
-
-    seen = y_pool < 8
-    torch.manual_seed(0)
-    old = _train(build_model(ModelSpec("mlp", (64,), 8, MLP)), x_pool[seen], y_pool[seen],
-                 build_method("plain"), 0, epochs)
-    with torch.no_grad():
-        old_emb = old.embed(x_pool)
-        gallery = old.embed(x_test).numpy()
-    ctx = UpgradeContext(num_classes=10, old_classes=list(range(8)), old_head_weight=old.head.weight.detach(),
-                         old_head_bias=old.head.bias.detach(), old_embedding_dim=32, new_embedding_dim=32,
-                         old_class_means={c: old_emb[y_pool == c].mean(0) for c in range(10)})
+    gallery, ctx = _old_model_on_first_classes(x_pool, y_pool, x_test, 8, 0, epochs)
 
     def top1(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
         """Cosine nearest neighbour, leave-one-out: hit when the neighbour shares the label."""
@@ -585,13 +596,7 @@ def test_cosine_bct_meets_the_compatibility_criterion_when_classes_are_added(one
     and on digits 5-9: old/old 0.732, 0.756 (new classes 0.502, 0.573); linear new/old
     0.524, 0.626 (0.154, 0.361); cosine new/old 0.838, 0.776 (0.793, 0.714).
     """
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[perm], y[perm]
-    x_test, y_test, x_pool, y_pool = x[:500], y[:500], x[500:], y[500:]
+    x_test, y_test, x_pool, y_pool = _digits_split()
     labels = y_test.numpy()
     added = labels >= 5
 
@@ -605,16 +610,7 @@ def test_cosine_bct_meets_the_compatibility_criterion_when_classes_are_added(one
 
     hits: dict[str, list[np.ndarray]] = {"old/old": [], "linear": [], "cosine": []}
     for seed in (0, 1):
-        seen = y_pool < 5
-        torch.manual_seed(seed)
-        old = _train(build_model(ModelSpec("mlp", (64,), 5, MLP)), x_pool[seen], y_pool[seen],
-                     build_method("plain"), seed, 20)
-        with torch.no_grad():
-            old_emb = old.embed(x_pool)
-            gallery = old.embed(x_test).numpy()
-        ctx = UpgradeContext(num_classes=10, old_classes=list(range(5)), old_head_weight=old.head.weight.detach(),
-                             old_head_bias=old.head.bias.detach(), old_embedding_dim=32, new_embedding_dim=32,
-                             old_class_means={c: old_emb[y_pool == c].mean(0) for c in range(10)})
+        gallery, ctx = _old_model_on_first_classes(x_pool, y_pool, x_test, 5, seed, 20)
         hits["old/old"].append(top1(gallery, gallery))
         for kind in ("linear", "cosine"):
             method = build_method("bct", bct_kind=kind)
