@@ -6,8 +6,8 @@ files; for the few files of a split or a cached-output table it is start-up cost
 Measured on a 2-core machine: one 14,000-row MNIST-1D split (one file), read and
 iterated to the end while a benchmark kept both cores busy, took 20-37 s through
 V2 and 0.2-1 s through V1; on the quiet machine a whole 10-epoch training run,
-which reads two splits, took 1.16x as long with V2
-(benchmarks/results/train_overhead.md).
+which reads two splits, took 1.31x as long with V2 (41.9 s against 32.0 s,
+benchmarks/results/train_overhead.md).
 
 So reads of up to ``SMALL_READ_FILES`` files go through V1, larger ones (and
 reads that need V2-only arguments) through Ray's default. ``paths`` are files,

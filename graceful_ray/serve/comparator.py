@@ -153,8 +153,7 @@ class ComparatorCore:
                     f"{saved.get('baseline')} vs {saved.get('candidate')}, not "
                     f"{self.refs[BASELINE]} vs {self.refs[CANDIDATE]}: give a fresh storage path")
             self.state.update({k: saved[k] for k in ("primary", "shadow_fraction", "epoch",
-                                                     "revision", "history", "gates")
-                               if k in saved})
+                                                     "history", "gates") if k in saved})
             # A state saved before revisions existed: its epoch counted every switch.
             self.state["revision"] = int(saved.get("revision", self.state["epoch"]))
             self.gates = GateConfig.from_dict(self.state["gates"])

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.train.config import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine decay to 0 over the run (default), or a constant learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)

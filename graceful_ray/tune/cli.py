@@ -12,6 +12,7 @@ import logging
 import os
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.train.config import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3, help="learning rate when it is not searched")
     g.add_argument("--no-search-lr", action="store_true", help="do not search the learning rate (trade-off search)")
-    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="every trial's schedule: cosine decay to 0 (default) or a constant learning rate")
     g.add_argument("--seed", type=int, default=0, help="training seed and the NSGA-II sampler's seed")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP) per trial")
