@@ -97,7 +97,8 @@ def build_app(config: ShadowConfig):
                config.torch_threads,
                # shadow-only when the primary runs in the router: background priority
                config.background_nice if config.primary_in_ingress else 0,
-               config.gallery, config.gallery_poll_s)
+               config.gallery, config.gallery_poll_s,
+               sched_idle=config.shadow_sched_idle and config.primary_in_ingress)
     all_classes = sorted(set(classes[BASELINE]) | set(classes[CANDIDATE]))
     comparator = Comparator.options(
         name="comparator", num_replicas=1,

@@ -29,8 +29,8 @@ class ModelReplica:
 
     def __init__(self, registry_root: str, ref: str, batching: Batching, num_gpus: float = 0.0,
                  torch_threads: int = 1, nice: int = 0, gallery: str | None = None,
-                 gallery_poll_s: float = 2.0) -> None:
-        lower_priority(nice)
+                 gallery_poll_s: float = 2.0, sched_idle: bool = False) -> None:
+        lower_priority(nice, idle=sched_idle)
         self._runner = ModelRunner(registry_root, ref, device=pick_device(num_gpus),
                                    torch_threads=torch_threads)
         # With a gallery, this version also answers (shadow) searches; a version the

@@ -116,15 +116,42 @@ def cut(pred: Prediction, sizes: list[int]) -> list[Prediction]:
     return out
 
 
-def lower_priority(nice: int) -> None:
+def lower_priority(nice: int, *, idle: bool = False) -> None:
     """Make this (background) process yield the CPU to the primary's processes.
 
     When the primary runs inside the router, model deployments only ever serve
     shadow copies: best-effort work that must not slow callers down. On a busy
     node the OS scheduler then favours the router and the HTTP proxy.
+
+    Every thread of the process is changed, not just the caller: on Linux a
+    niceness belongs to a thread, and a Ray worker's gRPC and core threads (which
+    receive and answer each shadow call) already exist when a replica starts.
+    Threads started later inherit the setting from the thread that starts them.
+
+    ``idle``: the Linux ``SCHED_IDLE`` policy, under which a thread runs only on a
+    CPU that nothing else wants and is preempted as soon as anything else wakes
+    there. A niceness only weights the share (Ray already starts its workers at
+    niceness 15, so +10 moves a shadow from weight 36 to 15 against the router's
+    36); ``SCHED_IDLE`` gives it weight 3 and no claim to preempt the primary.
     """
-    if nice > 0:
+    if nice <= 0 and not idle:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # pragma: no cover - not Linux: only the calling thread
+        tids = [0]
+    failed: list[str] = []
+    for tid in tids:
         try:
-            os.nice(nice)
-        except OSError as e:  # pragma: no cover - platforms without nice
-            log.warning("could not lower the process priority: %s", e)
+            if nice > 0:
+                now = os.getpriority(os.PRIO_PROCESS, tid)
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, now + nice))
+            if idle:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except (OSError, AttributeError) as e:  # pragma: no cover - no such policy here
+            failed.append(f"{tid}: {e}")
+    if failed:  # pragma: no cover
+        log.warning("could not lower the priority of %d of %d threads (%s)", len(failed),
+                    len(tids), failed[0])
