@@ -201,6 +201,17 @@ def _payloads(n: int = 256, seed: int = 0) -> list[bytes]:
 
 
 LOADAVG: list[float] = []  # 1-minute load average after every phase
+STEAL: list[float] = []    # share of CPU time the hypervisor took, per phase (a shared VM)
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies over all CPUs, from /proc/stat; None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def loadgen(mode: str, url: str, clients: int, rate: float, duration: float,
@@ -209,6 +220,7 @@ def loadgen(mode: str, url: str, clients: int, rate: float, duration: float,
     cmd = [sys.executable, os.path.abspath(__file__), "--_loadgen", json.dumps(
         {"mode": mode, "url": url, "clients": clients, "rate": rate, "duration": duration,
          "warmup": warmup})]
+    before = _cpu_ticks()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
@@ -216,6 +228,9 @@ def loadgen(mode: str, url: str, clients: int, rate: float, duration: float,
         LOADAVG.append(os.getloadavg()[0])
     except OSError:
         pass
+    after = _cpu_ticks()
+    if before and after and after[1] > before[1]:
+        STEAL.append((after[0] - before[0]) / (after[1] - before[1]))
     return json.loads(out.stdout)
 
 
@@ -391,16 +406,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs[key].append(loadgen("closed", urls[app], args.clients, 0, args.duration,
                                          args.warmup))
         for key, rs in runs.items():
-            results[key] = _pool(rs, args.duration)
+            if rs:
+                results[key] = _pool(rs, args.duration)
         results["throughput_ratios"] = {
             f"{a}/{b}": _round_ratios(runs[a], runs[b], "throughput")
             for a, b in (("app_on", "plain"), ("app_off", "plain"), ("app_on", "app_off"),
-                         ("alt_off", "app_off"), ("alt_on", "app_on")) if a in runs}
+                         ("alt_off", "app_off"), ("alt_on", "app_on")) if runs.get(a)}
 
         # 2. primary latency at a steady open-loop rate, off vs on, alternating
         rate = args.rate or max(10.0, round(0.4 * results["app_on"]["throughput"]))
         results["rate"] = rate
-        for name in ("normal", "slow", "raising"):
+        for name in args.shadows.split(","):
             phases: dict[str, list] = {"off": [], "on": []}
             for r in range(args.latency_rounds):
                 order = ((0.0, "off"), (1.0, "on")) if r % 2 == 0 else ((1.0, "on"), (0.0, "off"))
@@ -423,6 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve.shutdown()
         ray.shutdown()
     results["loadavg_1min_per_phase"] = LOADAVG
+    results["steal_per_phase"] = STEAL
     return results
 
 
@@ -495,31 +512,33 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
         "are noisy. Every configuration is measured in short phases interleaved in rounds "
         "(order rotated), and ratios are the median of per-round ratios of adjacent phases. "
         f"Serve levers: `{res['levers']}`. Model: cnn1d (1x40 input, 32 channels, depth 3), "
-        "one input per request. Loopback only.",
+        "one input per request. Loopback only." + (
+            f" CPU time taken by the hypervisor (steal) per phase: up to "
+            f"{100 * max(res['steal_per_phase']):.1f}%." if res.get("steal_per_phase") else ""),
         "",
-        f"## Throughput, closed loop, {res['clients']} clients, {res['rounds']} rounds x "
-        f"{res['duration_s']:.0f} s",
-        "",
-        "| server | req/s | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|",
     ]
-    rows = [("plain FastAPI + uvicorn + torch, one process", "plain"),
-            ("shadow app, shadow off (primary in router)", "app_off"),
-            ("shadow app, shadow 100% (primary in router)", "app_on"),
-            ("primary in its own deployment, shadow off", "alt_off"),
-            ("primary in its own deployment, shadow 100%", "alt_on")]
-    for label, key in rows:
-        if key in res:
-            r = res[key]
-            lines.append(f"| {label} | {r['throughput']:.0f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['errors']} |")
-    lines += ["",
-              f"- shadow app at 100% / plain server: {ratio('app_on/plain')}",
-              f"- shadow app, shadow off / plain server: {ratio('app_off/plain')}",
-              f"- shadow 100% / shadow off (same app): {ratio('app_on/app_off')}",
-              f"- primary in its own deployment / primary in router, shadow off: "
-              f"{ratio('alt_off/app_off')}; shadow 100%: {ratio('alt_on/app_on')}",
-              ""]
+    if "app_on" in res:
+        lines += [f"## Throughput, closed loop, {res['clients']} clients, {res['rounds']} "
+                  f"rounds x {res['duration_s']:.0f} s", "",
+                  "| server | req/s | p50 ms | p99 ms | errors |",
+                  "|---|---:|---:|---:|---:|"]
+        rows = [("plain FastAPI + uvicorn + torch, one process", "plain"),
+                ("shadow app, shadow off (primary in router)", "app_off"),
+                ("shadow app, shadow 100% (primary in router)", "app_on"),
+                ("primary in its own deployment, shadow off", "alt_off"),
+                ("primary in its own deployment, shadow 100%", "alt_on")]
+        for label, key in rows:
+            if key in res:
+                r = res[key]
+                lines.append(f"| {label} | {r['throughput']:.0f} | {r['p50_ms']:.1f} | "
+                             f"{r['p99_ms']:.1f} | {r['errors']} |")
+        lines += ["",
+                  f"- shadow app at 100% / plain server: {ratio('app_on/plain')}",
+                  f"- shadow app, shadow off / plain server: {ratio('app_off/plain')}",
+                  f"- shadow 100% / shadow off (same app): {ratio('app_on/app_off')}",
+                  f"- primary in its own deployment / primary in router, shadow off: "
+                  f"{ratio('alt_off/app_off')}; shadow 100%: {ratio('alt_on/app_on')}",
+                  ""]
     lines += [f"## Primary latency, open loop at {res['rate']:.0f} req/s, shadow 100% vs off",
               "", "Client-side latency from each request's scheduled send time; "
               "off/on phases alternate. Ratio = median over rounds of (on / off) of the "
@@ -571,8 +590,12 @@ def main() -> int:
     p.add_argument("--layouts", default="ingress,deployment")
     p.add_argument("--num-cpus", type=int, default=8,
                    help="logical CPUs for Ray's scheduler (the apps ask for 4.4 in all)")
+    p.add_argument("--shadows", default="normal,slow,raising",
+                   help="which shadow kinds the latency part measures")
     p.add_argument("--name", default="serve_shadow", help="results file stem")
     args = p.parse_args()
+    if args.rounds == 0 and args.rate is None:
+        p.error("--rounds 0 skips the throughput part, which --rate then replaces")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = run(args)
     command = "python benchmarks/serve_shadow.py " + " ".join(sys.argv[1:])

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -108,8 +109,10 @@ def service(ray_module, registry, tmp_path_factory):
                         shadow_timeout_s=10.0),
         "iso": _config(registry, str(logs / "iso"), "iso", "/iso", "m@v3",
                        shadow_timeout_s=SHADOW_SLEEP_S + 2, production_alias=None),
+        # only its exceptions count; one call per copy, and a breaker that stays open
         "fail": _config(registry, str(logs / "fail"), "fail", "/fail", "m@v4",
-                        shadow_timeout_s=30.0, production_alias=None),  # only its exceptions count
+                        shadow_timeout_s=30.0, production_alias=None, shadow_coalesce_s=0.0,
+                        shadow_breaker_failures=3, shadow_breaker_cooldown_s=30.0),
     }
     deploy(*configs.values())
     svc = Service(f"http://127.0.0.1:{port}", configs)
@@ -415,6 +418,39 @@ def test_slow_shadow_never_delays_the_primary(service):
     assert "max_latency_ratio" in rep["gates"]["failing"]
 
 
+def _threads_of(title_prefix: str) -> dict[str, list[tuple[int, int]]]:
+    """``{process title: [(policy, niceness) per thread]}`` of this node's Ray workers."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            if title.startswith(title_prefix):
+                out[title] = [(os.sched_getscheduler(int(t)),
+                               os.getpriority(os.PRIO_PROCESS, int(t)))
+                              for t in os.listdir(f"/proc/{pid}/task")]
+        except (OSError, ValueError):
+            continue  # a process or thread that ended while we looked
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_shadow_replicas_yield_every_thread_to_the_primary(service):
+    """The model deployments only ever run shadow copies (the primary is in the
+    router): all their threads, gRPC ones included, run under SCHED_IDLE, the
+    comparator's are niced, and the router's keep their normal priority."""
+    procs = _threads_of("ray::ServeReplica:main:")
+    models = {t: th for t, th in procs.items() if ":model-m-" in t}
+    assert len(models) == 2 and all(models.values()), sorted(procs)
+    for title, threads in models.items():
+        assert {policy for policy, _ in threads} == {os.SCHED_IDLE}, title
+    (comparator,) = [th for t, th in procs.items() if ":comparator" in t]
+    assert {p for p, _ in comparator} == {os.SCHED_OTHER}
+    assert min(n for _, n in comparator) >= ShadowConfig.background_nice
+    routers = [th for t, th in procs.items() if ":router" in t]
+    assert routers and all(p == os.SCHED_OTHER for th in routers for p, _ in th)
+
+
 def test_dead_shadow_is_counted_and_ignored(service):
     import ray
 
@@ -444,7 +480,11 @@ def test_failing_shadow_is_counted_and_ignored(service):
         assert r.status_code == 200 and r.json()["model"] == "m@v1"
     rep = service.wait_report("fail", lambda r: r["requests"] == 10 and r["in_flight"] == 0)
     errors = rep["models"]["candidate"]["shadow_errors"]
-    assert errors["count"] == 10 and errors["by_kind"]["exception"] == 10, errors
+    # Every copy is counted: those the shadow raised on, then (after 3 failed calls in
+    # a row) those the breaker held back. Copies in flight when it opened still raise.
+    kinds = errors["by_kind"]
+    assert errors["count"] == 10 and kinds["exception"] + kinds["circuit_open"] == 10, errors
+    assert kinds["exception"] >= 3 and kinds["circuit_open"] >= 1, errors
     assert rep["compared"] == 0 and "max_error_rate" in rep["gates"]["failing"]
     r = service.client.post(service.url("fail", "/v1/admin/cutover"), headers=AUTH, json={})
     assert r.status_code == 409 and "errors" in r.json()["detail"]

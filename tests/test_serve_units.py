@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ from graceful_ray.serve.gates import evaluate, explain
 from graceful_ray.serve.records import read_log
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
-from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
+from graceful_ray.serve.shadow import CircuitBreaker, ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -60,6 +63,14 @@ def test_config_validates_and_hides_the_token(tmp_path):
         cfg(tmp_path, router=Resources(num_cpus=-1))
     with pytest.raises(ConfigError, match="max_nfr"):
         GateConfig.from_dict({"max_nfr": 2})
+    with pytest.raises(ConfigError, match="shorter than shadow_timeout_s"):
+        cfg(tmp_path, shadow_coalesce_s=0.5, shadow_timeout_s=0.5)
+    with pytest.raises(ConfigError, match="shadow_sched_idle must be true or false"):
+        cfg(tmp_path, shadow_sched_idle="yes")
+    with pytest.raises(ConfigError, match="shadow_breaker_failures must be an integer >= 0"):
+        cfg(tmp_path, shadow_breaker_failures=-1)
+    with pytest.raises(ConfigError, match="shadow_breaker_cooldown_s must be in"):
+        cfg(tmp_path, shadow_breaker_cooldown_s=0)
 
 
 def test_config_from_dict_nested_and_strict(tmp_path):
@@ -386,6 +397,86 @@ def test_shadow_caller_coalesces_and_splits():
     (da, ms), (db, _) = asyncio.run(main())
     assert handle.calls == [5]  # one call for both requests
     assert da.tolist() == [0, 1] and db.tolist() == [2, 3, 4] and ms == 1.5
+
+
+def test_circuit_breaker_opens_probes_and_closes():
+    now = [0.0]
+    b = CircuitBreaker(3, cooldown_s=1.0, max_cooldown_s=3.0, clock=lambda: now[0])
+    assert [b.record(False) for _ in range(2)] == [False, False] and b.allow()
+    assert b.record(False) is True and b.state == "open"  # the third failure in a row
+    assert not b.allow()
+    now[0] = 1.0
+    assert b.allow() and b.state == "half-open"  # one probe...
+    assert not b.allow()                         # ...and nothing else meanwhile
+    b.record(False)                              # the probe failed: twice the cool-down
+    now[0] = 2.9
+    assert not b.allow()
+    now[0] = 3.0
+    assert b.allow()
+    b.record(False)
+    assert b.cooldown_s == 3.0                   # capped
+    now[0] = 6.0
+    assert b.allow()
+    b.record(True)
+    assert b.state == "closed" and b.cooldown_s == 1.0 and b.allow() and b.allow()
+    never = CircuitBreaker(0, cooldown_s=1.0)
+    assert not any(never.record(False) for _ in range(100)) and never.allow()
+
+
+def test_a_failing_shadow_stops_receiving_calls_but_every_copy_is_counted():
+    handle = _FakeHandle(error=RuntimeError("boom"))
+    caller = ShadowCaller({CANDIDATE: handle}, window_s=0.0, max_rows=64, timeout_s=1.0,
+                          breaker_failures=3, breaker_cooldown_s=10.0)
+
+    async def main():
+        kinds = []
+        for _ in range(10):
+            with pytest.raises(ShadowFailure) as e:
+                await caller.call(CANDIDATE, np.zeros((1, 4)))
+            kinds.append(e.value.kind)
+        return kinds
+
+    assert asyncio.run(main()) == ["exception"] * 3 + ["circuit_open"] * 7
+    assert handle.calls == [1, 1, 1]  # the shadow saw three calls, not ten
+
+
+# A fresh interpreter, so the test process keeps its own priority: a thread that
+# exists before the call (as a Ray worker's gRPC threads do), then the call, then
+# a thread started after it; each reports its (policy, niceness).
+_PRIORITY_PROBE = """
+import json, os, threading
+from graceful_ray.serve.runner import lower_priority
+
+def state(tid):
+    return [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]
+
+ready, done = threading.Event(), threading.Event()
+seen = {}
+def early():
+    seen["tid"] = threading.get_native_id(); ready.set(); done.wait()
+t = threading.Thread(target=early); t.start(); ready.wait()
+before = os.getpriority(os.PRIO_PROCESS, 0)
+lower_priority(5, idle=%s)
+late = {}
+t2 = threading.Thread(target=lambda: late.update(s=state(threading.get_native_id())))
+t2.start(); t2.join()
+print(json.dumps({"before": before, "main": state(threading.get_native_id()),
+                  "early": state(seen["tid"]), "late": late["s"]}))
+done.set(); t.join()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE and per-thread "
+                    "niceness are Linux's")
+@pytest.mark.parametrize("idle", [True, False])
+def test_background_priority_reaches_threads_that_already_exist(idle):
+    out = subprocess.run([sys.executable, "-c", _PRIORITY_PROBE % idle], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    want = [os.SCHED_IDLE if idle else os.SCHED_OTHER, min(19, got["before"] + 5)]
+    # Before the fix only the calling thread changed; the early thread stayed at 0.
+    assert got["main"] == got["early"] == got["late"] == want
 
 
 def test_shadow_caller_classifies_failures():

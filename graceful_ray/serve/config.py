@@ -159,8 +159,14 @@ class ShadowConfig:
     shadow_fraction: float = 1.0
     shadow_timeout_s: float = 2.0
     max_shadow_inflight: int = 512       # rows in flight to the shadow, per router replica
-    shadow_coalesce_s: float = 0.01      # shadow copies within this window share one call
+    shadow_coalesce_s: float = 0.1       # shadow copies within this window share one call:
+                                         # each call costs the shadow's replica ~4 ms of CPU
+                                         # on a small model (benchmarks/results/serve_shadow.md)
     shadow_coalesce_rows: int = 64       # ...of at most this many rows (0 s: no coalescing)
+    shadow_breaker_failures: int = 5     # this many failed shadow calls in a row stop the
+                                         # copies (counted as circuit_open) for a cool-down,
+    shadow_breaker_cooldown_s: float = 1.0  # ...doubling after each failed probe (<= 30 s);
+                                         # 0 failures: always send
     max_inputs_per_request: int = 64
     primary_in_ingress: bool = True      # run the primary inside the router (fastest)
     production_alias: str | None = "production"
@@ -183,6 +189,8 @@ class ShadowConfig:
     torch_threads: int = 1
     background_nice: int = 10            # OS niceness added to shadow-only and comparator
                                          # processes, so they yield the CPU to the primary
+    shadow_sched_idle: bool = True       # shadow-only replicas run under Linux SCHED_IDLE:
+                                         # a CPU only when nothing else wants it
     app_name: str = "shadow"
     route_prefix: str = "/"
     dashboard_refresh_s: float = 2.0
@@ -215,6 +223,20 @@ class ShadowConfig:
                 or not 0 <= self.shadow_coalesce_s <= 1:
             raise ConfigError(f"shadow_coalesce_s must be in [0, 1] seconds, got "
                               f"{self.shadow_coalesce_s!r}")
+        if isinstance(self.shadow_breaker_failures, bool) \
+                or not isinstance(self.shadow_breaker_failures, int) \
+                or self.shadow_breaker_failures < 0:
+            raise ConfigError(f"shadow_breaker_failures must be an integer >= 0 (0: no breaker), "
+                              f"got {self.shadow_breaker_failures!r}")
+        if not isinstance(self.shadow_breaker_cooldown_s, (int, float)) \
+                or isinstance(self.shadow_breaker_cooldown_s, bool) \
+                or not 0 < self.shadow_breaker_cooldown_s <= 30:
+            raise ConfigError(f"shadow_breaker_cooldown_s must be in (0, 30] seconds, got "
+                              f"{self.shadow_breaker_cooldown_s!r}")
+        if self.shadow_coalesce_s >= self.shadow_timeout_s:
+            raise ConfigError(f"shadow_coalesce_s ({self.shadow_coalesce_s}) must be shorter than "
+                              f"shadow_timeout_s ({self.shadow_timeout_s}): a copy waits for its "
+                              "window before its call is sent, inside the same timeout")
         for name in ("max_shadow_inflight", "shadow_coalesce_rows", "max_inputs_per_request",
                      "flush_records", "max_tracked_records", "latency_window", "torch_threads"):
             v = getattr(self, name)
@@ -228,6 +250,9 @@ class ShadowConfig:
                 or not 0 <= self.background_nice <= 19:
             raise ConfigError(f"background_nice must be an integer in [0, 19], got "
                               f"{self.background_nice!r}")
+        if not isinstance(self.shadow_sched_idle, bool):
+            raise ConfigError(f"shadow_sched_idle must be true or false, got "
+                              f"{self.shadow_sched_idle!r}")
         if self.gallery is not None and (not isinstance(self.gallery, str)
                                          or not self.gallery.strip()):
             raise ConfigError(f"gallery must be a gallery path or URI (built with `graceful-ray "

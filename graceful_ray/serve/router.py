@@ -98,7 +98,9 @@ class ShadowRouter:
         self._handles = {BASELINE: baseline, CANDIDATE: candidate}
         self._shadow_caller = ShadowCaller(
             self._handles, window_s=config.shadow_coalesce_s,
-            max_rows=config.shadow_coalesce_rows, timeout_s=config.shadow_timeout_s)
+            max_rows=config.shadow_coalesce_rows, timeout_s=config.shadow_timeout_s,
+            breaker_failures=config.shadow_breaker_failures,
+            breaker_cooldown_s=config.shadow_breaker_cooldown_s)
         self._comparator = comparator
         self._auth = AdminAuth.from_config(config)
         self._metrics = RouterMetrics(config.app_name)

@@ -9,16 +9,24 @@ high load the router pays one call per window instead of one per request.
 Nothing here is on the caller's critical path: the primary's answer never
 waits for it.
 
+A shadow that keeps failing is not hammered: after a run of failed calls a
+circuit breaker stops sending copies for a cool-down, then sends one probe
+(:class:`CircuitBreaker`). A failed call is not free for the router, whose event
+loop also answers the primary's callers: a raised exception comes back as a
+``RayTaskError`` to deserialize, a timeout as a cancellation.
+
 Failures are classified for the report: ``timeout`` (no answer in time),
 ``exception`` (the model raised), ``unavailable`` (the replica is dead or
-unreachable), ``overloaded`` (back-pressure, from Serve or our in-flight cap).
+unreachable), ``overloaded`` (back-pressure, from Serve or our in-flight cap),
+``circuit_open`` (not sent: the breaker is open after repeated failures).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -49,15 +57,76 @@ def classify(exc: BaseException) -> str:
     return "exception"
 
 
+class CircuitBreaker:
+    """Closed, open, half-open: the classic breaker, counted in calls.
+
+    Closed: every copy is sent. ``failures`` failed calls in a row open it for
+    ``cooldown_s``: copies are not sent (each is a ``circuit_open`` shadow error,
+    so the report and the error-rate gate still see a failing shadow). When the
+    cool-down ends, one copy goes out as a probe while the rest are still held
+    back. Its success closes the breaker; its failure opens it again for twice
+    as long, up to ``max_cooldown_s``. ``failures=0`` disables the breaker.
+    """
+
+    def __init__(self, failures: int, cooldown_s: float, max_cooldown_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self._base = cooldown_s
+        self._max = max(max_cooldown_s, cooldown_s)
+        self._clock = clock
+        self._cooldown = cooldown_s
+        self._run = 0                      # failed calls in a row
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self._open_until is None:
+            return "closed"
+        return "half-open" if self._probing else "open"
+
+    def allow(self) -> bool:
+        """Whether this copy may be sent (it becomes the probe when the cool-down is over)."""
+        if self._open_until is None:
+            return True
+        if self._probing or self._clock() < self._open_until:
+            return False
+        self._probing = True
+        return True
+
+    @property
+    def cooldown_s(self) -> float:
+        return self._cooldown
+
+    def record(self, ok: bool) -> bool:
+        """The outcome of one call that was sent; True when this failure opened the breaker."""
+        if ok:
+            self._run, self._open_until, self._probing = 0, None, False
+            self._cooldown = self._base
+            return False
+        self._run += 1
+        if self._probing:  # the probe failed: wait longer before the next one
+            self._probing = False
+            self._cooldown = min(2 * self._cooldown, self._max)
+            self._open_until = self._clock() + self._cooldown
+        elif self._open_until is None and self.failures and self._run >= self.failures:
+            self._open_until = self._clock() + self._cooldown
+            return True
+        return False
+
+
 class ShadowCaller:
     """Sends shadow rows to a model deployment, coalescing requests per window."""
 
     def __init__(self, handles: dict[str, Any], *, window_s: float, max_rows: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, breaker_failures: int = 0,
+                 breaker_cooldown_s: float = 1.0) -> None:
         self._handles = handles
         self._window_s = window_s
         self._max_rows = max_rows
         self._timeout_s = timeout_s
+        self.breakers = {role: CircuitBreaker(breaker_failures, breaker_cooldown_s)
+                         for role in handles}
         self._pending: dict[str, list[tuple[np.ndarray, asyncio.Future]]] = {}
         self._rows: dict[str, int] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -65,6 +134,9 @@ class ShadowCaller:
 
     async def call(self, role: str, x: np.ndarray) -> tuple[np.ndarray, float]:
         """``(decisions, model ms)`` for rows ``x``, or :class:`ShadowFailure`."""
+        breaker = self.breakers[role]
+        if not breaker.allow():
+            raise ShadowFailure("circuit_open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         self._pending.setdefault(role, []).append((x, fut))
@@ -101,19 +173,28 @@ class ShadowCaller:
         except asyncio.TimeoutError:
             if response is not None:
                 response.cancel()  # free the replica's queue
-            self._fail(items, ShadowFailure("timeout"))
+            self._failed(role, items, ShadowFailure("timeout"))
             return
         except asyncio.CancelledError:
-            self._fail(items, ShadowFailure("incomplete"))
+            self._fail(items, ShadowFailure("incomplete"))  # shutdown: not the shadow's fault
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a counted kind
-            self._fail(items, ShadowFailure(classify(e), e))
+            self._failed(role, items, ShadowFailure(classify(e), e))
             return
+        self.breakers[role].record(True)
         start = 0
         for a, fut in items:
             if not fut.done():
                 fut.set_result((decisions[start:start + len(a)], ms))
             start += len(a)
+
+    def _failed(self, role: str, items: list, failure: ShadowFailure) -> None:
+        breaker = self.breakers[role]
+        if breaker.record(False):
+            log.warning("the %s shadow failed %d calls in a row (last: %s); its copies are not "
+                        "sent for %.1f s, then one probe", role, breaker.failures, failure.kind,
+                        breaker.cooldown_s)
+        self._fail(items, failure)
 
     @staticmethod
     def _fail(items: list, failure: ShadowFailure) -> None:

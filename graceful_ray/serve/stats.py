@@ -21,7 +21,8 @@ from graceful_ray.metrics import Rate
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, GateConfig
 from graceful_ray.serve.gates import evaluate
 
-ERROR_KINDS = ("timeout", "exception", "unavailable", "overloaded", "incomplete")
+ERROR_KINDS = ("timeout", "exception", "unavailable", "overloaded", "circuit_open",
+               "incomplete")
 
 
 @dataclass
