@@ -11,7 +11,8 @@ Measures, in one run on one machine (loopback only):
 2. Primary latency, open loop at a steady rate (``--rate``, default 40% of the
    shadow app's closed-loop throughput), shadow off vs. 100%, rounds
    interleaved so machine noise hits both; for a normal shadow, a shadow that
-   sleeps 1 s per batch, and one that always raises. Latency is measured from
+   sleeps 1 s per batch, one that always raises, and (``eager``) the normal
+   shadow without the isolation levers (SCHED_IDLE, the 100 ms coalescing window). Latency is measured from
    each request's *scheduled* send time, so queueing is not hidden.
 
 Writes a markdown table and the raw numbers to ``benchmarks/results/``.
@@ -337,12 +338,16 @@ def _apps(root: str, logs: str, primary_in_ingress: bool = True) -> dict[str, An
                   candidate_resources=Resources(num_cpus=0.25),
                   comparator=Resources(num_cpus=0.1, max_ongoing_requests=1000),
                   production_alias=None, gates=GateConfig(min_labelled=1))
+    # "eager": the normal shadow without the isolation levers (each copy its own call
+    # after 10 ms, the shadow at normal priority): what those levers buy, same run.
+    eager = dict(shadow_coalesce_s=0.01, shadow_sched_idle=False)
     out = {}
-    for name, cand in (("normal", "bench@v2"), ("slow", "bench@v3"), ("raising", "bench@v4")):
+    for name, cand, extra in (("normal", "bench@v2", {}), ("slow", "bench@v3", {}),
+                              ("raising", "bench@v4", {}), ("eager", "bench@v2", eager)):
         out[name] = ShadowConfig(candidate=cand, storage=os.path.join(logs, name),
                                  app_name=name, route_prefix=f"/{name}",
                                  primary_in_ingress=primary_in_ingress,
-                                 **common).with_admin_token(TOKEN)
+                                 **common, **extra).with_admin_token(TOKEN)
     return out
 
 
@@ -380,7 +385,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serve_port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
         base = f"http://127.0.0.1:{serve_port}"
-        apps = _apps(root, os.path.join(work, "logs"))
+        apps = {name: app for name, app in _apps(root, os.path.join(work, "logs")).items()
+                if name == "normal" or name in args.shadows.split(",")}
         if "deployment" in args.layouts:
             alt = _apps(root, os.path.join(work, "logs-alt"), primary_in_ingress=False)["normal"]
             apps["alt"] = alt.replace(app_name="alt", route_prefix="/alt")
@@ -491,6 +497,11 @@ def _machine() -> dict[str, Any]:
             "platform": platform.platform(), "loadavg_at_start": load}
 
 
+SHADOW_LABELS = (("normal", "normal (v2)"), ("slow", "sleeps 1 s per batch"),
+                 ("raising", "always raises"),
+                 ("eager", "normal, no SCHED_IDLE, 10 ms window"))
+
+
 def to_markdown(res: dict[str, Any], command: str) -> str:
     loads = res["loadavg_1min_per_phase"] or [float("nan")]
     tr = res["throughput_ratios"]
@@ -548,8 +559,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
               "| shadow | off p50 | on p50 | p50 ratio | off p99 | on p99 | p99 ratio | "
               "pooled p99 ratio | failed requests | shadow errors (report) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, label in (("normal", "normal (v2)"), ("slow", "sleeps 1 s per batch"),
-                        ("raising", "always raises")):
+    for name, label in SHADOW_LABELS:
         lat = res.get(f"latency_{name}")
         if not lat:
             continue
@@ -563,7 +573,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
             f"{off['errors'] + on['errors']} | "
             f"{rep['count']} ({kinds}) |")
     lines += ["", "Per-round on/off ratios (p50; p99):", ""]
-    for name in ("normal", "slow", "raising"):
+    for name, _ in SHADOW_LABELS:
         lat = res.get(f"latency_{name}")
         if lat:
             lines.append(f"- {name}: {lat['ratios']['p50_ms']['per_round']}; "
@@ -590,8 +600,9 @@ def main() -> int:
     p.add_argument("--layouts", default="ingress,deployment")
     p.add_argument("--num-cpus", type=int, default=8,
                    help="logical CPUs for Ray's scheduler (the apps ask for 4.4 in all)")
-    p.add_argument("--shadows", default="normal,slow,raising",
-                   help="which shadow kinds the latency part measures")
+    p.add_argument("--shadows", default="normal,slow,raising,eager",
+                   help="which shadow kinds the latency part measures (eager: the normal "
+                        "shadow without SCHED_IDLE and with a 10 ms coalescing window)")
     p.add_argument("--name", default="serve_shadow", help="results file stem")
     args = p.parse_args()
     if args.rounds == 0 and args.rate is None:
