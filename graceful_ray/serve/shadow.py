@@ -85,6 +85,10 @@ class CircuitBreaker:
             return "closed"
         return "half-open" if self._probing else "open"
 
+    @property
+    def cooldown_s(self) -> float:
+        return self._cooldown
+
     def allow(self) -> bool:
         """Whether this copy may be sent (it becomes the probe when the cool-down is over)."""
         if self._open_until is None:
@@ -93,10 +97,6 @@ class CircuitBreaker:
             return False
         self._probing = True
         return True
-
-    @property
-    def cooldown_s(self) -> float:
-        return self._cooldown
 
     def record(self, ok: bool) -> bool:
         """The outcome of one call that was sent; True when this failure opened the breaker."""
@@ -173,13 +173,13 @@ class ShadowCaller:
         except asyncio.TimeoutError:
             if response is not None:
                 response.cancel()  # free the replica's queue
-            self._failed(role, items, ShadowFailure("timeout"))
+            self._call_failed(role, items, ShadowFailure("timeout"))
             return
         except asyncio.CancelledError:
             self._fail(items, ShadowFailure("incomplete"))  # shutdown: not the shadow's fault
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a counted kind
-            self._failed(role, items, ShadowFailure(classify(e), e))
+            self._call_failed(role, items, ShadowFailure(classify(e), e))
             return
         self.breakers[role].record(True)
         start = 0
@@ -188,7 +188,8 @@ class ShadowCaller:
                 fut.set_result((decisions[start:start + len(a)], ms))
             start += len(a)
 
-    def _failed(self, role: str, items: list, failure: ShadowFailure) -> None:
+    def _call_failed(self, role: str, items: list, failure: ShadowFailure) -> None:
+        """A call that was sent failed: the breaker learns it, then its copies fail."""
         breaker = self.breakers[role]
         if breaker.record(False):
             log.warning("the %s shadow failed %d calls in a row (last: %s); its copies are not "
