@@ -236,3 +236,66 @@ def test_gate_config_validates_new_fields():
             GateConfig.from_dict(bad)
     g = GateConfig.from_dict({"max_slice_nfr": 0.05, "auto_rollback": True})
     assert g.max_slice_nfr == 0.05 and g.auto_rollback and g.max_disagreement is None
+
+
+# ------------------------------------------- the watch in the comparator
+def test_auto_rollback_after_a_cutover_that_regresses_on_one_class(tmp_path):
+    """Cut over to a candidate that is fine on the first traffic, then wrong on
+    class 7: the comparator rolls back by itself, says why in the history, and
+    every record served (before, during and after) reaches the Parquet log."""
+    import asyncio
+
+    from graceful_ray.serve.comparator import Comparator
+    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.records import RECORDS_DIR, RecordLog
+
+    gates = GateConfig(**GATES, auto_rollback=True, max_slice_nfr=0.05, min_slice_labelled=50)
+    config = ShadowConfig(registry=str(tmp_path / "reg"), baseline="m@v1", candidate="m@v2",
+                          storage=str(tmp_path / "log"), gates=gates, production_alias=None,
+                          background_nice=0, feedback_grace_s=0.0)
+    comparator = Comparator.func_or_class(config, {BASELINE: "m@v1", CANDIDATE: "m@v2"},
+                                          list(range(10)))
+    served = 0
+
+    async def traffic(n, epoch, primary, wrong_on=None):
+        nonlocal served
+        ids = [f"r{served + i}" for i in range(n)]
+        y = np.array([(served + i) % 10 for i in range(n)])
+        cand = np.where(y == wrong_on, (y + 1) % 10, y) if wrong_on is not None else y
+        mine, other = (cand, y) if primary == CANDIDATE else (y, cand)
+        shadow = BASELINE if primary == CANDIDATE else CANDIDATE
+        await comparator.ingest([("p", ids, 0, epoch, primary, mine, 1.0, True, None, "eu"),
+                                 ("s", ids, shadow, other, 1.0, None)])
+        served += n
+        return await comparator.feedback(list(zip(ids, y.tolist())))
+
+    async def scenario():
+        await traffic(3000, 0, BASELINE)  # identical answers: the gates pass
+        cut = await comparator.cutover(reason="test")
+        assert cut["status"] == 200, cut["detail"]
+        epoch = cut["epoch"]
+        results = await traffic(1000, epoch, CANDIDATE)  # still fine after the cutover
+        assert all(r["status"] == 200 for r in results)
+        assert comparator._core.state["primary"] == CANDIDATE
+        report = await comparator.report()
+        assert report["watch"]["rollback"] is False and report["watch"]["labelled_pairs"] == 1000
+        for _ in range(20):  # then class 7 goes wrong, 100 rows at a time
+            results = await traffic(100, epoch, CANDIDATE, wrong_on=7)
+            assert all(r["status"] == 200 for r in results)
+            if comparator._core.state["primary"] == BASELINE:
+                break
+        state = comparator._core.state
+        assert state["primary"] == BASELINE, "no automatic rollback"
+        last = state["history"][-1]
+        assert last["action"] == "auto_rollback" and last["reason"].startswith("auto_rollback: ")
+        assert "class=7" in last["reason"] or "NFR since the cutover" in last["reason"]
+        flushed = await comparator.flush(include_open=True)
+        assert flushed["status"] == 200
+        comparator._loop_task.cancel()
+        return served
+
+    n = asyncio.run(scenario())
+    table = RecordLog(str(tmp_path / "log")).read_table(RECORDS_DIR, ["request_id", "segment"])
+    ids = table.column("request_id").to_pylist()
+    assert len(ids) == n and len(set(ids)) == n  # no record lost, none twice
+    assert set(table.column("segment").to_pylist()) == {"eu"}
