@@ -462,8 +462,7 @@ class ComparatorCore:
             records_pending=len(self.pending), history=self.state["history"][-20:],
             storage=self.log.root.uri, retrieval=self.retrieval_report(),
             watch=self.watch_report())
-        self.metrics.gauges(report["nfr"]["high"], report["agreement"]["low"],
-                            report["gates"]["passed"], primary == CANDIDATE)
+        self.metrics.publish(report)
         return report
 
     def watch_report(self) -> dict[str, Any] | None:
@@ -656,6 +655,10 @@ class Comparator:
                 await self.flush()
             except Exception:  # noqa: BLE001 - keep flushing; the error is logged
                 log.exception("periodic flush failed; will retry")
+            try:  # the gauges stay current for Prometheus without anyone reading the report
+                self._core.report()
+            except Exception:  # noqa: BLE001 - metrics must never stop the flushing
+                log.exception("could not publish the gate metrics")
 
     async def flush(self, include_open: bool = False) -> dict[str, Any]:
         """Write completed records (predict and search) and labels to Parquet now."""
@@ -737,6 +740,8 @@ class Comparator:
         reason = "auto_rollback: " + "; ".join(verdict["reasons"])
         log.warning("%s", reason)
         result = await self._switch(BASELINE, "auto_rollback", True, reason)
+        if result["status"] == 200:
+            self._core.metrics.auto_rollback()
         if result["status"] == 503:  # storage or registry down: retried on the next feedback
             log.error("auto_rollback failed: %s", result["detail"])
 
