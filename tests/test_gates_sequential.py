@@ -299,3 +299,42 @@ def test_auto_rollback_after_a_cutover_that_regresses_on_one_class(tmp_path):
     ids = table.column("request_id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n  # no record lost, none twice
     assert set(table.column("segment").to_pylist()) == {"eu"}
+
+
+# ---------------------------------------------------------------- segments
+def test_segment_is_validated_at_the_edge():
+    from pydantic import ValidationError
+
+    from graceful_ray.serve.schemas import PredictRequest, SearchRequest
+
+    assert PredictRequest(input=[1.0], segment="eu-mobile:tier/2").segment == "eu-mobile:tier/2"
+    assert PredictRequest(input=[1.0]).segment is None
+    for bad in ("", "x" * 65, "eu mobile", "é", "a\nb", 7):
+        with pytest.raises(ValidationError):
+            PredictRequest(input=[1.0], segment=bad)
+    with pytest.raises(ValidationError):  # search has no segment (its stats have no slices)
+        SearchRequest(input=[1.0], segment="eu")
+
+
+def test_segment_is_logged_and_restored(tmp_path):
+    from graceful_ray.serve.comparator import ComparatorCore
+    from graceful_ray.serve.config import ShadowConfig
+
+    config = ShadowConfig(registry=str(tmp_path / "reg"), baseline="m@v1", candidate="m@v2",
+                          storage=str(tmp_path / "log"))
+    refs = {BASELINE: "m@v1", CANDIDATE: "m@v2"}
+    core = ComparatorCore(config, refs, list(range(10)))
+    ids = [f"r{i}" for i in range(6)]
+    core.ingest([("p", ids[:3], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True, None, "eu"),
+                 ("p", ids[3:], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True, None),
+                 ("s", ids, CANDIDATE, np.array([1, 2, 4, 1, 2, 4]), 1.0, None)])
+    for rid, y in zip(ids, [1, 2, 3, 1, 2, 3]):
+        assert core.label(rid, y)["status"] == 200
+    before = core.stats.summary()["per_segment"]
+    assert before["eu"]["compared"] == 3 and before["eu"]["negative_flips"] == 1
+    assert set(before) == {"eu"}  # rows without a segment are in no segment slice
+    cols, labels = core.take_pending()
+    assert cols["segment"] == ["eu"] * 3 + [None] * 3
+    core.write(cols, labels)
+    restarted = ComparatorCore(config, refs, list(range(10)))
+    assert restarted.stats.summary()["per_segment"] == before
