@@ -734,7 +734,10 @@ class Comparator:
 
     async def _watch(self) -> None:
         """Roll back on its own when the watch after cutover shows a regression."""
-        verdict = self._core.watch_verdict()
+        core = self._core
+        if not core.gates.auto_rollback or core.state["primary"] != CANDIDATE:
+            return  # nothing to decide: skip the summary's cost on every feedback batch
+        verdict = core.watch_verdict()
         if not verdict or not verdict["auto_rollback"] or not verdict["rollback"]:
             return
         reason = "auto_rollback: " + "; ".join(verdict["reasons"])
