@@ -55,11 +55,14 @@ class _ReplayPredictor:
 
                 self.baseline = ModelRunner(self._registry, self._baseline_ref)
             base_out[missing] = self.baseline.predict(x[missing], with_scores=False).decisions
-        return {"request_id": batch["request_id"], "baseline_decision": base_out,
-                "baseline_recomputed": missing,
-                "baseline_ms": batch["baseline_ms"], "label": batch["label"],
-                "candidate_decision": cand.astype(np.int64),
-                "candidate_ms": np.full(len(x), per_row_ms, np.float64)}
+        out = {"request_id": batch["request_id"], "baseline_decision": base_out,
+               "baseline_recomputed": missing,
+               "baseline_ms": batch["baseline_ms"], "label": batch["label"],
+               "candidate_decision": cand.astype(np.int64),
+               "candidate_ms": np.full(len(x), per_row_ms, np.float64)}
+        if "segment" in batch:
+            out["segment"] = batch["segment"]
+        return out
 
 
 def replay(log_dir: str, registry: str, candidate: str | None = None,
