@@ -52,7 +52,10 @@ test tuned to the true rate; this mixture needs about 1.7x (measured in the
 benchmark).
 
 The lower bound is the upper bound of the complementary rate:
-``L_n = 1 - U_n(n - S)``. A two-sided ``confidence`` sequence spends
+``L_n = 1 - U_n(n - S)``. For a small rate its alternatives lie between the
+tested rate and twice it, so with few successes it stays at or near 0: the
+slice gate and the watch after cutover use it to *prove* a regression, where
+erring low is the safe side. A two-sided ``confidence`` sequence spends
 ``(1 - confidence) / 2`` on each end, so the 95% sequence's upper end is valid
 at one-sided 2.5%, the same level as the 95% Wilson interval's upper end.
 """
