@@ -34,7 +34,8 @@ SCHEMAS = Path(__file__).resolve().parent / "data" / "kuberay"
 KUBERAY_VERSION = "v1.7.0"
 RAY_IMAGE = re.compile(r"^rayproject/ray:2\.(\d+)\.\d+-py3\d+-(gpu|cpu|cu\d+)$")
 # The graceful-ray image: <registry>/graceful-ray:<package version>-ray<Ray>-<cpu|gpu>
-OUR_IMAGE = re.compile(r"^ghcr\.io/YOUR-ORG/graceful-ray:(?P<version>[^-]+)-ray(?P<ray>[\d.]+)"
+# (ghcr.io/YOUR-ORG until the README's sed names your registry)
+OUR_IMAGE = re.compile(r"^(?P<repo>[^\s:]+/graceful-ray):(?P<version>[^-]+)-ray(?P<ray>[\d.]+)"
                        r"-(?P<variant>cpu|gpu)$")
 IMAGE_WORKDIR = "/home/ray/graceful-ray"  # where the Dockerfile puts jobs/
 CRD_FILES = {"RayCluster": "ray.io_rayclusters", "RayJob": "ray.io_rayjobs",
@@ -55,8 +56,7 @@ PINS = _pins()
 RAY_PIN, TORCH_PIN = PINS["ray"], PINS["torch"]
 PACKAGE_VERSION = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(),
                             re.M).group(1)
-IMAGE = {v: f"ghcr.io/YOUR-ORG/graceful-ray:{PACKAGE_VERSION}-ray{RAY_PIN}-{v}"
-         for v in ("cpu", "gpu")}
+TAG = {v: f"{PACKAGE_VERSION}-ray{RAY_PIN}-{v}" for v in ("cpu", "gpu")}
 
 
 def _load(path: Path):
@@ -283,6 +283,47 @@ def test_dockerfile_builds_graceful_ray_on_the_pinned_ray_with_the_right_torch(v
     # a build check that the image is what its tag says
     assert any("torch.version.cuda" in r and ray_check in r for r in runs
                for ray_check in [f"ray.__version__ == '{RAY_PIN}'"])
+
+
+def _readme_commands() -> list[str]:
+    """The README's shell commands, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [c.strip() for b in blocks for c in re.sub(r"\\\n\s*", "", b).splitlines()
+            if c.strip()]
+
+
+def test_readme_builds_the_images_the_manifests_run():
+    commands = _readme_commands()
+    header = (ROOT / "cluster" / "docker" / "Dockerfile").read_text()
+    for variant, tag in TAG.items():
+        build = (f"docker build -f cluster/docker/Dockerfile --build-arg VARIANT={variant} "
+                 f"-t $REGISTRY/graceful-ray:{tag} .")
+        assert build in commands, f"README does not build the {variant} image as {tag}"
+        assert f"docker push $REGISTRY/graceful-ray:{tag}" in commands
+        assert f"--build-arg VARIANT={variant} \\\n#       -t ghcr.io/YOUR-ORG/graceful-ray:{tag} ." in header
+    # the registry placeholder the README's sed replaces is the manifests' own
+    repos = {OUR_IMAGE.match(i)["repo"] for p in _manifests() for i in _images(_load(p))}
+    assert len(repos) == 1, f"one image repository everywhere, got {sorted(repos)}"
+    for c in commands:
+        if c.startswith("kubectl apply -f "):
+            assert (ROOT / c.split()[3]).is_file(), c
+
+
+def test_readme_job_on_the_raycluster_parses_with_the_jobs_parser():
+    import argparse
+
+    from graceful_ray.cli import add_root_argument
+    from graceful_ray.train.cli import add_train_arguments
+
+    (cmd,) = [c for c in _readme_commands()
+              if c.startswith("ray job submit --address http://127.0.0.1:8265 -- python /home/ray/")]
+    argv = _entrypoint_script(cmd.split(" -- ", 1)[1].split("#")[0])
+    parser = argparse.ArgumentParser()  # the job's parser (jobs/train_upgrade.py, run_job)
+    add_train_arguments(parser)
+    parser.add_argument("--alias")
+    add_root_argument(parser)
+    args = parser.parse_args(argv[2:])
+    assert args.gpu and args.run_name == "v2-bct-fd"
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_else():
