@@ -356,7 +356,8 @@ def to_jsonschema(node: dict) -> dict:
     """A CRD's structural OpenAPI v3 schema as JSON Schema, read as the API server does.
 
     - ``x-kubernetes-int-or-string``: an integer or a string (quantities: ``4`` or ``"500m"``);
-    - ``nullable: true``: null is allowed too; without it null is refused;
+    - ``nullable: true``: null is a value; without it the API server drops the
+      null field before validating (:func:`prune_nulls`), so a required one is missing;
     - ``x-kubernetes-preserve-unknown-fields``: any field is kept;
     - every other object accepts only its declared properties: the API server
       prunes unknown fields and ``kubectl apply`` (strict field validation)
@@ -443,10 +444,30 @@ def _validator(kind: str):
     return KubeValidator(schema)
 
 
+def prune_nulls(value, schema: dict | None):
+    """``value`` as the API server keeps it: a null field whose schema is not
+    ``nullable`` is dropped (then defaulted), not refused."""
+    if schema is None:
+        return value
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        out = {}
+        for k, v in value.items():
+            sub = props.get(k, extra if isinstance(extra, dict) else None)
+            if v is None and sub is not None and not sub.get("nullable"):
+                continue
+            out[k] = prune_nulls(v, sub)
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [prune_nulls(v, schema["items"]) for v in value]
+    return value
+
+
 def kube_errors(doc: dict) -> list[str]:
     """Every way ``doc`` (a RayCluster, RayJob or RayService) breaks its CRD schema."""
     kind = doc.get("kind")
     assert kind in CRD_FILES, f"not a KubeRay kind: {kind!r}"
+    doc = prune_nulls(doc, _crd(kind)["openAPIV3Schema"])
     return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
             for e in _validator(kind).iter_errors(doc)]
 
@@ -500,8 +521,8 @@ HEAD_CONTAINER = "spec.headGroupSpec.template.spec.containers.0"
     (f"{HEAD_CONTAINER}.resources.limits.memory", "16 GB", None, "does not match"),
     (f"{HEAD_CONTAINER}.ports.1.containerPort", 6379, None, "duplicate entry"),
     ("metadata.name", "Graceful_Ray", None, "does not match"),
-    ("spec.headGroupSpec.template.spec.volumes.0.emptyDir.medium", None, None,
-     "None is not of type 'string'"),
+    # null where no null is allowed: dropped, so a required field is missing
+    ("spec.headGroupSpec.template.spec.containers.0.name", None, None, "'name' is a required"),
 ])
 def test_crd_check_fails_on_a_broken_field(path, value, rename, words):
     doc = _load(RAYCLUSTER)
@@ -527,22 +548,29 @@ def test_crd_check_takes_what_the_api_server_takes():
 
 
 def test_schema_reading_of_nullable_and_preserved_fields():
-    # the vendored CRDs use neither keyword at v1.7.0; the reading is still the API server's
-    schema = to_jsonschema({"type": "object", "properties": {
+    # the vendored CRDs (v1.7.0) use preserve-unknown-fields nowhere and nullable
+    # once or twice each; the reading is still the API server's
+    crd = {"type": "object", "required": ["r"], "properties": {
+        "r": {"type": "string"},
         "a": {"type": "string", "nullable": True},
         "b": {"type": "string"},
         "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         "closed": {"type": "object"},
         "q": {"anyOf": [{"type": "integer"}, {"type": "string"}],
               "x-kubernetes-int-or-string": True},
-    }})
-    v = KubeValidator(schema)
-    assert v.is_valid({"a": None, "free": {"anything": {"at": 1}}, "q": 3})
-    assert v.is_valid({"q": "3Gi"})
-    assert not v.is_valid({"b": None})
-    assert not v.is_valid({"closed": {"x": 1}})
-    assert not v.is_valid({"q": 1.5}) and not v.is_valid({"q": None})
-    assert not v.is_valid({"unknown": 1})
+    }}
+    v = KubeValidator(to_jsonschema(crd))
+
+    def ok(doc):
+        return v.is_valid(prune_nulls(doc, crd))
+
+    assert ok({"r": "x", "a": None, "free": {"anything": {"at": 1}}, "q": 3})
+    assert prune_nulls({"r": "x", "a": None, "b": None}, crd) == {"r": "x", "a": None}
+    assert ok({"r": "x", "q": "3Gi"}) and ok({"r": "x", "b": None})  # b's null is dropped
+    assert not ok({"r": None})  # ...so a required field is missing
+    assert not ok({"r": "x", "closed": {"x": 1}})
+    assert not ok({"r": "x", "q": 1.5}) and not ok({"r": "x", "q": [1]})
+    assert not ok({"r": "x", "unknown": 1}) and not ok({"r": "x", "unknown": None})
 
 
 # ------------------------------------------------------------ KubeRay: pods
