@@ -189,10 +189,13 @@ def test_runtime_env_is_what_the_docs_submit_with():
 
 
 # ---------------------------------------------------------------- Dockerfile
-def _dockerfile():
+DOCKERFILE = ROOT / "cluster" / "docker" / "Dockerfile"
+
+
+def _dockerfile(path: Path = DOCKERFILE):
     import dockerfile  # the dev extra: buildkit's own parser, no daemon needed
 
-    return dockerfile.parse_file(str(ROOT / "cluster" / "docker" / "Dockerfile"))
+    return dockerfile.parse_file(str(path))
 
 
 def _expand(text: str, env: dict[str, str]) -> str:
@@ -200,13 +203,13 @@ def _expand(text: str, env: dict[str, str]) -> str:
                   text)
 
 
-def _stages(variant: str):
+def _stages(variant: str, path: Path = DOCKERFILE):
     """The build stages as Docker would run them for ``--build-arg VARIANT=variant``:
     ``{stage: {"from": image, "env": {...}, "commands": [...]}}`` with args expanded."""
     global_args: dict[str, str] = {}
     stages: dict[str, dict] = {}
     current = None
-    for cmd in _dockerfile():
+    for cmd in _dockerfile(path):
         if cmd.cmd == "ARG" and current is None:
             name, _, default = cmd.value[0].partition("=")
             global_args[name] = default
@@ -247,9 +250,8 @@ def _dockerignored(path: str) -> bool:
     return ignored
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_dockerfile_builds_graceful_ray_on_the_pinned_ray_with_the_right_torch(variant):
-    stages = _stages(variant)
+def _check_dockerfile(variant: str, path: Path = DOCKERFILE) -> None:
+    stages = _stages(variant, path)
     runtime = list(stages.values())[-1]  # the last stage is the image
     base = runtime["from"]
     assert base.startswith(f"rayproject/ray:{RAY_PIN}-py311-"), \
@@ -263,18 +265,22 @@ def test_dockerfile_builds_graceful_ray_on_the_pinned_ray_with_the_right_torch(v
         assert re.fullmatch(r"cu\d+", suffix), f"GPU image on {base}"
         assert index == f"https://download.pytorch.org/whl/{suffix}", "torch's CUDA must be the image's"
     runs = [" ".join(v) for c, _, v in runtime["commands"] if c == "RUN"]
-    torch_at = next(i for i, r in enumerate(runs) if "--index-url" in r)
+    torch_at = next((i for i, r in enumerate(runs) if "--index-url" in r), None)
+    assert torch_at is not None, "torch must come from the variant's index (--index-url)"
     assert f'--index-url "{index}" "torch=={TORCH_PIN}"' in runs[torch_at]
     # the wheel: built from the checkout in its own stage, installed in the image
     wheel_stage = next(s for s in stages.values() if any(
         c == "RUN" and "pip wheel --no-deps" in " ".join(v) for c, _, v in s["commands"]))
     assert wheel_stage["from"] == base
+    wheel_dir = re.search(r"--wheel-dir (\S+)", " ".join(
+        " ".join(v) for c, _, v in wheel_stage["commands"] if c == "RUN")).group(1)
     copied = [p for c, f, v in wheel_stage["commands"] if c == "COPY" for p in v[:-1]]
     assert {"pyproject.toml", "README.md", "graceful_ray"} <= set(copied)
     install_at, install = next((i, (f, " ".join(v))) for i, (c, f, v) in enumerate(
         cmd for cmd in runtime["commands"] if cmd[0] == "RUN") if "graceful_ray-" in " ".join(v))
     flags, line = install
-    assert any("from=wheel" in f for f in flags), "the image must install the wheel stage's wheel"
+    assert any("from=wheel" in f and f"source={wheel_dir}," in f for f in flags), \
+        "the image must install the wheel stage's wheel"
     assert "pip install" in line and ".whl" in line
     assert f'"ray[train,serve,tune]=={RAY_PIN}"' in line and f'"torch=={TORCH_PIN}"' in line
     assert torch_at < install_at, "torch of the variant first, or the wheel pulls PyPI's torch"
@@ -282,8 +288,29 @@ def test_dockerfile_builds_graceful_ray_on_the_pinned_ray_with_the_right_torch(v
     assert ("WORKDIR", (), [IMAGE_WORKDIR]) in runtime["commands"]
     assert ("COPY", ("--chown=ray:users",), ["jobs", "./jobs"]) in runtime["commands"]
     # a build check that the image is what its tag says
-    assert any("torch.version.cuda" in r and ray_check in r for r in runs
-               for ray_check in [f"ray.__version__ == '{RAY_PIN}'"])
+    assert any(f"ray.__version__ == '{RAY_PIN}'" in r
+               and f"(torch.version.cuda is None) == ('{variant}' == 'cpu')" in r for r in runs)
+
+
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_dockerfile_builds_graceful_ray_on_the_pinned_ray_with_the_right_torch(variant):
+    _check_dockerfile(variant)
+
+
+@pytest.mark.parametrize("variant,old,new,words", [
+    ("cpu", "ARG RAY_VERSION=2.60.0", "ARG RAY_VERSION=2.59.0", "not the pinned Ray"),
+    ("gpu", "whl/${CUDA_TAG}", "whl/cu126", "torch's CUDA must be the image's"),
+    ("cpu", '--index-url "${GRACEFUL_RAY_TORCH_INDEX}" ', "", "the variant's index"),
+    ("cpu", "--mount=type=bind,from=wheel,", "--mount=type=bind,from=base-cpu,",
+     "the wheel stage's wheel"),
+])
+def test_dockerfile_check_fails_on_a_broken_line(tmp_path, variant, old, new, words):
+    text = DOCKERFILE.read_text()
+    assert old in text
+    broken = tmp_path / "Dockerfile"
+    broken.write_text(text.replace(old, new))
+    with pytest.raises(AssertionError, match=re.escape(words)):
+        _check_dockerfile(variant, broken)
 
 
 def _readme_commands() -> list[str]:
