@@ -894,6 +894,8 @@ def test_kuberay_rayservice_serves_the_shadow_app():
     app = serve["applications"][0]
     assert app["args"]["baseline"] and app["args"]["candidate"]
     assert "runtime_env" not in app, "the image has the package; no install per replica"
+    # the head runs no replicas: callers go to the workers' proxies
+    assert doc["spec"]["excludeHeadPodFromServeSvc"] is True
     _cluster_spec_ok(doc["spec"]["rayClusterConfig"])
     for _, group in _groups(doc["spec"]["rayClusterConfig"]):
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
