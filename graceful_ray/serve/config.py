@@ -310,8 +310,9 @@ class ShadowConfig:
         for name in ("router", "baseline_resources", "candidate_resources", "comparator"):
             getattr(self, name).validate(name)
         if self.comparator.num_replicas != 1 or self.comparator.autoscaling_config is not None:
-            raise ConfigError("comparator.num_replicas must be 1: the comparator holds the "
-                              "records and the routing state; scale the router instead")
+            raise ConfigError("comparator.num_replicas must be 1, without autoscaling_config: "
+                              "the comparator holds the records and the routing state; scale "
+                              "the router instead")
         self.primary_batching.validate("primary_batching")
         self.shadow_batching.validate("shadow_batching")
         if self.admin_token_sha256 is not None and (
