@@ -329,6 +329,9 @@ def test_readme_builds_the_images_the_manifests_run():
     # the registry placeholder the README's sed replaces is the manifests' own
     repos = {OUR_IMAGE.match(i)["repo"] for p in _manifests() for i in _images(_load(p))}
     assert len(repos) == 1, f"one image repository everywhere, got {sorted(repos)}"
+    # the operator the README installs is the one whose CRDs the manifests pass
+    assert (f"helm install kuberay-operator kuberay/kuberay-operator --version "
+            f"{KUBERAY_VERSION.lstrip('v')}") in commands
     for c in commands:
         if c.startswith("kubectl apply -f "):
             assert (ROOT / c.split()[3]).is_file(), c
