@@ -1,11 +1,10 @@
 """cluster/argo and cluster/flagger: the rollout tools' templates that gate on
 graceful-ray's NFR bound, validated against the tools' published CRD schemas
-(vendored under tests/schemas/), and pointing at fields the report really has
+(vendored under tests/data/rollouts/), and pointing at fields the report really has
 and metrics the comparator really exports."""
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
@@ -13,42 +12,26 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.kube_schema import OBJECT_META, KubeValidator, prune_nulls, to_jsonschema
+
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
-
-
-def _crd_schema(file: str, kind: str) -> dict:
-    crd = yaml.safe_load((SCHEMAS / file).read_text())
-    assert crd["spec"]["names"]["kind"] == kind
-    version = next(v for v in crd["spec"]["versions"] if v.get("served", True))
-    return version["name"], _strict(copy.deepcopy(version["schema"]["openAPIV3Schema"]))
-
-
-def _strict(node):
-    """Refuse unknown fields, as ``kubectl apply --validate=strict`` does: an
-    object with listed properties and no preserve-unknown-fields gets
-    ``additionalProperties: false``."""
-    if isinstance(node, dict):
-        if node.get("type") == "object" and "properties" in node \
-                and not node.get("x-kubernetes-preserve-unknown-fields") \
-                and "additionalProperties" not in node:
-            node["additionalProperties"] = False
-        for v in node.values():
-            _strict(v)
-    elif isinstance(node, list):
-        for v in node:
-            _strict(v)
-    return node
+SCHEMAS = Path(__file__).resolve().parent / "data" / "rollouts"
 
 
 def _validate(doc: dict, crd_file: str, kind: str, group: str) -> None:
-    version, schema = _crd_schema(crd_file, kind)
-    assert doc["apiVersion"] == f"{group}/{version}" and doc["kind"] == kind
-    # metadata is the API server's ObjectMeta, not part of the CRD schema
-    body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
-    schema["properties"].pop("metadata", None)
-    jsonschema.validate(body, schema)
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    """Raise ``jsonschema.ValidationError`` where ``doc`` breaks the tool's CRD,
+    read as the API server reads it (unknown fields refused, nulls pruned)."""
+    crd = yaml.safe_load((SCHEMAS / crd_file).read_text())
+    assert crd["spec"]["names"]["kind"] == kind
+    version = next(v for v in crd["spec"]["versions"] if v.get("served", True))
+    raw = version["schema"]["openAPIV3Schema"]
+    schema = to_jsonschema(raw)
+    schema["properties"]["metadata"] = OBJECT_META
+    schema["properties"]["apiVersion"] = {"const": f"{group}/{version['name']}"}
+    schema["properties"]["kind"] = {"const": kind}
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind",
+                                 "metadata", "spec"})
+    KubeValidator(schema).validate(prune_nulls(doc, raw))
 
 
 def test_argo_analysis_template_matches_the_crd_and_the_report():
