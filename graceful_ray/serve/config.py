@@ -139,9 +139,13 @@ class Batching:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """When a candidate may replace the primary. Every rate is judged by its
-    Wilson interval (``confidence``), never by a point estimate from few samples:
-    the NFR and error-rate checks use the *upper* bound, agreement the *lower*.
+    """When a candidate may replace the primary, and when the watch after a
+    cutover rolls it back. Every rate is judged by its anytime-valid confidence
+    sequence (``confidence``; :mod:`graceful_ray.metrics.sequential`), so the
+    report may be watched live and the cutover retried as labels arrive: the
+    NFR, disagreement and error-rate checks use the *upper* end, agreement the
+    *lower*; each end errs with probability ``(1 - confidence) / 2`` over all
+    looks together.
     """
 
     min_labelled: int = 200          # labelled pairs (both decisions + true label)
@@ -151,9 +155,25 @@ class GateConfig:
     max_error_rate: float = 0.05     # candidate shadow-error upper bound <= this
     min_latency_samples: int = 50    # per model, before the latency check can pass
     confidence: float = 0.95
+    max_disagreement: float | None = None  # disagreement upper bound <= this (None: no check)
+    min_compared: int = 200          # compared pairs before a label-free bound counts
+    max_slice_nfr: float | None = None  # refuse when a class or segment's NFR is shown above
+                                     # this (lower bound, Bonferroni over slices; None: off)
+    min_slice_labelled: int = 100    # labelled pairs before a slice is judged
+    auto_rollback: bool = False      # after cutover, roll back on its own when the flips
+                                     # since show the NFR (or a slice's) above its budget
 
     def validate(self) -> None:
-        for name in ("min_labelled", "min_latency_samples"):
+        for name in ("max_disagreement", "max_slice_nfr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not 0 <= v <= 1):
+                raise ConfigError(f"gates.{name} must be a rate in [0, 1] or null, got {v!r}")
+        if not isinstance(self.auto_rollback, bool):
+            raise ConfigError(f"gates.auto_rollback must be true or false, got "
+                              f"{self.auto_rollback!r}")
+        for name in ("min_labelled", "min_latency_samples", "min_compared",
+                     "min_slice_labelled"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"gates.{name} must be an integer >= 0, got {v!r}")
