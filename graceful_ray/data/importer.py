@@ -341,19 +341,34 @@ def _check_unique(ids: np.ndarray, rows: _Rows, column: str) -> None:
 
 
 def _stratified_ranks(rows: np.ndarray, labels: np.ndarray,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """For ``rows``: a random rank within their class, and their class's size."""
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``rows``: a random rank within their class, their class's group
+    number, and the size of every group."""
     y = labels[rows]
     order = np.lexsort((rng.random(len(rows)), y))
     ys = y[order]
-    starts = np.flatnonzero(np.concatenate([[True], ys[1:] != ys[:-1]]))
-    sizes = np.diff(np.concatenate([starts, [len(ys)]]))
-    group = np.repeat(np.arange(len(starts)), sizes)
+    starts = np.flatnonzero(np.concatenate([[True], ys[1:] != ys[:-1]])) if len(ys) else \
+        np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.concatenate([starts, [len(ys)]])).astype(np.int64)
+    group_sorted = np.repeat(np.arange(len(starts)), sizes)
     rank = np.empty(len(rows), dtype=np.int64)
-    size = np.empty(len(rows), dtype=np.int64)
-    rank[order] = np.arange(len(rows)) - starts[group]
-    size[order] = sizes[group]
-    return rank, size
+    group = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows)) - starts[group_sorted]
+    group[order] = group_sorted
+    return rank, group, sizes
+
+
+def _quotas(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Rows per class for a share ``fraction``: proportional to the class sizes and
+    summing to ``round(total * fraction)`` (largest remainders, seeded ties), so
+    many small classes do not round a split away."""
+    exact = sizes * float(fraction)
+    q = np.floor(exact).astype(np.int64)
+    extra = int(round(float(sizes.sum()) * fraction)) - int(q.sum())
+    if extra > 0:
+        order = np.lexsort((rng.random(len(sizes)), -(exact - q)))
+        q[order[:extra]] += 1
+    return np.minimum(q, sizes)
 
 
 def _assign_splits(split_raw: np.ndarray | None, labels: np.ndarray, rows: _Rows,
@@ -386,11 +401,11 @@ def _assign_splits(split_raw: np.ndarray | None, labels: np.ndarray, rows: _Rows
     if carve:
         train_code = names.index(TRAIN)
         train_rows = np.flatnonzero(split_of == train_code)
-        rank, size = _stratified_ranks(train_rows, labels, rng)
-        lo = np.zeros(len(train_rows), dtype=np.int64)
+        rank, group, sizes = _stratified_ranks(train_rows, labels, rng)
+        lo = np.zeros(len(sizes), dtype=np.int64)
         for s, f in carve:
-            hi = lo + np.round(size * f).astype(np.int64)
-            take = (rank >= lo) & (rank < hi)
+            hi = lo + _quotas(sizes, f, rng)
+            take = (rank >= lo[group]) & (rank < hi[group])
             names.append(s)
             split_of[train_rows[take]] = len(names) - 1
             lo = hi
@@ -427,9 +442,9 @@ def _old_rows(opts: ImportOptions, keys: dict[str, Any], rng: np.random.Generato
     train = split_of == names.index(TRAIN)
     if opts.old_fraction is not None:
         train_rows = np.flatnonzero(train)
-        rank, size = _stratified_ranks(train_rows, labels, rng)
+        rank, group, sizes = _stratified_ranks(train_rows, labels, rng)
         old = np.zeros(len(labels), dtype=bool)
-        old[train_rows[rank < np.maximum(1, np.round(size * opts.old_fraction))]] = True
+        old[train_rows[rank < _quotas(sizes, opts.old_fraction, rng)[group]]] = True
         return old, {"kind": "data_growth", "old_fraction": float(opts.old_fraction),
                      "old_split": OLD_TRAIN}
     if opts.old_classes is not None:
