@@ -408,3 +408,31 @@ def test_train_v1_and_v2_on_an_imported_csv_without_old_train(tmp_path, capsys, 
     caches = os.listdir(os.path.join(data, "cache", "old-outputs"))
     assert len(caches) == 1
     assert sorted(os.listdir(os.path.join(data, "cache", "old-outputs", caches[0]))) == ["train", "val"]
+
+
+def _readme_commands(prefix: str) -> list[list[str]]:
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("**Import your own data.**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line)[1:] for line in section.strip().splitlines()
+            if line.startswith(f"graceful-ray {prefix}")]
+
+
+def test_readme_import_commands_run_as_written(tmp_path, capsys, monkeypatch):
+    """The README's commands, exactly, on files laid out the way they assume."""
+    monkeypatch.chdir(tmp_path)
+    _write_csv(tmp_path / "products.csv", n=400)
+    _image_folder(tmp_path / "photos", per_class=5, classes=("bird", "cat", "dog"))
+    commands = _readme_commands("data")
+    assert [c[:2] for c in commands] == [["data", "import"], ["data", "import"], ["data", "check"]]
+    for argv in commands:
+        rc, out, err = _cli(capsys, *argv)
+        assert rc == 0, (argv, err)
+    products = read_info("data/products")
+    assert products.num_classes == CLASSES and "old_train" in products.splits
+    photos = read_info("data/photos")
+    assert photos.class_names == ["bird", "cat", "dog"]
+    assert photos.scenario["old_classes"] == [1, 2]
+    old = read_split("data/photos", "old_train").column("label").to_pylist()
+    assert set(old) == {1, 2}
