@@ -74,9 +74,12 @@ class Part:
             return
         assert self.dataset is not None
         try:
-            # use_threads=False: one reader thread keeps memory flat and the order fixed.
+            # No read-ahead: pyarrow's default (16 batches, 4 files) reads ahead of a
+            # slow consumer without bound in practice, which made peak memory grow with
+            # the source (benchmarks/results/data_import_memory.md).
             for b in self.dataset.to_batches(columns=list(columns), batch_size=batch_rows,
-                                              use_threads=False):
+                                              use_threads=False, batch_readahead=0,
+                                              fragment_readahead=0):
                 if b.num_rows:
                     yield b
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
@@ -173,7 +176,10 @@ def _table_part(loc: Location, fmt: str, split: str | None) -> Part:
         elif fmt == "jsonl":
             dataset = pads.dataset(loc.path, filesystem=loc.fs, format="json")
         else:
-            dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet")
+            # pre_buffer off: on, pyarrow buffers far ahead of this one-batch-at-a-time
+            # reader (3x the memory in benchmarks/data_import_memory.py).
+            dataset = pads.dataset(loc.path, filesystem=loc.fs, format=pads.ParquetFileFormat(
+                default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False)))
         schema = dataset.schema
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
         raise DatasetError(f"not a readable {fmt} file: {_short(e)}", file=loc.uri) from None
@@ -201,7 +207,8 @@ def _table_parts(root: Location, fmt: str) -> list[Part]:
     if data_files:
         parts = [_table_part(root.join(f), fmt, None) for f in data_files]
     else:
-        parts = [_table_part(root.join(d, f), fmt, d)
+        # A Hive-style directory (split=train, as Spark writes it) names its split after "=".
+        parts = [_table_part(root.join(d, f), fmt, d.split("=", 1)[-1])
                  for d in split_dirs for f in _table_files(root.join(d), fmt)]
     if not parts:
         raise DatasetError(f"{root.uri} holds no {fmt} files", file=root.uri)
