@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from graceful_ray.data.contract import FEATURES, LABEL, features_type
@@ -58,9 +59,8 @@ class Part:
     base: Location | None = None
     #: A ``.npz``'s ``x.shape[1:]`` (features may be more than 1-D there).
     feature_shape: tuple[int, ...] | None = None
-    dataset: pads.Dataset | None = field(default=None, repr=False)
-    #: Parquet and CSV: a function of the columns giving their record batches, one
-    #: row group / CSV block at a time (pyarrow.dataset's scanner buffered more
+    #: Parquet, CSV, JSON Lines: a function of the columns giving their record batches, one
+    #: row group / text block at a time (pyarrow.dataset's scanner buffered more
     #: the larger the file: benchmarks/results/data_import_memory.md).
     reader: Callable[[list[str]], Iterator[pa.RecordBatch]] | None = field(default=None, repr=False)
     table: pa.Table | None = field(default=None, repr=False)
@@ -85,18 +85,7 @@ class Part:
             except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
                 raise DatasetError(f"cannot read the file: {_short(e)}", file=self.uri) from None
             return
-        assert self.dataset is not None
-        try:
-            # No read-ahead: pyarrow's default (16 batches, 4 files) reads ahead of a
-            # slow consumer without bound in practice, which made peak memory grow with
-            # the source (benchmarks/results/data_import_memory.md).
-            for b in self.dataset.to_batches(columns=list(columns), batch_size=batch_rows,
-                                              use_threads=False, batch_readahead=0,
-                                              fragment_readahead=0):
-                if b.num_rows:
-                    yield b
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-            raise DatasetError(f"cannot read the file: {_short(e)}", file=self.uri) from None
+        raise AssertionError("a Part has a table or a reader")
 
 
 def _short(e: BaseException) -> str:
@@ -176,7 +165,7 @@ def infer_format(loc: Location) -> str:
 # --------------------------------------------------------------------------
 def _table_part(loc: Location, fmt: str, split: str | None) -> Part:
     try:
-        dataset = reader = None
+        reader = None
         if fmt == "csv":
             delimiter = "\t" if loc.path.lower().endswith(".tsv") else ","
             parse = pacsv.ParseOptions(delimiter=delimiter)
@@ -193,8 +182,15 @@ def _table_part(loc: Location, fmt: str, split: str | None) -> Part:
                     yield from pacsv.open_csv(f, parse_options=parse, convert_options=convert)
             reader = read_csv
         elif fmt == "jsonl":
-            dataset = pads.dataset(loc.path, filesystem=loc.fs, format="json")
-            schema = dataset.schema
+            compression = "gzip" if loc.path.lower().endswith(".gz") else None
+            with loc.fs.open_input_stream(loc.path, compression=compression) as f:
+                schema = pajson.open_json(f).schema
+
+            def read_json(columns: list[str]) -> Iterator[pa.RecordBatch]:
+                with loc.fs.open_input_stream(loc.path, compression=compression) as f:
+                    for b in pajson.open_json(f):
+                        yield b.select(columns)
+            reader = read_json
         else:
             with loc.fs.open_input_file(loc.path) as f:
                 schema = pq.ParquetFile(f).schema_arrow
@@ -209,7 +205,7 @@ def _table_part(loc: Location, fmt: str, split: str | None) -> Part:
         raise DatasetError(f"not a readable {fmt} file: {_short(e)}", file=loc.uri) from None
     return Part(uri=loc.uri, split=split, schema=schema, text=(fmt == "csv"),
                 base=Location(loc.fs, posixpath.dirname(loc.path), loc.uri.rsplit("/", 1)[0]),
-                dataset=dataset, reader=reader)
+                reader=reader)
 
 
 def _table_files(loc: Location, fmt: str) -> list[str]:
