@@ -27,6 +27,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--old", help="old model NAME@VERSION; for --search edge the large cloud model")
     g.add_argument("--method", default=None, help="objective: fd (default for tradeoff), bct (default for edge), "
                    "fd-kl, bct+fd, ...")
+    g.add_argument("--init-from-old", action="store_true",
+                   help="warm start every trial from --old's weights (same --model and --model-arg)")
     g.add_argument("--model", default="cnn1d", help="zoo model (for --search edge: the small-model family)")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="fixed model argument (repeatable)")
     g.add_argument("--hp", action="append", metavar="KEY=VALUE",
@@ -115,7 +117,8 @@ def settings_from_args(args: argparse.Namespace):
     space = space.with_overrides({k: str(v) for k, v in parse_kv(args.space).items()})
     base = UpgradeConfig(
         data=args.data, model=args.model, model_kwargs=model_kwargs, method=method, hparams=hparams, old=args.old,
-        name=args.name, train_split=args.train_split, val_split=args.val_split, epochs=args.epochs,
+        init_from_old=args.init_from_old, name=args.name, train_split=args.train_split, val_split=args.val_split,
+        epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
         workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu, max_failures=1, registry=registry,
