@@ -342,7 +342,8 @@ def test_registry_names_flags_and_hyperparameters():
     m = build_method("fd", fd_beta=3)
     assert m.hyperparameters() == {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 3.0, "fd_lambda": 1.0,
                                    "fd_temperature": 100.0}
-    assert build_method("elodi").hyperparameters() == {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0}
+    assert build_method("elodi").hyperparameters() == {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0,
+                                                 "elodi_refs": ""}
     hp = build_method(" BCT + fd-kl ", bct_lambda=np.float64(0.3), fd_temperature=50).hyperparameters()
     assert hp == {"bct_lambda": 0.3, "bct_kind": "linear", "bct_scale": 16.0, "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 50.0}
     json.dumps(hp)  # recorded in the registry manifest

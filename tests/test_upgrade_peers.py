@@ -299,3 +299,26 @@ def test_interpolation_refuses_other_architectures_and_the_test_split(problem, t
         interpolate("unused", "m@v1", "m@v2", registry_root=reg.root.uri, split="test")
     with pytest.raises(ConfigError, match="different architectures"):
         interpolate("unused", "m@v1", "m@v2", registry_root=reg.root.uri)
+
+
+def test_interpolate_cli(problem, tmp_path, capsys):
+    from graceful_ray.cli import main
+    from graceful_ray.data import write_dataset
+    from graceful_ray.data.builtin import _features_tables
+    from graceful_ray.registry import Registry
+
+    data = str(tmp_path / "data")
+    x_val, y_val = problem["x_test"][:500].numpy(), problem["y_test"][:500].numpy()
+    write_dataset(data, _features_tables(x_val, y_val, {"val": np.arange(len(y_val))}), name="peers",
+                  num_classes=10, class_names=[str(i) for i in range(10)], feature_shape=(64,))
+    registry = str(tmp_path / "registry")
+    reg = Registry(registry)
+    reg.publish("m", problem["old"], spec=SPEC, classes=list(range(10)))
+    reg.publish("m", _new_model(problem, "plain", {}, 1, init=problem["old"]), spec=SPEC, classes=list(range(10)))
+    args = ["interpolate", "--old", "m@v1", "--new", "m@v2", "--data", data, "--registry", registry]
+    assert main(args + ["--split", "test"]) == 2
+    assert "not 'test'" in capsys.readouterr().err
+    assert main(args + ["--grid", "0.5,0.8"]) == 0
+    out = capsys.readouterr().out
+    assert "| 0.8" in out and "chosen a = " in out and "published m@v3 (parent m@v1)" in out
+    assert reg.get("m@v3").parent == "m@v1"
