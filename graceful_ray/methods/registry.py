@@ -8,7 +8,7 @@ unambiguous:
 method            hyperparameters (defaults)
 ================  ==========================================================
 ``plain``         none
-``bct``           ``bct_lambda`` (1.0), ``bct_kind`` ("linear", or "cosine"),
+``bct``           ``bct_lambda`` (1.0), ``bct_kind`` ("auto": cosine when classes are added, else linear),
                   ``bct_scale`` (16, cosine only)
 ``l2``            ``l2_lambda`` (1.0)
 ``fd``            ``fd_kind`` ("lm", or "lm-std", "kl"), ``fd_alpha`` (1), ``fd_beta`` (5),
