@@ -87,7 +87,7 @@ def start_search(settings: SearchSettings, *, callbacks: list | None = None):
     space.validate_for(cfg.method)
     # Fail now, with the usual clear message, on a bad dataset / old model / method, and compute
     # the old model's outputs once here rather than in every concurrent trial.
-    probe = space.apply(cfg, {name: _midpoint(p) for name, p in space.params.items()})
+    probe = space.apply(cfg, {name: p.middle() for name, p in space.params.items()})
     prepare_upgrade(probe)
     loc.makedirs()
     settings.save()
@@ -121,16 +121,6 @@ def _console(verbose: int):
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
-
-
-def _midpoint(p) -> Any:
-    if p.kind == "choice":
-        return p.choices[0]
-    if p.kind == "int":
-        return int(p.low)
-    if p.kind == "loguniform":
-        return math.sqrt(p.low * p.high)
-    return (p.low + p.high) / 2
 
 
 def edge_reference(settings: SearchSettings) -> dict[str, Any]:

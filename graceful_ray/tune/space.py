@@ -91,6 +91,16 @@ class Param:
             return value in self.choices
         return self.low <= value <= self.high
 
+    def middle(self) -> Any:
+        """A value inside the range: the first choice, the low int, the (geometric) midpoint."""
+        if self.kind == "choice":
+            return self.choices[0]
+        if self.kind == "int":
+            return int(self.low)
+        if self.kind == "loguniform":
+            return float((self.low * self.high) ** 0.5)
+        return (self.low + self.high) / 2
+
     def describe(self) -> str:
         if self.kind == "choice":
             return f"{self.name} in {list(self.choices)}"
@@ -222,10 +232,15 @@ class SearchSpace:
         return tuple(str(c) for c in p.choices) if p is not None else ()
 
     def plain_point(self, lr: float | None = None, schedule: str | None = None) -> dict[str, Any] | None:
-        """The trial every search across methods runs first: plain, at the base lr and schedule."""
+        """The trial every search across methods runs first: plain, at the base lr and schedule.
+
+        Tune wants a value for every searched name; plain takes no hyperparameter,
+        so the others get the middle of their range (and are dropped by :meth:`apply`).
+        """
         if PLAIN not in self.methods:
             return None
-        point: dict[str, Any] = {METHOD_KEY: PLAIN}
+        point: dict[str, Any] = {name: p.middle() for name, p in self.params.items()}
+        point[METHOD_KEY] = PLAIN
         if lr is not None and "lr" in self.params:
             point["lr"] = float(lr)
         if schedule is not None and SCHEDULE_KEY in self.params:
