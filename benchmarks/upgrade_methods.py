@@ -80,8 +80,12 @@ PEER_GRID = {
     "new-error": [("new-error", {"ne_kind": "weighted", "ne_lambda": 2.0}, {})],
     "strict": [("new-error", {"ne_kind": "strict", "ne_lambda": 2.0}, {})],
     "elodi": [("elodi", {"elodi_lambda": 1.0}, {})],
+    # ELODI with an ensemble reference: v1 and two models trained like it (old_train, other seeds);
+    # ENSEMBLE below fills in elodi_refs per seed
+    "elodi-ens": [("elodi", {"elodi_lambda": 1.0}, {})],
     "warm": [("plain", {}, {"init_from_old": True})],
 }
+ENSEMBLE = "elodi-ens"
 PEER_DATASETS = ("mnist1d", "digits")
 CI_METHODS = {"plain": ("plain", {}), "l2": ("l2", {}), "bct": ("bct", {}),
               "bct-cos": ("bct", {"bct_kind": "cosine"})}
@@ -260,6 +264,10 @@ def run_peers(args) -> None:
 
             v1 = train(f"{ds}/v1/s{seed}", train_split="old_train", seed=seed)
             for label, grid in PEER_GRID.items():
+                if label == ENSEMBLE:
+                    refs = [v1] + [train(f"{ds}/v1-ref{j}/s{seed}", train_split="old_train", seed=seed + 1000 * j)
+                                   for j in (1, 2)]
+                    grid = [(m, {**hp, "elodi_refs": ",".join(refs)}, ex) for m, hp, ex in grid]
                 for i, (method, hp, extra) in enumerate(grid):
                     key = f"{ds}/{label}-{i}/s{seed}"
                     ref = train(key, old=v1, method=method, hparams=hp, seed=seed + 100, **extra)
@@ -283,7 +291,7 @@ def run_peers(args) -> None:
 
 def write_peers_markdown(results, args) -> None:
     runs = results["runs"]
-    labels = [*PEER_GRID, "warm+interp"]
+    labels = [*PEER_GRID, "warm+interp"]  # keys are <dataset>/<label>-<grid index>/s<seed>
     lines = [f"# Upgrade methods side by side ({', '.join(args.datasets)}; MNIST-1D {args.samples} samples; "
              f"{args.epochs} epochs)", "",
              f"Command: `nice -n 10 python benchmarks/upgrade_methods.py {' '.join(sys.argv[1:])}`. v1 cnn1d(16) "
@@ -298,8 +306,8 @@ def write_peers_markdown(results, args) -> None:
         for label in labels:
             chosen = []
             for seed in args.seeds:
-                cands = [(k, v) for k, v in runs.items() if k.startswith(f"{ds}/{label}-") and k.endswith(f"/s{seed}")
-                         and "val" in v]
+                cands = [(k, v) for k, v in runs.items() if k.split("/")[0] == ds
+                         and k.split("/")[1].rsplit("-", 1)[0] == label and k.endswith(f"/s{seed}") and "val" in v]
                 base = runs.get(f"{ds}/plain-0/s{seed}")
                 if not cands or base is None or "val" not in base:
                     continue
@@ -336,7 +344,8 @@ def write_peers_markdown(results, args) -> None:
 
 
 def _short(hp) -> str:
-    return ",".join(f"{k.split('_', 1)[-1]}={v}" for k, v in hp.items() if k not in ("fd_kind", "ne_kind")) or "-"
+    return ",".join(f"{k.split('_', 1)[-1]}={v}" for k, v in hp.items()
+                    if k not in ("fd_kind", "ne_kind", "elodi_refs")) or "-"
 
 
 def _evals(runs, prefix):
