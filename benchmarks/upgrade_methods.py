@@ -325,7 +325,11 @@ def write_peers_markdown(results, args) -> None:
         lines += [f"## {ds}", "", "| method | setting(s) chosen | ER_old | ER_new | NFR | vs plain | seeds |",
                   "|---|---|---|---|---|---|---|"]
         plain_nfr = None
-        seeds = sorted({int(k.rsplit("/s", 1)[1]) for k in runs if k.split("/")[0] == ds})  # all recorded
+        # the seeds every row has (a seed still training is left out, so the rows stay paired)
+        seeds = sorted(s for s in {int(k.rsplit("/s", 1)[1]) for k in runs if k.split("/")[0] == ds}
+                       if all(any(k.split("/")[0] == ds and k.split("/")[1].rsplit("-", 1)[0] == label
+                                  and k.endswith(f"/s{s}") and "val" in v for k, v in runs.items())
+                              for label in labels))
         for label in labels:
             chosen = []
             for seed in seeds:
