@@ -15,6 +15,13 @@ Part 2 (BCT, Shen et al. CVPR 2020): class-incremental split (v1 sees classes 0-
 M(new, old) vs M(old, old) for plain, l2, bct and bct with the cosine influence loss, and the
 update gain.
 
+Part 3 (peers, ``--parts peers``, results in upgrade_peers.{json,md}): every method of the
+product side by side, on MNIST-1D (--samples) and scikit-learn digits, data-growth split
+(v1 cnn1d(16) on old_train), each method at its best setting of the fixed grid PEER_GRID,
+chosen on the *validation* split (lowest val NFR with val error <= plain's val error + 0.5
+points; plain itself if none qualifies), reported on the test split. Warm start and its
+interpolation (`graceful-ray interpolate`, a chosen on val) are rows of their own.
+
 The results JSON doubles as a resume log: a run already recorded (and still in the
 registry) is not trained again. --scenarios and --methods pick a subset.
 
@@ -66,6 +73,38 @@ SCENARIOS = {
     # the same, with a constant learning rate instead of the cosine decay (a team's other recipe)
     "retrain-const": ({"channels": 32}, {"channels": 32}, 0.9, {"lr_schedule": "constant"}),
 }
+# Part 3: the fixed, pre-registered grid per method (label -> (method, hparams, config extras)).
+PEER_GRID = {
+    "plain": [("plain", {}, {})],
+    "fd-lm-std": [("fd", {"fd_kind": "lm-std", "fd_lambda": lam}, {}) for lam in (0.1, 0.3)],
+    "new-error": [("new-error", {"ne_kind": "weighted", "ne_lambda": 2.0}, {})],
+    "strict": [("new-error", {"ne_kind": "strict", "ne_lambda": 2.0}, {})],
+    "elodi": [("elodi", {"elodi_lambda": 1.0}, {})],
+    # ELODI with an ensemble reference: v1 and two models trained like it (old_train, other seeds);
+    # ENSEMBLE below fills in elodi_refs per seed
+    "elodi-ens": [("elodi", {"elodi_lambda": 1.0}, {})],
+    "warm": [("plain", {}, {"init_from_old": True})],
+}
+ENSEMBLE = "elodi-ens"
+# mnist1d: --samples rows; mnist1d-20k: 20,000; digits: scikit-learn's 1,797; many30: a generated
+# 30-class problem (make_classification, 9,000 rows, 64 features, 5% label noise)
+PEER_DATASETS = ("mnist1d", "mnist1d-20k", "digits", "many30")
+
+
+def make_many_classes(out: str, *, classes: int = 30, rows: int = 9000, seed: int = 1234) -> None:
+    """A generated many-class problem in the data contract, data-growth split (v1 sees 30%)."""
+    from sklearn.datasets import make_classification
+
+    from graceful_ray.data import write_dataset
+    from graceful_ray.data.builtin import _features_tables, scenario_dict, split_indices
+
+    x, y = make_classification(n_samples=rows, n_features=64, n_informative=24, n_redundant=0, n_classes=classes,
+                               n_clusters_per_class=1, class_sep=1.5, flip_y=0.05, random_state=seed)
+    scen = scenario_dict("data_growth", classes, 0.3, None)
+    splits = split_indices(y, seed=seed, scenario=scen, val_fraction=0.1, test_fraction=0.2)
+    write_dataset(out, _features_tables(x.astype("float32"), y.astype("int64"), splits), name="many30",
+                  num_classes=classes, class_names=[str(i) for i in range(classes)], feature_shape=(64,),
+                  scenario=scen, seed=seed)
 CI_METHODS = {"plain": ("plain", {}), "l2": ("l2", {}), "bct": ("bct", {}),
               "bct-cos": ("bct", {"bct_kind": "cosine"})}
 
@@ -93,6 +132,8 @@ def main() -> None:
     p.add_argument("--parts", default="pct,bct")
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--datasets", nargs="+", default=list(PEER_DATASETS), choices=list(PEER_DATASETS),
+                   help="part peers: the datasets")
     p.add_argument("--workers", type=int, default=0,
                    help="Ray Train workers per run; 0 = Ray Train local mode (same loop, no actor start-up)")
     args = p.parse_args()
@@ -107,6 +148,10 @@ def main() -> None:
     from graceful_ray.train.trainer import run_upgrade
 
     ensure_ray(num_cpus=4)
+    if args.parts == "peers":
+        if args.out == p.get_default("out"):
+            args.out = os.path.join(os.path.dirname(__file__), "results", "upgrade_peers")
+        return run_peers(args)
     ray.data.DataContext.get_current().enable_progress_bars = False
     registry, storage = os.path.join(args.root, "registry"), os.path.join(args.root, "runs")
     results_path = args.out + ".json"
@@ -188,6 +233,146 @@ def main() -> None:
                 evaluate(key, data, v1, new, reference=plain)
 
     write_markdown(results, args)
+
+
+def run_peers(args) -> None:
+    """Part 3: every method side by side at its best grid setting (chosen on val), on test."""
+    from graceful_ray.data import dataset_exists, make_digits, make_mnist1d
+    from graceful_ray.evaluate import evaluate_upgrade
+    from graceful_ray.interpolate import interpolate
+    from graceful_ray.train.config import UpgradeConfig
+    from graceful_ray.train.trainer import run_upgrade
+
+    registry, storage = os.path.join(args.root, "registry"), os.path.join(args.root, "runs")
+    path = args.out + ".json"
+    results = json.load(open(path)) if os.path.exists(path) else {"runs": {}}
+    results["config"] = {"samples": args.samples, "epochs": args.epochs, "seeds": args.seeds,
+                         "grid": {k: [[m, hp, ex] for m, hp, ex in v] for k, v in PEER_GRID.items()}}
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+    def flips(data, old, new, split):
+        rep = evaluate_upgrade(data, old, new, registry_root=registry, split=split)
+        f = rep["flips"].get("metrics", rep["flips"])
+        return {"error": f["error_rate_new"]["value"], "error_old": f["error_rate_old"]["value"],
+                "nfr": f["nfr"]["value"]}
+
+    for ds in args.datasets:
+        data = os.path.join(args.root, f"{ds}-{args.samples}" if ds == "mnist1d" else ds)
+        if not dataset_exists(data):
+            if ds.startswith("mnist1d"):
+                make_mnist1d(data, samples=args.samples if ds == "mnist1d" else 20000, seed=1234,
+                             scenario="data_growth", old_fraction=0.3)
+            elif ds == "digits":
+                make_digits(data, seed=1234, scenario="data_growth", old_fraction=0.3)
+            else:
+                make_many_classes(data)
+        for seed in args.seeds:
+            def train(key, **kw):
+                if key in results["runs"]:
+                    return results["runs"][key]["ref"]
+                t0 = time.perf_counter()
+                cfg = UpgradeConfig(data=data, registry=registry, storage=storage, epochs=args.epochs,
+                                    model="cnn1d", model_kwargs={"channels": 16}, name=ds,
+                                    run_name=f"peers-{key.replace('/', '-')}", workers=0, cpus_per_worker=2.0, **kw)
+                r = run_upgrade(cfg)
+                results["runs"][key] = {"ref": r.model_ref, "seconds": time.perf_counter() - t0}
+                save()
+                print(f"  {key}: {r.model_ref} in {time.perf_counter() - t0:.0f}s", flush=True)
+                return r.model_ref
+
+            v1 = train(f"{ds}/v1/s{seed}", train_split="old_train", seed=seed)
+            for label, grid in PEER_GRID.items():
+                if label == ENSEMBLE:
+                    refs = [v1] + [train(f"{ds}/v1-ref{j}/s{seed}", train_split="old_train", seed=seed + 1000 * j)
+                                   for j in (1, 2)]
+                    grid = [(m, {**hp, "elodi_refs": ",".join(refs)}, ex) for m, hp, ex in grid]
+                for i, (method, hp, extra) in enumerate(grid):
+                    key = f"{ds}/{label}-{i}/s{seed}"
+                    ref = train(key, old=v1, method=method, hparams=hp, seed=seed + 100, **extra)
+                    run = results["runs"][key]
+                    if "val" not in run:
+                        run.update(val=flips(data, v1, ref, "val"), test=flips(data, v1, ref, "test"),
+                                   method=method, hparams=hp, extra=extra)
+                        save()
+            warm = results["runs"][f"{ds}/warm-0/s{seed}"]
+            key = f"{ds}/warm+interp-0/s{seed}"
+            if key not in results["runs"]:
+                t0 = time.perf_counter()
+                res = interpolate(data, v1, warm["ref"], registry_root=registry, split="val")
+                results["runs"][key] = {"ref": res.published.ref, "alpha": res.alpha,
+                                        "seconds": warm["seconds"] + time.perf_counter() - t0,
+                                        "val": flips(data, v1, res.published.ref, "val"),
+                                        "test": flips(data, v1, res.published.ref, "test")}
+                save()
+    write_peers_markdown(results, args)
+
+
+def write_peers_markdown(results, args) -> None:
+    runs = results["runs"]
+    labels = [*PEER_GRID, "warm+interp"]  # keys are <dataset>/<label>-<grid index>/s<seed>
+    datasets = [d for d in PEER_DATASETS if any(k.split("/")[0] == d for k in runs)]
+    lines = [f"# Upgrade methods side by side ({', '.join(datasets)}; mnist1d = MNIST-1D {args.samples} samples; "
+             f"{args.epochs} epochs)", "",
+             f"Command: `nice -n 10 python benchmarks/upgrade_methods.py {' '.join(sys.argv[1:])}`. v1 cnn1d(16) "
+             "on old_train (30% of train), v2 cnn1d(16) on all of train, seed + 100. Per method and seed the "
+             "grid setting with the lowest *validation* NFR at validation error <= plain's + 0.5 points "
+             "(none qualifying: its lowest-error setting, marked *); the table is its *test* split. Mean ± sd "
+             "over seeds, percent. 'vs plain' is the relative change of the mean NFR.", ""]
+    for ds in datasets:
+        lines += [f"## {ds}", "", "| method | setting(s) chosen | ER_old | ER_new | NFR | vs plain | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        plain_nfr = None
+        # the seeds every row has (a seed still training is left out, so the rows stay paired)
+        seeds = sorted(s for s in {int(k.rsplit("/s", 1)[1]) for k in runs if k.split("/")[0] == ds}
+                       if all(any(k.split("/")[0] == ds and k.split("/")[1].rsplit("-", 1)[0] == label
+                                  and k.endswith(f"/s{s}") and "val" in v for k, v in runs.items())
+                              for label in labels))
+        for label in labels:
+            chosen = []
+            for seed in seeds:
+                cands = [(k, v) for k, v in runs.items() if k.split("/")[0] == ds
+                         and k.split("/")[1].rsplit("-", 1)[0] == label and k.endswith(f"/s{seed}") and "val" in v]
+                base = runs.get(f"{ds}/plain-0/s{seed}")
+                if not cands or base is None or "val" not in base:
+                    continue
+                ok = [c for c in cands if c[1]["val"]["error"] <= base["val"]["error"] + 0.005]
+                if ok:
+                    k, v = min(ok, key=lambda c: c[1]["val"]["nfr"])
+                    tag = ""
+                else:
+                    k, v = min(cands, key=lambda c: c[1]["val"]["error"])
+                    tag = "*"
+                setting = v.get("hparams") or ({"a": v["alpha"]} if "alpha" in v else {})
+                chosen.append((seed, v, f"{_short(setting)}{tag}"))
+            if not chosen:
+                continue
+            nfr = [100 * v["test"]["nfr"] for _, v, _ in chosen]
+            m_nfr, _ = _mean_sd(nfr)
+            if label == "plain":
+                plain_nfr = m_nfr
+            rel = f"{100 * (m_nfr / plain_nfr - 1):+.0f}%" if plain_nfr else "-"
+            lines.append(f"| {label} | {'; '.join(s for _, _, s in chosen)} | "
+                         f"{fmt([v['test']['error_old'] for _, v, _ in chosen])} | "
+                         f"{fmt([v['test']['error'] for _, v, _ in chosen])} | {fmt([v['test']['nfr'] for _, v, _ in chosen])} | "
+                         f"{rel} | {','.join(str(s) for s, _, _ in chosen)} |")
+        lines.append("")
+    out = args.out + ".md"
+    reading = ""
+    if os.path.exists(out):
+        old = open(out).read()
+        if "\n## Reading" in old:
+            reading = old[old.index("\n## Reading") + 1:]
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n" + ("\n" + reading if reading else ""))
+    print("\n".join(lines))
+
+
+def _short(hp) -> str:
+    return ",".join(f"{k.split('_', 1)[-1]}={v}" for k, v in hp.items()
+                    if k not in ("fd_kind", "ne_kind", "elodi_refs")) or "-"
 
 
 def _evals(runs, prefix):

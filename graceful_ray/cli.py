@@ -22,6 +22,7 @@ _COMMANDS = [
     "graceful_ray.train.cli",
     "graceful_ray.evaluate",
     "graceful_ray.tune.cli",
+    "graceful_ray.interpolate",
     "graceful_ray.serve.cli",
     "graceful_ray.retrieval.cli",
     "graceful_ray.demo",

@@ -342,9 +342,10 @@ def test_registry_names_flags_and_hyperparameters():
     m = build_method("fd", fd_beta=3)
     assert m.hyperparameters() == {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 3.0, "fd_lambda": 1.0,
                                    "fd_temperature": 100.0}
-    assert build_method("elodi").hyperparameters() == {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0}
+    assert build_method("elodi").hyperparameters() == {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0,
+                                                 "elodi_refs": ""}
     hp = build_method(" BCT + fd-kl ", bct_lambda=np.float64(0.3), fd_temperature=50).hyperparameters()
-    assert hp == {"bct_lambda": 0.3, "bct_kind": "linear", "bct_scale": 16.0, "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 50.0}
+    assert hp == {"bct_lambda": 0.3, "bct_kind": "auto", "bct_scale": 16.0, "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 50.0}
     json.dumps(hp)  # recorded in the registry manifest
     assert build_method("bct+fd-kl", **hp).hyperparameters() == hp  # round trip
     assert valid_hyperparameters("fd-lm") == ["fd_alpha", "fd_beta", "fd_lambda"]
@@ -642,3 +643,23 @@ def test_cosine_influence_loss_by_hand_and_blind_to_the_embedding_norm():
         build_method("bct", bct_kind="cos")
     with pytest.raises(ConfigError, match="bct_scale must be > 0"):
         build_method("bct", bct_kind="cosine", bct_scale=0)
+
+
+def test_bct_kind_auto_picks_cosine_when_classes_are_added():
+    same = build_method("bct")
+    same.setup(_ctx(k=3))
+    assert same.hyperparameters()["bct_kind"] == "linear"  # the paper's form when no class is new
+    added = build_method("bct")
+    added.setup(_ctx(k=4, old_classes=[0, 1, 2]))
+    assert added.hyperparameters()["bct_kind"] == "cosine"  # what meets the criterion when classes are added
+    dropped_only = build_method("bct")
+    dropped_only.setup(_ctx(k=2, old_classes=[0, 1, -1]))
+    assert dropped_only.hyperparameters()["bct_kind"] == "linear"
+    forced = build_method("bct", bct_kind="linear")
+    forced.setup(_ctx(k=4, old_classes=[0, 1, 2]))
+    assert forced.hyperparameters()["bct_kind"] == "linear"  # an explicit kind is kept
+    batch = _batch(k=4)
+    w, b = extend_old_head(*(lambda c: (c.old_head_weight, c.old_head_bias, c.old_classes, 4, c.old_class_means))(
+        _ctx(k=4, old_classes=[0, 1, 2])))
+    expected = bct_influence_loss(batch.new_embedding, w, b, batch.y, kind="cosine")
+    assert added.loss(batch).parts["bct"].item() == pytest.approx(expected.item(), rel=1e-6)

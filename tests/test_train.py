@@ -179,6 +179,7 @@ def test_bct_with_mismatched_embedding_dims_says_what_to_do(v1, workspace):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(epochs=0), "epochs"), (dict(workers=-1), "workers"), (dict(lr=-1), "lr"),
     (dict(run_name="has space"), "run name"), (dict(lr_schedule="step"), "lr_schedule must be one of"),
+    (dict(init_from_old=True), "init_from_old starts from the old model's weights"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -225,3 +226,23 @@ def test_lr_schedule_is_what_the_run_trains_with(ray_module, workspace, schedule
         _, opt_state, _ = load_checkpoint_dir(d)
     lr = opt_state["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(2e-3 if schedule == "constant" else 0.0, abs=1e-9)
+
+
+def test_init_from_old_starts_at_v1_and_elodi_refs_reach_the_loop(v1, workspace):
+    """--init-from-old: with a tiny learning rate the published v2 is v1's weights, nearly;
+    another architecture is refused before any worker starts. ELODI with an ensemble
+    reference (elodi_refs) loads it from the registry and runs it on the loop's batches."""
+    reg = Registry(workspace["registry"])
+    warm = run_upgrade(_cfg(workspace, old=v1.model_ref, init_from_old=True, lr=1e-7, epochs=1, workers=0,
+                            seed=5, method="elodi", hparams={"elodi_refs": v1.model_ref},
+                            run_name="warm"))
+    m = reg.get(warm.model_ref)
+    assert m.hyperparameters["init_from_old"] is True and m.hyperparameters["elodi_refs"] == v1.model_ref
+    old_state = reg.load_state_dict(v1.model_ref)[1]
+    new_state = reg.load_state_dict(warm.model_ref)[1]
+    assert max(float((old_state[k] - new_state[k]).abs().max()) for k in old_state) < 1e-3
+    assert warm.metrics["val_nfr"] < 0.01  # it decides as v1 does
+    assert warm.history[-1]["loss_elodi"] >= 0.0
+    with pytest.raises(ConfigError, match="init_from_old: the pretrained weights do not fit"):
+        run_upgrade(_cfg(workspace, old=v1.model_ref, init_from_old=True, model_kwargs={"channels": 16},
+                         run_name="warm-bad"))

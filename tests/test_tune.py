@@ -263,3 +263,32 @@ def _scalars(paths: list[str]) -> dict[str, list[tuple[int, float]]]:
                 tags.setdefault(v.tag, []).append((event.step, v.simple_value))
     return tags
 
+
+
+@pytest.mark.timeout(1200)
+def test_default_search_runs_plain_first_and_publishes_only_what_beats_it(ws, tmp_path, capsys):
+    """The default search (no --method) on a real Ray, kept tiny: 2 trials of 1 epoch.
+    The first trial is plain, as given; the exit status and the message follow the
+    beats-plain rule (0 and a published candidate, or 3 and nothing published)."""
+    from graceful_ray.cli import main
+    from graceful_ray.tune.runner import load_report
+
+    storage = str(tmp_path / "tune")
+    code = main(["tune", "--data", ws["data"], "--old", ws["v1"], "--methods", "fd", "--model-arg", "channels=8",
+                 "--epochs", "1", "--trials", "2", "--max-concurrent", "1", "--cpus-per-worker", "0.5",
+                 "--no-search-lr", "--lr-schedule", "cosine", "--storage", storage, "--registry", ws["registry"],
+                 "--name", "across", "--run-name", "across"])
+    out = capsys.readouterr().out
+    summary = load_report(os.path.join(storage, "across"))
+    methods = [t["params"]["method"] for t in sorted(summary["trials"], key=lambda t: t["trial_id"])]
+    assert methods[0] == "plain" and len(methods) == 2, summary["trials"]
+    assert all(t["status"] == "complete" for t in summary["trials"])
+    if code == 3:
+        assert "beats plain" in summary["message"] and summary["published"] is None
+        with pytest.raises(Exception):
+            Registry(ws["registry"]).get("across@candidate")
+    else:
+        assert code == 0, out
+        chosen = next(t for t in summary["trials"] if t["trial_id"] == summary["selection"]["trial_id"])
+        assert chosen["params"]["method"] != "plain"
+        assert Registry(ws["registry"]).get("across@candidate").method == chosen["params"]["method"]

@@ -331,3 +331,90 @@ def test_cli_passes_the_learning_rate_schedule_to_every_trial(tmp_path):
     assert settings_from_args(p.parse_args(common)).base["lr_schedule"] == "cosine"
     settings = settings_from_args(p.parse_args(common + ["--lr-schedule", "constant"]))
     assert settings.base["lr_schedule"] == "constant"
+
+
+# -- the default search: across methods, plain always a trial, a candidate only if it beats plain ----------
+
+def mrec(tid: str, method: str, acc: float, flips: int, rows: int = 2000, status: str = COMPLETE) -> TrialRecord:
+    return TrialRecord(tid, status, params={"method": method}, metrics={
+        "val_accuracy": acc, "val_nfr": flips / rows, "val_rows": float(rows), "val_negative_flips": float(flips)})
+
+
+def test_a_candidate_must_beat_plains_nfr_with_its_interval():
+    from graceful_ray.tune.selection import beats_plain, plain_reference
+
+    plain = mrec("p", "plain", 0.900, 60)  # NFR 3.0%
+    # fd: 1.5%, its Wilson upper bound (~2.1%) below 3%: beats plain; new-error 2.8%: within noise of plain
+    records = [plain, mrec("fd", "fd", 0.897, 30), mrec("ne", "new-error", 0.902, 56),
+               mrec("elodi", "elodi", 0.880, 10),  # fewest flips, but 2 points less accurate than plain
+               mrec("stopped", "fd", 0.95, 0, status=EARLY_STOPPED)]
+    assert plain_reference(records).trial_id == "p"
+    sel, why = beats_plain(records)
+    assert sel.record.trial_id == "fd" and sel.nfr.high < 0.03, why
+    assert "0.9000 - 0.005" in why  # plain's error + 0.5 points
+    # the user's accuracy floor replaces plain's: elodi qualifies at 0.88
+    assert beats_plain(records, min_accuracy=0.88)[0].record.trial_id == "elodi"
+    # with a flip budget: the most accurate that beats plain and is within the budget
+    assert beats_plain(records, min_accuracy=0.88, flip_budget=0.03)[0].record.trial_id == "fd"
+    # nothing beats plain credibly -> None and a reason naming plain's NFR
+    sel, why = beats_plain([plain, mrec("ne", "new-error", 0.902, 56), mrec("bad", "fd", 0.85, 5)])
+    assert sel is None and "no trial beats plain" in why and "60/2000" in why
+    # a search without a complete plain trial selects nothing
+    sel, why = beats_plain([mrec("fd", "fd", 0.9, 1), mrec("p", "plain", 0.9, 60, status=ERROR)])
+    assert sel is None and "plain trial did not complete" in why
+    # few validation rows: 0 flips of 100 has an upper bound (~3.7%) above plain's 3%: not shown to beat it
+    assert beats_plain([plain, mrec("tiny", "fd", 0.95, 0, rows=100)])[0] is None
+
+
+def test_the_default_space_searches_methods_weights_and_schedule_with_plain_first():
+    space = sp.across_methods() + sp.learning_rate()
+    assert space.methods == ("plain", "fd", "new-error", "elodi")
+    assert {"fd_lambda", "fd_beta", "ne_lambda", "ne_kind", "elodi_lambda", "elodi_xi", "lr_schedule", "lr"} \
+        <= set(space.params)
+    assert space.fixed["fd_kind"] == "lm-std"
+    point = space.plain_point(lr=0.003, schedule="constant")
+    assert set(point) == set(space.params)  # Tune wants every searched name in a given point
+    assert point["method"] == "plain" and point["lr"] == 0.003 and point["lr_schedule"] == "constant"
+    assert all(space.params[k].contains(v) for k, v in point.items())
+    space.validate_for("plain")  # every name is some candidate's hyperparameter
+    base = UpgradeConfig(data="/d")
+    sample = {"method": "new-error", "fd_lambda": 0.1, "fd_beta": 5.0, "ne_lambda": 2.0, "ne_kind": "strict",
+              "elodi_lambda": 1.0, "elodi_xi": 0.5, "lr_schedule": "constant", "lr": 0.004}
+    cfg = space.apply(base, sample)  # a trial keeps only its method's hyperparameters
+    assert cfg.method == "new-error" and cfg.hparams == {"ne_lambda": 2.0, "ne_kind": "strict"}
+    assert cfg.lr_schedule == "constant" and cfg.lr == 0.004
+    fd = space.apply(base, {**sample, "method": "fd"})
+    assert fd.hparams == {"fd_kind": "lm-std", "fd_lambda": 0.1, "fd_beta": 5.0}
+    assert space.apply(base, {**sample, "method": "plain"}).hparams == {}
+    # pinned values and a subset of methods; an unknown one is refused
+    only = sp.across_methods(("fd",), {"fd_beta": 5}, schedules=("cosine",))
+    assert only.methods == ("plain", "fd") and "fd_beta" not in only.params and only.fixed["fd_beta"] == 5
+    assert "lr_schedule" not in only.params
+    with pytest.raises(ConfigError, match="no default search range"):
+        sp.across_methods(("lqf",))
+    # a one-method search has no plain trial (its selection rules are unchanged)
+    assert sp.for_method("fd").plain_point() is None
+    assert sp.SearchSpace.from_dict(space.to_dict()) == space
+
+
+def test_tune_cli_defaults_to_the_search_across_methods(tmp_path):
+    import argparse
+
+    from graceful_ray.tune.cli import add_tune_arguments, rule_from_args, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    args = parser.parse_args(["--data", str(tmp_path), "--old", "m@v1", "--storage", str(tmp_path / "t"),
+                              "--registry", str(tmp_path / "r"), "--run-name", "x"])
+    settings = settings_from_args(args)
+    space = settings.search_space()
+    assert space.methods == ("plain", "fd", "new-error", "elodi") and "lr_schedule" in space.params
+    assert settings.base["method"] == "plain" and settings.base["hparams"] == {}
+    rule = rule_from_args(args)
+    assert rule.flip_budget is None and rule.min_accuracy is None and rule.max_accuracy_drop == 0.005
+    one = settings_from_args(parser.parse_args(["--data", str(tmp_path), "--old", "m@v1", "--method", "fd",
+                                                "--storage", str(tmp_path / "t"), "--run-name", "y"]))
+    assert one.search_space().plain_point() is None and one.base["lr_schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="--methods is for the default search"):
+        settings_from_args(parser.parse_args(["--data", str(tmp_path), "--old", "m@v1", "--method", "fd",
+                                              "--methods", "fd", "--run-name", "z"]))

@@ -19,7 +19,8 @@ from graceful_ray.methods.focal_distillation import (FocalDistillation, FocalDis
                                                      distillation_distance, focal_distillation_loss,
                                                      focal_weights, kl_divergence_loss, logit_matching_loss,
                                                      standardized_logit_matching_loss)
-from graceful_ray.methods.elodi import ELODI, logit_difference_inhibition_loss
+from graceful_ray.methods.elodi import ELODI, ensemble_logits, logit_difference_inhibition_loss
+from graceful_ray.methods.new_error import NewError, new_error_loss, strict_imitation_loss
 from graceful_ray.methods.lqf import LQF, squared_loss
 
 __all__ = [
@@ -29,5 +30,5 @@ __all__ = [
     "l2_embedding_loss", "FocalDistillation", "FocalDistillationKL", "FocalDistillationLM",
     "KnowledgeDistillation", "focal_weights", "kl_divergence_loss", "logit_matching_loss",
     "distillation_distance", "standardized_logit_matching_loss", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
-    "LQF", "squared_loss",
+    "LQF", "squared_loss", "ensemble_logits", "NewError", "new_error_loss", "strict_imitation_loss",
 ]

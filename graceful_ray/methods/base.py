@@ -61,6 +61,9 @@ class UpgradeContext:
     # linearizes around them), load ``old_ref`` from the registry at ``registry``.
     old_ref: str | None = None
     registry: str | None = None
+    # Global class id of each new head output (``None``: ``0..num_classes-1``);
+    # methods that align other registry models with the new head use it.
+    classes: list[int] | None = None
 
     @property
     def has_old_model(self) -> bool:
@@ -82,6 +85,9 @@ class MethodBatch:
     old_embedding: Tensor | None = None
     old_logits: Tensor | None = None
     old_correct: Tensor | None = None
+    # The (augmented) inputs of the batch, for methods that run reference models
+    # of their own on it (ELODI with an ensemble reference).
+    x: Tensor | None = None
 
 
 @dataclass

@@ -11,7 +11,9 @@ Classes the old head never saw get synthesized rows: the mean old embedding
 extended head is indexed by global class id, so it can be used with the labels
 directly.
 
-Two kinds of influence loss:
+Two kinds of influence loss (``bct_kind``; the default ``auto`` picks ``cosine``
+when the new model adds classes the old one never saw, else ``linear``, and the
+manifest records the kind that was used):
 
 - ``linear`` (the paper's formula): the old head as it is, ``W_o z + b_o``.
 - ``cosine``: the old head's rows and the new embedding L2-normalised, logits
@@ -82,6 +84,13 @@ def extend_old_head(old_head_weight: Tensor, old_head_bias: Tensor | None, old_c
 
 
 KINDS = ("linear", "cosine")
+AUTO = "auto"
+
+
+def auto_kind(old_classes: list[int], num_classes: int) -> str:
+    """``cosine`` when some new class has no old-head row (classes were added), else ``linear``."""
+    known = {int(c) for c in old_classes if 0 <= int(c) < num_classes}
+    return "cosine" if len(known) < num_classes else "linear"
 
 
 def bct_influence_loss(new_embedding: Tensor, old_head_weight_ext: Tensor, old_head_bias_ext: Tensor,
@@ -106,8 +115,9 @@ def bct_influence_loss(new_embedding: Tensor, old_head_weight_ext: Tensor, old_h
 class BCT(UpgradeMethod):
     """Cross-entropy plus ``lam`` times the BCT influence loss. Part name ``bct``.
 
-    Hyperparameters: ``bct_lambda`` (1), ``bct_kind`` (``"linear"``, or
-    ``"cosine"``), ``bct_scale`` (16, the cosine logits' scale).
+    Hyperparameters: ``bct_lambda`` (1), ``bct_kind`` (``"auto"``: ``"cosine"`` when
+    classes are added, else ``"linear"``; or either explicitly), ``bct_scale`` (16,
+    the cosine logits' scale).
     """
 
     name = "bct"
@@ -115,12 +125,12 @@ class BCT(UpgradeMethod):
     needs_old_model = True
     compatible = True
 
-    def __init__(self, *, lam: float = 1.0, kind: str = "linear", scale: float = 16.0) -> None:
+    def __init__(self, *, lam: float = 1.0, kind: str = AUTO, scale: float = 16.0) -> None:
         super().__init__()
         self.lam, self.kind, self.scale = float(lam), str(kind), float(scale)
         check_nonnegative("bct", bct_lambda=self.lam)
-        if self.kind not in KINDS:
-            raise ConfigError(f"bct: bct_kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind not in (*KINDS, AUTO):
+            raise ConfigError(f"bct: bct_kind must be one of {[*KINDS, AUTO]}, got {self.kind!r}")
         if not self.scale > 0:
             raise ConfigError(f"bct: bct_scale must be > 0, got {self.scale}")
         self.weight_ext: Tensor | None = None
@@ -143,6 +153,8 @@ class BCT(UpgradeMethod):
                 f"new model's embedding_dim to {d_old}, or use a method that does not compare "
                 "embeddings, such as 'fd' (focal distillation on logits)"
             )
+        if self.kind == AUTO:  # resolved once; hyperparameters() then reports the kind used
+            self.kind = auto_kind(list(ctx.old_classes), int(ctx.num_classes))
         self.weight_ext, self.bias_ext = extend_old_head(
             ctx.old_head_weight, ctx.old_head_bias, list(ctx.old_classes), int(ctx.num_classes),
             ctx.old_class_means)

@@ -224,7 +224,8 @@ class LQF(UpgradeMethod):
         load_pretrained(model, state, self._require_setup())
 
 
-def load_pretrained(model: nn.Module, state: dict[str, Tensor], ctx: UpgradeContext | None = None) -> None:
+def load_pretrained(model: nn.Module, state: dict[str, Tensor], ctx: UpgradeContext | None = None,
+                    who: str = "lqf") -> None:
     """Copy a pretrained network's weights into ``model`` (in place).
 
     Every non-head tensor must exist with the same shape. The head is copied
@@ -238,7 +239,7 @@ def load_pretrained(model: nn.Module, state: dict[str, Tensor], ctx: UpgradeCont
     wrong = sorted(k for k in body if k in own and tuple(own[k].shape) != tuple(body[k].shape))
     extra = sorted(k for k in body if k not in own)
     if missing or wrong or extra:
-        raise ConfigError(f"lqf: the pretrained weights do not fit the new network (missing {missing[:4]}, "
+        raise ConfigError(f"{who}: the pretrained weights do not fit the new network (missing {missing[:4]}, "
                           f"shape mismatch {wrong[:4]}, unexpected {extra[:4]}); train with the "
                           "parent's architecture (same --model and --model-arg)")
     with torch.no_grad():

@@ -8,7 +8,7 @@ unambiguous:
 method            hyperparameters (defaults)
 ================  ==========================================================
 ``plain``         none
-``bct``           ``bct_lambda`` (1.0), ``bct_kind`` ("linear", or "cosine"),
+``bct``           ``bct_lambda`` (1.0), ``bct_kind`` ("auto": cosine when classes are added, else linear),
                   ``bct_scale`` (16, cosine only)
 ``l2``            ``l2_lambda`` (1.0)
 ``fd``            ``fd_kind`` ("lm", or "lm-std", "kl"), ``fd_alpha`` (1), ``fd_beta`` (5),
@@ -16,7 +16,10 @@ method            hyperparameters (defaults)
 ``fd-kl``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``, ``fd_temperature``
 ``fd-lm``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``
 ``kd``            ``kd_kind`` ("lm"), ``kd_lambda`` (1), ``kd_temperature`` (100)
-``elodi``         ``elodi_lambda`` (1), ``elodi_xi`` (0.5), ``elodi_p`` (2)
+``elodi``         ``elodi_lambda`` (1), ``elodi_xi`` (0.5), ``elodi_p`` (2),
+                  ``elodi_refs`` ("": the old model; or "NAME@v1,NAME@v5": an ensemble)
+``new-error``     ``ne_lambda`` (1), ``ne_kind`` ("weighted", or "strict"):
+                  BackwardCompatibilityML's new-error losses
 ``lqf``           ``lqf_kfac`` (true), ``lqf_damping`` (1e-2), ``lqf_update_every``
                   (10), ``lqf_target_scale`` (1), ``lqf_layers`` ("all"),
                   ``lqf_momentum`` (0.9), ``lqf_init`` ("parent"),

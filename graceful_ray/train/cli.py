@@ -38,6 +38,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hp", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. fd_lambda=1 fd_beta=5 bct_lambda=1 (repeatable)")
     p.add_argument("--old", help="the old model as NAME@VERSION or NAME@ALIAS (omit to train a first version)")
+    p.add_argument("--init-from-old", action="store_true",
+                   help="warm start: initialise the new model from --old's weights (same --model and --model-arg)")
     p.add_argument("--name", default="model", help="registry name the new model is published under")
     p.add_argument("--train-split", default="train", help="split to train on (old_train: what v1 sees)")
     p.add_argument("--val-split", default="val")
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
 
     return UpgradeConfig(
         data=args.data, model=args.model, model_kwargs=parse_kv(args.model_arg), method=args.method,
-        hparams=parse_kv(args.hp), old=args.old, name=args.name, train_split=args.train_split,
+        hparams=parse_kv(args.hp), old=args.old, init_from_old=args.init_from_old, name=args.name, train_split=args.train_split,
         val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, seed=args.seed, augment_noise=args.augment_noise,

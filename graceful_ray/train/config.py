@@ -46,6 +46,9 @@ class UpgradeConfig:
     method: str = "plain"
     hparams: dict[str, Any] = field(default_factory=dict)
     old: str | None = None
+    # Warm start: begin training at the old model's weights (same architecture;
+    # head rows copied for the classes both know). See graceful_ray/train/warm_start.py.
+    init_from_old: bool = False
     name: str = "model"  # registry model name the result is published under
     train_split: str = "train"
     val_split: str = "val"
@@ -95,6 +98,8 @@ class UpgradeConfig:
             raise ConfigError("augmentation strengths must be >= 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"unknown placement strategy {self.placement_strategy!r}")
+        if self.init_from_old and not self.old:
+            raise ConfigError("init_from_old starts from the old model's weights: give the old model (--old NAME@VERSION)")
         if self.run_name is not None and not _RUN_NAME.match(self.run_name):
             raise ConfigError(
                 f"run name {self.run_name!r} is not valid: use letters, digits, '.', '_' "

@@ -31,6 +31,7 @@ from torch import nn
 from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.train.config import UpgradeConfig
+from graceful_ray.train.warm_start import warm_start
 
 INPUT = "x"
 
@@ -195,6 +196,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = build_model(spec)
     ctx_data = loop_config["context"]
     context = upgrade_context(loop_config, cfg, model.embedding_dim)
+    if cfg.init_from_old:  # a resumed run's checkpoint replaces these weights below
+        warm_start(model, cfg.registry, context)
     method = build_method(cfg.method, **cfg.hparams)
     method.setup(context)
     method.to(device)
@@ -283,7 +286,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                 old_emb = old_logits = old_correct = None
             emb, logits = forward(x)
             out = method.loss(MethodBatch(y=y, new_embedding=emb, new_logits=logits, old_embedding=old_emb,
-                                          old_logits=old_logits, old_correct=old_correct))
+                                          old_logits=old_logits, old_correct=old_correct, x=x))
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             optimizer.step()
@@ -348,7 +351,7 @@ def upgrade_context(loop_config: dict[str, Any], cfg: UpgradeConfig, new_embeddi
         old_embedding_dim=ctx_data.get("old_embedding_dim"),
         new_embedding_dim=new_embedding_dim,
         old_class_means={int(k): _t(v) for k, v in means.items()} if means else None,
-        old_ref=ctx_data.get("old_ref"), registry=cfg.registry,
+        old_ref=ctx_data.get("old_ref"), registry=cfg.registry, classes=list(loop_config["classes"]),
     )
 
 

@@ -22,6 +22,7 @@ from graceful_ray.models import ModelSpec
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
+from graceful_ray.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any],
         old_head_bias=torch.as_tensor(context["old_head_bias"]) if cfg.old else None,
         old_embedding_dim=context.get("old_embedding_dim"), new_embedding_dim=probe.embedding_dim,
         old_class_means={k: torch.as_tensor(v) for k, v in context["old_class_means"].items()} if cfg.old else None,
-        old_ref=context.get("old_ref"), registry=cfg.registry,
+        old_ref=context.get("old_ref"), registry=cfg.registry, classes=classes,
     )
     method.setup(ctx)  # the method's own checks (e.g. BCT's embedding dims) run here, once
+    if cfg.init_from_old:  # a warm start that cannot fit fails here, before any worker starts
+        warm_start(probe, cfg.registry, ctx)
 
     # Inputs are decoded in the workers as they read their shard once (see loop.materialize).
     datasets = {
@@ -245,7 +248,7 @@ def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_
     hyper = dict(loop_config["method_hparams"])
     hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                  seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
-                 train_split=cfg.train_split, workers=cfg.workers)
+                 train_split=cfg.train_split, workers=cfg.workers, init_from_old=cfg.init_from_old)
     return Registry(cfg.registry).publish(
         cfg.name, state_dict, spec=spec, classes=loop_config["classes"], method=cfg.method,
         hyperparameters=hyper, dataset_checksum=info.checksum,

@@ -25,8 +25,15 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to train (ignored with --resume: the run's search.json has it)")
     g.add_argument("--data", help="dataset directory or URI (required unless --resume)")
     g.add_argument("--old", help="old model NAME@VERSION; for --search edge the large cloud model")
-    g.add_argument("--method", default=None, help="objective: fd (default for tradeoff), bct (default for edge), "
-                   "fd-kl, bct+fd, ...")
+    g.add_argument("--method", default=None,
+                   help="one objective to search (fd, fd-kl, bct+fd, ...; bct is the edge default). Default for "
+                        "tradeoff: search across methods (--methods), their weights and the lr schedule, with plain "
+                        "always among the trials")
+    g.add_argument("--methods", default=None, metavar="A,B",
+                   help="the methods a search across methods chooses from (default: fd,new-error,elodi; "
+                        "plain is always added)")
+    g.add_argument("--init-from-old", action="store_true",
+                   help="warm start every trial from --old's weights (same --model and --model-arg)")
     g.add_argument("--model", default="cnn1d", help="zoo model (for --search edge: the small-model family)")
     g.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="fixed model argument (repeatable)")
     g.add_argument("--hp", action="append", metavar="KEY=VALUE",
@@ -41,8 +48,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=3e-3, help="learning rate when it is not searched")
     g.add_argument("--no-search-lr", action="store_true", help="do not search the learning rate (trade-off search)")
-    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
-                   help="every trial's schedule: cosine decay to 0 (default) or a constant learning rate")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="every trial's schedule: cosine decay to 0 or a constant learning rate (default: searched "
+                        "in a search across methods, else cosine)")
     g.add_argument("--seed", type=int, default=0, help="training seed and the NSGA-II sampler's seed")
     g.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP) per trial")
     g.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -70,6 +78,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--flip-budget", type=float,
                    help="publish the most accurate trial whose NFR upper 95%% bound is <= this (e.g. 0.02)")
     c.add_argument("--min-accuracy", type=float, help="or: publish the lowest-NFR trial with accuracy >= this")
+    c.add_argument("--max-accuracy-drop", type=float, default=0.005,
+                   help="search across methods without --min-accuracy: the accuracy floor is plain's minus this "
+                        "(default 0.005: plain's error + 0.5 points)")
     c.add_argument("--map-tolerance", type=float, default=0.02,
                    help="edge: publish the smallest model with M(small, large) >= M(large, large) - this")
     c.add_argument("--alias", default="candidate", help="registry alias for the selected model")
@@ -93,11 +104,15 @@ def settings_from_args(args: argparse.Namespace):
     if args.workers_per_trial < 1:
         raise ConfigError("--workers-per-trial must be >= 1: each trial is a Ray Train run with workers "
                           "(Train's local mode cannot report to Tune)")
-    method = args.method or ("bct" if args.search == "edge" else "fd")
+    across = args.search == "tradeoff" and not args.method
+    if args.methods and not across:
+        raise ConfigError("--methods is for the default search across methods; drop --method to use it")
+    method = args.method or ("bct" if args.search == "edge" else sp.PLAIN)
+    schedule = args.lr_schedule or "cosine"
     root = default_root()
     registry = absolute(args.registry or os.path.join(root, "registry"))
     storage = absolute(args.storage or os.path.join(root, "tune"))
-    run_name = args.run_name or generate_run_name(f"tune-{method.replace('+', '-')}")
+    run_name = args.run_name or generate_run_name("tune-methods" if across else f"tune-{method.replace('+', '-')}")
     hparams = parse_kv(args.hp)
     model_kwargs = parse_kv(args.model_arg)
     if args.search == "edge":
@@ -111,12 +126,20 @@ def settings_from_args(args: argparse.Namespace):
     else:
         if args.model not in ZOO and ":" not in args.model:
             raise ConfigError(f"unknown model {args.model!r}; zoo models are {sorted(ZOO)}")
-        space = sp.for_method(method, hparams) + (sp.SearchSpace() if args.no_search_lr else sp.learning_rate())
+        if across:
+            methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+            space = sp.across_methods(methods, hparams,
+                                      schedules=(args.lr_schedule,) if args.lr_schedule else sp.SCHEDULES)
+            hparams = {}  # pinned values travel in the space; each trial keeps what its method takes
+        else:
+            space = sp.for_method(method, hparams)
+        space = space + (sp.SearchSpace() if args.no_search_lr else sp.learning_rate())
     space = space.with_overrides({k: str(v) for k, v in parse_kv(args.space).items()})
     base = UpgradeConfig(
         data=args.data, model=args.model, model_kwargs=model_kwargs, method=method, hparams=hparams, old=args.old,
-        name=args.name, train_split=args.train_split, val_split=args.val_split, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
+        init_from_old=args.init_from_old, name=args.name, train_split=args.train_split, val_split=args.val_split,
+        epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lr_schedule=schedule, seed=args.seed,
         workers=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu, max_failures=1, registry=registry,
         storage=storage, run_name=run_name, publish=False)
@@ -138,7 +161,10 @@ def rule_from_args(args: argparse.Namespace):
 
     if args.flip_budget is not None and args.min_accuracy is not None:
         raise ConfigError("give one selection rule: --flip-budget or --min-accuracy")
+    if args.max_accuracy_drop < 0:
+        raise ConfigError(f"--max-accuracy-drop must be >= 0, got {args.max_accuracy_drop}")
     return SelectionRule(flip_budget=args.flip_budget, min_accuracy=args.min_accuracy,
+                         max_accuracy_drop=args.max_accuracy_drop,
                          map_tolerance=args.map_tolerance, publish=not args.no_publish, alias=args.alias)
 
 
@@ -155,7 +181,8 @@ def run_tune(args: argparse.Namespace) -> int:
         settings = SearchSettings.load(storage, args.resume)
     else:
         settings = settings_from_args(args)
-    if settings.search == "tradeoff" and rule.flip_budget is None and rule.min_accuracy is None:
+    if settings.search == "tradeoff" and rule.flip_budget is None and rule.min_accuracy is None \
+            and settings.search_space().plain_point() is None:
         raise ConfigError("give a selection rule: --flip-budget B (e.g. 0.02) or --min-accuracy A")
     ensure_ray(args.address)
     _say_where(settings)

@@ -29,8 +29,8 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.tune.pareto import format_table, pareto_front
 from graceful_ray.tune.plot import plot_trials
 from graceful_ray.tune.records import ACCURACY, CROSS_MAP, FLOPS, NFR, RUNNING, TrialRecord
-from graceful_ray.tune.selection import (Selection, lowest_nfr_at_accuracy, most_accurate_under_budget,
-                                         smallest_within)
+from graceful_ray.tune.selection import (Selection, beats_plain, lowest_nfr_at_accuracy,
+                                         most_accurate_under_budget, smallest_within)
 from graceful_ray.tune.trainable import EDGE, TRADEOFF, model_cost_metrics
 from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, build_tuner, records_from_results, restore_tuner
 
@@ -43,6 +43,9 @@ class SelectionRule:
 
     flip_budget: float | None = None  # trade-off: most accurate with NFR upper bound <= budget
     min_accuracy: float | None = None  # trade-off: lowest NFR at accuracy >= A
+    # trade-off search across methods (plain among them): without min_accuracy, the
+    # accuracy floor is plain's accuracy minus this (plain's error + 0.5 points)
+    max_accuracy_drop: float = 0.005
     map_tolerance: float | None = None  # edge: smallest with M(small, large) >= M(large, large) - tol
     confidence: float = 0.95
     publish: bool = True
@@ -84,7 +87,7 @@ def start_search(settings: SearchSettings, *, callbacks: list | None = None):
     space.validate_for(cfg.method)
     # Fail now, with the usual clear message, on a bad dataset / old model / method, and compute
     # the old model's outputs once here rather than in every concurrent trial.
-    probe = space.apply(cfg, {name: _midpoint(p) for name, p in space.params.items()})
+    probe = space.apply(cfg, {name: p.middle() for name, p in space.params.items()})
     prepare_upgrade(probe)
     loc.makedirs()
     settings.save()
@@ -120,16 +123,6 @@ def _console(verbose: int):
 
 
 
-def _midpoint(p) -> Any:
-    if p.kind == "choice":
-        return p.choices[0]
-    if p.kind == "int":
-        return int(p.low)
-    if p.kind == "loguniform":
-        return math.sqrt(p.low * p.high)
-    return (p.low + p.high) / 2
-
-
 def edge_reference(settings: SearchSettings) -> dict[str, Any]:
     """M(large, large) and the cloud model's cost: the bar the small models are held to."""
     from graceful_ray.evaluate import load_split, predict
@@ -153,6 +146,13 @@ def tradeoff_reference(records: list[TrialRecord]) -> dict[str, Any]:
 def select(settings: SearchSettings, records: list[TrialRecord], rule: SelectionRule,
            reference: dict[str, Any]) -> tuple[Selection | None, str]:
     """The selected trial and a sentence saying what was chosen, or why nothing was."""
+    if settings.search == TRADEOFF and settings.search_space().plain_point() is not None:
+        # A search with plain among its trials publishes only what credibly beats plain.
+        sel, why = beats_plain(records, min_accuracy=rule.min_accuracy, max_accuracy_drop=rule.max_accuracy_drop,
+                               flip_budget=rule.flip_budget, confidence=rule.confidence)
+        if sel is None:
+            return None, f"{why}. Nothing was published: plain training is as good here"
+        return sel, _chosen(sel)
     if settings.search == TRADEOFF:
         if rule.flip_budget is not None:
             sel = most_accurate_under_budget(records, rule.flip_budget, confidence=rule.confidence)
@@ -264,7 +264,9 @@ def write_outputs(settings: SearchSettings, report: SearchReport) -> None:
 
 
 def _annotate(space) -> str | None:
-    for name in ("fd_lambda", "bct_lambda", "l2_lambda", "kd_lambda", "elodi_lambda"):
+    if "method" in space.params:
+        return "method"
+    for name in ("fd_lambda", "bct_lambda", "l2_lambda", "kd_lambda", "elodi_lambda", "ne_lambda"):
         if name in space.params:
             return name
     return None

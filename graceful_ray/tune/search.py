@@ -61,12 +61,15 @@ def default_population(trials: int) -> int:
 
 
 def make_searcher(objectives: Sequence[Objective], *, study_url: str, study_name: str, trials: int,
-                  population: int | None = None, seed: int = 0) -> ParetoOptunaSearch:
+                  population: int | None = None, seed: int = 0,
+                  points_to_evaluate: list[dict[str, Any]] | None = None) -> ParetoOptunaSearch:
+    """``points_to_evaluate``: trials Optuna runs first, as given (the plain trial of a search across methods)."""
     import optuna
 
     sampler = optuna.samplers.NSGAIISampler(population_size=population or default_population(trials), seed=seed)
     return ParetoOptunaSearch(metric=[o.metric for o in objectives], mode=[o.mode for o in objectives],
-                              sampler=sampler, storage=study_storage(study_url), study_name=study_name)
+                              sampler=sampler, storage=study_storage(study_url), study_name=study_name,
+                              points_to_evaluate=points_to_evaluate or None)
 
 
 def _stopper_base():

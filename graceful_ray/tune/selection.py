@@ -96,3 +96,54 @@ def smallest_within(records: Sequence[TrialRecord], reference: float, tolerance:
         return None
     best = min(pool, key=lambda r: (r.value(cost), -r.value(quality), r.trial_id))
     return Selection(best, f"smallest {cost} with {quality} >= {reference:.4f} - {tolerance:g}")
+
+
+def plain_reference(records: Sequence[TrialRecord], method_param: str = "method") -> TrialRecord | None:
+    """The search's plain trial (the complete one with the fewest flips when there are several)."""
+    plain = [r for r in records if r.complete and r.params.get(method_param) == "plain"
+             and not math.isnan(r.value(NEGATIVE_FLIPS)) and not math.isnan(r.value(ROWS))]
+    return min(plain, key=lambda r: (r.value(NEGATIVE_FLIPS) / r.value(ROWS), r.trial_id), default=None)
+
+
+def beats_plain(records: Sequence[TrialRecord], *, min_accuracy: float | None = None,
+                max_accuracy_drop: float = 0.005, flip_budget: float | None = None, confidence: float = 0.95,
+                accuracy: str = "val_accuracy", method_param: str = "method") -> tuple[Selection | None, str]:
+    """A candidate only if it beats plain: its NFR interval lies wholly below plain's NFR.
+
+    Among complete non-plain trials with accuracy at least ``min_accuracy``
+    (default: plain's accuracy minus ``max_accuracy_drop``, i.e. plain's error +
+    0.5 points) whose NFR upper ``confidence`` bound is below plain's measured
+    NFR (and, with ``flip_budget``, at most it): the lowest NFR, or with a
+    budget the most accurate. Returns ``(selection or None, the reason)``.
+    """
+    if max_accuracy_drop < 0:
+        raise ConfigError(f"max_accuracy_drop must be >= 0, got {max_accuracy_drop}")
+    plain = plain_reference(records, method_param)
+    if plain is None:
+        return None, "the plain trial did not complete, so no candidate can be shown to beat it"
+    plain_nfr = nfr_rate(plain, confidence)
+    assert plain_nfr is not None
+    floor = min_accuracy if min_accuracy is not None else plain.value(accuracy) - max_accuracy_drop
+    pool: list[tuple[TrialRecord, Rate]] = []
+    for r in records:
+        if not r.complete or r.params.get(method_param) == "plain" or math.isnan(r.value(accuracy)):
+            continue
+        rate = nfr_rate(r, confidence)
+        if rate is None or r.value(accuracy) < floor or not rate.high < plain_nfr.value:
+            continue
+        if flip_budget is not None and rate.high > flip_budget:
+            continue
+        pool.append((r, rate))
+    where = (f"accuracy >= {floor:.4f}" + ("" if min_accuracy is not None
+                                             else f" (plain's {plain.value(accuracy):.4f} - {max_accuracy_drop:g})"))
+    if not pool:
+        return None, (f"no trial beats plain (trial {plain.trial_id}, NFR {plain_nfr}) at {where}: none has its NFR "
+                      f"upper {confidence:.0%} bound below plain's NFR"
+                      + (f" and <= {flip_budget:g}" if flip_budget is not None else ""))
+    if flip_budget is not None:
+        best, rate = min(pool, key=lambda t: (-t[0].value(accuracy), t[1].high, t[0].trial_id))
+        rule = f"most accurate with NFR upper {confidence:.0%} bound <= {flip_budget:g} and below plain's"
+    else:
+        best, rate = min(pool, key=lambda t: (t[1].value, -t[0].value(accuracy), t[0].trial_id))
+        rule = f"lowest NFR at {where}, its upper {confidence:.0%} bound below plain's {plain_nfr.value:.4f}"
+    return Selection(best, rule, rate), rule

@@ -6,7 +6,10 @@ sampled value goes in the :class:`~graceful_ray.train.config.UpgradeConfig`:
 * ``lr`` (and ``weight_decay``) -> the optimizer;
 * a method hyperparameter (``fd_lambda``, ``bct_lambda``, ...) -> ``cfg.hparams``
   (the prefixes make composite methods like ``bct+fd`` unambiguous);
-* ``model.<kwarg>`` (``model.channels``, ``model.depth``) -> ``cfg.model_kwargs``.
+* ``model.<kwarg>`` (``model.channels``, ``model.depth``) -> ``cfg.model_kwargs``;
+* ``method`` (a choice of method specs) -> ``cfg.method``, and ``lr_schedule`` ->
+  ``cfg.lr_schedule``: the default trade-off search (:func:`across_methods`) picks the
+  method per trial; a trial keeps only the hyperparameters its method takes.
 
 Spaces compose with ``+``, so the trade-off search is
 ``for_method("fd") + learning_rate()`` and the edge search is
@@ -25,6 +28,9 @@ from graceful_ray.errors import ConfigError
 KINDS = ("loguniform", "uniform", "int", "choice")
 MODEL_PREFIX = "model."
 OPTIMIZER_KEYS = ("lr", "weight_decay")
+METHOD_KEY = "method"
+SCHEDULE_KEY = "lr_schedule"
+PLAIN = "plain"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,16 @@ class Param:
             return value in self.choices
         return self.low <= value <= self.high
 
+    def middle(self) -> Any:
+        """A value inside the range: the first choice, the low int, the (geometric) midpoint."""
+        if self.kind == "choice":
+            return self.choices[0]
+        if self.kind == "int":
+            return int(self.low)
+        if self.kind == "loguniform":
+            return float((self.low * self.high) ** 0.5)
+        return (self.low + self.high) / 2
+
     def describe(self) -> str:
         if self.kind == "choice":
             return f"{self.name} in {list(self.choices)}"
@@ -121,7 +137,21 @@ METHOD_SPACES: dict[str, tuple[Param, ...]] = {
     "l2": (Param("l2_lambda", "loguniform", 1e-4, 10.0),),
     "kd": (Param("kd_lambda", "loguniform", 1e-5, 10.0),),
     "elodi": (Param("elodi_lambda", "loguniform", 0.01, 10.0), Param("elodi_xi", "uniform", 0.1, 1.0)),
+    "ne": (Param("ne_lambda", "loguniform", 0.1, 10.0), Param("ne_kind", "choice", choices=("weighted", "strict"))),
 }
+
+#: The default trade-off search: these methods (and plain, always), each with the
+#: ranges where it lowered flips in benchmarks/results/upgrade_methods.md, and the
+#: lr schedule (it decides how many flips there are to remove: the retrain-const
+#: rows there). Focal distillation on standardized logits: raw logit matching
+#: fought cross-entropy on every MNIST-1D scenario.
+ACROSS_METHODS: dict[str, tuple[tuple[Param, ...], dict[str, Any]]] = {
+    "fd": ((Param("fd_lambda", "loguniform", 0.01, 3.0), Param("fd_beta", "uniform", 0.0, 10.0)),
+           {"fd_kind": "lm-std"}),
+    "new-error": (METHOD_SPACES["ne"], {}),
+    "elodi": (METHOD_SPACES["elodi"], {}),
+}
+SCHEDULES = ("cosine", "constant")
 #: Temperature only matters for KL distillation (the paper needs T ~ 100).
 KL_TEMPERATURE = Param("fd_temperature", "loguniform", 1.0, 200.0)
 
@@ -182,20 +212,51 @@ class SearchSpace:
         for name, value in values.items():
             if name in OPTIMIZER_KEYS:
                 top[name] = float(value)
+            elif name in (METHOD_KEY, SCHEDULE_KEY):
+                top[name] = str(_plain(value))
             elif name.startswith(MODEL_PREFIX):
                 model_kwargs[name[len(MODEL_PREFIX):]] = _plain(value)
             else:
                 hparams[name] = _plain(value)
+        if METHOD_KEY in values:  # a trial of a search across methods keeps what its method takes
+            from graceful_ray.methods import valid_hyperparameters
+
+            valid = set(valid_hyperparameters(top[METHOD_KEY]))
+            hparams = {k: v for k, v in hparams.items() if k in valid}
         return replace(base, hparams=hparams, model_kwargs=model_kwargs, **top)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The method specs a search across methods chooses from (empty for a one-method search)."""
+        p = self.params.get(METHOD_KEY)
+        return tuple(str(c) for c in p.choices) if p is not None else ()
+
+    def plain_point(self, lr: float | None = None, schedule: str | None = None) -> dict[str, Any] | None:
+        """The trial every search across methods runs first: plain, at the base lr and schedule.
+
+        Tune wants a value for every searched name; plain takes no hyperparameter,
+        so the others get the middle of their range (and are dropped by :meth:`apply`).
+        """
+        if PLAIN not in self.methods:
+            return None
+        point: dict[str, Any] = {name: p.middle() for name, p in self.params.items()}
+        point[METHOD_KEY] = PLAIN
+        if lr is not None and "lr" in self.params:
+            point["lr"] = float(lr)
+        if schedule is not None and SCHEDULE_KEY in self.params:
+            point[SCHEDULE_KEY] = schedule
+        return point
 
     def validate_for(self, method: str) -> None:
         """Every method-hyperparameter name must be one ``method`` accepts (fail before any trial)."""
         from graceful_ray.methods import valid_hyperparameters
 
-        valid = set(valid_hyperparameters(method))
+        methods = self.methods or (method,)
+        valid = {h for m in methods for h in valid_hyperparameters(m)}
+        method = "/".join(methods)
         names = set(self.params) | set(self.fixed)
-        unknown = sorted(n for n in names
-                         if n not in OPTIMIZER_KEYS and not n.startswith(MODEL_PREFIX) and n not in valid)
+        unknown = sorted(n for n in names if n not in OPTIMIZER_KEYS and n not in (METHOD_KEY, SCHEDULE_KEY)
+                         and not n.startswith(MODEL_PREFIX) and n not in valid)
         if unknown:
             raise ConfigError(f"search space names {unknown} are not hyperparameters of method {method!r}; "
                               f"valid ones are {sorted(valid) or 'none'}, plus lr, weight_decay and model.<arg>")
@@ -243,6 +304,30 @@ def for_method(method: str, fixed_hparams: dict[str, Any] | None = None) -> Sear
             if p.name not in fixed:
                 space = space + SearchSpace({p.name: p})
     return space
+
+
+def across_methods(methods: tuple[str, ...] | None = None, fixed_hparams: dict[str, Any] | None = None, *,
+                   schedules: tuple[str, ...] = SCHEDULES) -> SearchSpace:
+    """The default trade-off search: which method (plain always among them), its weights, the lr schedule.
+
+    ``methods`` are keys of :data:`ACROSS_METHODS` (default: all of them). Every
+    trial samples every range, and :meth:`SearchSpace.apply` keeps the ones its
+    method takes. ``fixed_hparams`` (``--hp``) pin values as in :func:`for_method`.
+    """
+    names = tuple(methods) if methods else tuple(ACROSS_METHODS)
+    unknown = [m for m in names if m not in ACROSS_METHODS]
+    if unknown:
+        raise ConfigError(f"no default search range for {unknown}; the search across methods knows "
+                          f"{sorted(ACROSS_METHODS)} (or pass --method for a one-method search)")
+    fixed = dict(fixed_hparams or {})
+    space = SearchSpace({METHOD_KEY: Param(METHOD_KEY, "choice", choices=(PLAIN, *names))})
+    for name in names:
+        params, pinned = ACROSS_METHODS[name]
+        space = space + SearchSpace({p.name: p for p in params if p.name not in fixed},
+                                    {k: v for k, v in pinned.items() if k not in fixed})
+    if len(schedules) > 1:
+        space = space + SearchSpace({SCHEDULE_KEY: Param(SCHEDULE_KEY, "choice", choices=tuple(schedules))})
+    return SearchSpace(space.params, {**space.fixed, **fixed})
 
 
 def learning_rate(low: float = 1e-3, high: float = 1e-2) -> SearchSpace:

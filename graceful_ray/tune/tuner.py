@@ -184,8 +184,10 @@ def build_tuner(settings: SearchSettings, *, callbacks: list | None = None):
     from graceful_ray.tune.search import make_searcher
 
     space = settings.search_space()
+    plain = space.plain_point(lr=settings.base.get("lr"), schedule=settings.base.get("lr_schedule"))
     searcher = make_searcher(settings.objectives, study_url=settings.study, study_name=settings.run_name,
-                             trials=settings.trials, population=settings.population, seed=settings.seed)
+                             trials=settings.trials, population=settings.population, seed=settings.seed,
+                             points_to_evaluate=[plain] if plain else None)
     run_config = _run_config(settings, make_stopper(settings))
     if callbacks:
         run_config.callbacks = [*run_config.callbacks, *callbacks]
