@@ -167,7 +167,7 @@ class RecordLog:
         tables = []
         for loc in self.files(sub):
             try:
-                t = pq.read_table(io.BytesIO(loc.read_bytes()), columns=columns)
+                t = pq.read_table(pa.BufferReader(loc.read_buffer()), columns=columns)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StorageError(f"{loc.uri} is not a readable Parquet file: {e}") from e
             tables.append(t.replace_schema_metadata(None))
