@@ -20,6 +20,8 @@ import os
 import time
 from typing import Any
 
+from graceful_ray.serve.report_text import format_shadow_report
+
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "mnist1d-classifier"
@@ -411,33 +413,6 @@ def _wait_for_records(base: str, n: int, timeout_s: float = 120.0) -> dict[str, 
             raise RuntimeError(f"after {timeout_s:.0f}s the service has recorded "
                                f"{report.get('requests') if status == 200 else '?'} of {n} rows")
         time.sleep(0.5)
-
-
-def format_shadow_report(report: dict[str, Any], sent: int | None = None) -> str:
-    """The live comparison as a few lines: counts, agreement, flips with intervals, latency, gates."""
-    def rate(d: dict[str, Any]) -> str:
-        if not d.get("total"):
-            return "n/a (0/0)"
-        return f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}%, {100 * d['high']:.2f}%] ({d['count']}/{d['total']})"
-
-    models = report["models"]
-    lines = [f"    primary {report['primary']['ref']}, shadow {report['shadow']['ref']}",
-             f"    requests recorded {report['requests']}" + (f" (sent {sent})" if sent is not None else "")
-             + f", compared {report['compared']}, labelled {report['labelled']} "
-             f"(pairs {report['labelled_pairs']})",
-             f"    agreement          {rate(report['agreement'])}",
-             f"    NFR                {rate(report['nfr'])}",
-             f"    PFR                {rate(report['pfr'])}"]
-    for role in ("baseline", "candidate"):
-        m = models[role]
-        lat = m["latency_ms"]
-        p99 = f"{lat['p99']:.1f} ms" if lat.get("p99") is not None else "n/a"
-        lines.append(f"    {role + ' accuracy':<19}{rate(m['accuracy'])}, p99 latency {p99}")
-    verdict = "PASS" if report["gates"]["passed"] else "FAIL (" + ", ".join(report["gates"]["failing"]) + ")"
-    lines.append(f"    gates: {verdict}")
-    for c in report["gates"]["checks"]:
-        lines.append(f"      [{'x' if c['passed'] else ' '}] {c['name']:<18} {c['detail']}")
-    return "\n".join(lines)
 
 
 def _demo_gates(flip_budget: float) -> dict[str, Any]:

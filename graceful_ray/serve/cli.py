@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -217,21 +216,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from graceful_ray.registry.cli import default_root
     from graceful_ray.serve.replay import replay
+    from graceful_ray.serve.report_text import format_shadow_report
 
     gates = _parse_gates(args.gate)  # on top of the gates the service used
     report = replay(args.log, args.registry or default_root(), candidate=args.candidate,
                     baseline=args.baseline, gates=gates)
-    text = json.dumps(report, indent=2)
-    if args.out:
+    if args.out:  # the whole report as JSON for tools; the terminal gets the table
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", args.out)
-    else:
-        sys.stdout.write(text + "\n")
-    g = report["gates"]
-    log.info("replay of %s: agreement %s, NFR %s, gates %s", report["candidate"],
-             report["agreement"]["value"], report["nfr"]["value"],
-             "pass" if g["passed"] else "fail: " + ", ".join(g["failing"]))
+    print(format_shadow_report(report))
     return 0
 
 
