@@ -396,9 +396,11 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
               f"not {report['candidate']}")
         return "failed"
     _, after = _http("POST", f"{base}/v1/predict", {"input": flat[0].tolist()})
-    print(f"    registry: production -> {production} (was {report['baseline']}); the next request is "
-          f"answered by {after.get('model')}, and {report['baseline']} keeps running as the shadow "
-          "(POST /v1/admin/rollback undoes it at once)")
+    # This request is recorded too: the log (and `shadow replay` over it) holds one
+    # more request than the traffic above.
+    print(f"    registry: production -> {production} (was {report['baseline']}); the next request "
+          f"(the log's {len(ids) + 1}th) is answered by {after.get('model')}, and {report['baseline']} "
+          "keeps running as the shadow (POST /v1/admin/rollback undoes it at once)")
     return "forced" if force else "done"
 
 
