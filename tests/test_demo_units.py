@@ -64,7 +64,7 @@ def test_an_offline_replay_report_leaves_latency_out():
     from graceful_ray.serve.replay import without_latency_gate
 
     stats = ShadowStats()
-    for i in range(300):
+    for i in range(1000):  # enough for every decision gate to pass at its default
         stats.add_record("baseline", {"baseline": i % 10, "candidate": i % 10},
                          {"baseline": None, "candidate": None}, True, None)
         stats.add_label(i % 10, i % 10, i % 10)
