@@ -20,6 +20,8 @@ import os
 import time
 from typing import Any
 
+from graceful_ray.serve.report_text import format_shadow_report
+
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "mnist1d-classifier"
@@ -394,9 +396,11 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
               f"not {report['candidate']}")
         return "failed"
     _, after = _http("POST", f"{base}/v1/predict", {"input": flat[0].tolist()})
-    print(f"    registry: production -> {production} (was {report['baseline']}); the next request is "
-          f"answered by {after.get('model')}, and {report['baseline']} keeps running as the shadow "
-          "(POST /v1/admin/rollback undoes it at once)")
+    # This request is recorded too: the log (and `shadow replay` over it) holds one
+    # more request than the traffic above.
+    print(f"    registry: production -> {production} (was {report['baseline']}); the next request "
+          f"(the log's {len(ids) + 1}th) is answered by {after.get('model')}, and {report['baseline']} "
+          "keeps running as the shadow (POST /v1/admin/rollback undoes it at once)")
     return "forced" if force else "done"
 
 
@@ -411,38 +415,6 @@ def _wait_for_records(base: str, n: int, timeout_s: float = 120.0) -> dict[str, 
             raise RuntimeError(f"after {timeout_s:.0f}s the service has recorded "
                                f"{report.get('requests') if status == 200 else '?'} of {n} rows")
         time.sleep(0.5)
-
-
-def format_shadow_report(report: dict[str, Any], sent: int | None = None) -> str:
-    """The live comparison as a few lines: counts, agreement, flips with intervals, latency, gates."""
-    def rate(d: dict[str, Any]) -> str:
-        if not d.get("total"):
-            return "n/a (0/0)"
-        text = (f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}%, {100 * d['high']:.2f}%] "
-                f"({d['count']}/{d['total']})")
-        seq = d.get("sequence")
-        if seq:  # the gates' bound, beside the fixed-sample Wilson interval
-            text += f", anytime-valid [{100 * seq['low']:.2f}%, {100 * seq['high']:.2f}%]"
-        return text
-
-    models = report["models"]
-    lines = [f"    primary {report['primary']['ref']}, shadow {report['shadow']['ref']}",
-             f"    requests recorded {report['requests']}" + (f" (sent {sent})" if sent is not None else "")
-             + f", compared {report['compared']}, labelled {report['labelled']} "
-             f"(pairs {report['labelled_pairs']})",
-             f"    agreement          {rate(report['agreement'])}",
-             f"    NFR                {rate(report['nfr'])}",
-             f"    PFR                {rate(report['pfr'])}"]
-    for role in ("baseline", "candidate"):
-        m = models[role]
-        lat = m["latency_ms"]
-        p99 = f"{lat['p99']:.1f} ms" if lat.get("p99") is not None else "n/a"
-        lines.append(f"    {role + ' accuracy':<19}{rate(m['accuracy'])}, p99 latency {p99}")
-    verdict = "PASS" if report["gates"]["passed"] else "FAIL (" + ", ".join(report["gates"]["failing"]) + ")"
-    lines.append(f"    gates: {verdict}")
-    for c in report["gates"]["checks"]:
-        lines.append(f"      [{'x' if c['passed'] else ' '}] {c['name']:<18} {c['detail']}")
-    return "\n".join(lines)
 
 
 def _demo_gates(flip_budget: float) -> dict[str, Any]:

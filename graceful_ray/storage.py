@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from graceful_ray.errors import StorageError
@@ -49,6 +50,25 @@ class Location:
         try:
             with self.fs.open_input_stream(self.path) as f:
                 return f.read()
+        except FileNotFoundError as e:
+            raise StorageError(f"{self.uri} does not exist") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {self.uri}: {e}") from e
+
+    def read_buffer(self) -> pa.Buffer:
+        """The whole object in Arrow-owned memory: read this, not :meth:`read_bytes`,
+        for anything handed to Arrow (``pq.read_table(pa.BufferReader(buf))``).
+
+        Arrow's decode threads may drop their last reference to the input after
+        the call returns; when that input wraps a Python ``bytes`` its destructor
+        takes the GIL, and if the interpreter is finalizing by then the thread is
+        torn down inside a C++ destructor: ``terminate called without an active
+        exception`` (exit 134) after the command already succeeded. A seekable
+        file's ``read_buffer`` returns memory Arrow allocated, freed without Python.
+        """
+        try:
+            with self.fs.open_input_file(self.path) as f:
+                return f.read_buffer()
         except FileNotFoundError as e:
             raise StorageError(f"{self.uri} does not exist") from e
         except OSError as e:

@@ -13,9 +13,13 @@ cluster's Serve proxy (port 8000 by default)::
 ``graceful-ray gallery build``; the primary must live in the gallery's
 embedding space, or the job fails before anything is deployed.
 
-The admin token is read from $GRACEFUL_RAY_ADMIN_TOKEN in the job's environment
-(or --admin-token-env NAME; e.g. `--runtime-env-json`); only its sha256 reaches the
-replicas, and it is never passed on the command line.
+The admin token never travels with the job: give its sha256 with
+``--admin-token-sha256 $(printf %s "$GRACEFUL_RAY_ADMIN_TOKEN" | sha256sum | cut -c1-64)``
+(the router only ever compares hashes). ``ray job list`` shows every job's
+entrypoint and ``runtime_env`` env_vars in plain text, so a token passed with
+``--runtime-env-json`` is readable by anyone who can list jobs; the hash is not
+usable as a token. ($GRACEFUL_RAY_ADMIN_TOKEN in the job's environment, or
+--admin-token-env NAME, still works for a driver started by hand.)
 """
 
 from __future__ import annotations

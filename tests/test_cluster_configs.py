@@ -775,3 +775,23 @@ def test_nothing_installs_from_a_moving_branch():
         text = path.read_text()
         for moving in ("refs/heads/", "@main", "archive/main", "git+https://"):
             assert moving not in text, f"{path.relative_to(ROOT)} installs from {moving}"
+
+
+def test_a_local_ray_takes_the_dashboard_agent_port_from_the_environment(monkeypatch):
+    """$RAY_DASHBOARD_AGENT_PORT (the variable cluster/local.sh reads) moves the agent
+    of every local Ray the CLI starts off Ray's fixed 52365."""
+    from ray._private.parameter import RayParams
+
+    from graceful_ray import raycluster
+    from graceful_ray.errors import ConfigError
+
+    monkeypatch.delenv(raycluster.AGENT_PORT_ENV, raising=False)
+    assert raycluster.agent_port() is None
+    monkeypatch.setenv(raycluster.AGENT_PORT_ENV, "52999")
+    assert raycluster.agent_port() == 52999
+    with raycluster._dashboard_agent_port(raycluster.agent_port()):
+        assert RayParams().dashboard_agent_listen_port == 52999  # what ray.init builds
+    assert RayParams().dashboard_agent_listen_port == 52365  # restored after the start
+    monkeypatch.setenv(raycluster.AGENT_PORT_ENV, "port")
+    with pytest.raises(ConfigError, match="RAY_DASHBOARD_AGENT_PORT"):
+        raycluster.agent_port()

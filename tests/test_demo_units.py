@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from graceful_ray.demo import _demo_gates, _finished_search, _parse_gates, format_shadow_report
+from graceful_ray.demo import _demo_gates, _finished_search, _parse_gates
+from graceful_ray.serve.report_text import format_shadow_report
 from graceful_ray.errors import ConfigError
 from graceful_ray.serve.config import GateConfig
 from graceful_ray.serve.stats import ShadowStats, compose_report
@@ -55,3 +56,26 @@ def test_shadow_report_lines_show_counts_intervals_and_every_gate():
     assert "gates: FAIL (max_nfr)" in text
     for name in ("min_labelled", "max_nfr", "min_agreement", "max_latency_ratio", "max_error_rate"):
         assert name in text
+
+
+def test_an_offline_replay_report_leaves_latency_out():
+    """`shadow replay` prints this table (not JSON) and judges decisions only: no
+    latencies are recorded offline and the latency gate is named as not judged."""
+    from graceful_ray.serve.replay import without_latency_gate
+
+    stats = ShadowStats()
+    for i in range(1000):  # enough for every decision gate to pass at its default
+        stats.add_record("baseline", {"baseline": i % 10, "candidate": i % 10},
+                         {"baseline": None, "candidate": None}, True, None)
+        stats.add_label(i % 10, i % 10, i % 10)
+    gates = GateConfig(min_labelled=100)
+    live_style = compose_report(stats, gates, {"baseline": "m@v1", "candidate": "m@v2"}, "baseline")
+    assert "max_latency_ratio" in live_style["gates"]["failing"]  # no samples: the gate fails
+    report = without_latency_gate(compose_report(stats, gates, {"baseline": "m@v1", "candidate": "m@v2"},
+                                                 "baseline", mode="replay"))
+    assert report["gates"]["passed"] and report["gates"]["failing"] == []
+    assert [c["name"] for c in report["gates"]["checks"]] == [
+        "min_labelled", "max_nfr", "min_agreement", "max_error_rate"]
+    text = format_shadow_report(report)
+    assert "gates: PASS" in text and "p99 latency" not in text
+    assert "[-] max_latency_ratio (offline" in text and "{" not in text

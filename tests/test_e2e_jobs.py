@@ -7,8 +7,8 @@ test session's Ray. Through :class:`~ray.job_submission.JobSubmissionClient`
 each: the dataset, v1 (aliased ``production``; trained in the job's process, Ray
 Train's local mode), a focal-distillation v2 (two workers, spread over the nodes), a
 two-trial Tune search (both trials at once) that publishes ``candidate``, and the shadow deployment
-(the admin token reaches the job through ``runtime_env`` ``env_vars``; only its
-hash reaches the replicas). Then it drives the service over HTTP as a user
+(the job gets only the admin token's sha256, as the README does, and the test
+checks the token is in no job's listing). Then it drives the service over HTTP as a user
 would: the test split as traffic, a cutover the gates refuse (no labels yet),
 the labels, the report's numbers against what was sent, the cutover, and the
 registry's ``production`` alias, which must now name the tuned candidate.
@@ -20,6 +20,7 @@ storage here because every node runs on this machine. The jobs use no
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -179,8 +180,12 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
         "--registry", registry, "--storage", shadow_log, "--host", "127.0.0.1", "--port", str(port),
         "--router-cpus", "0.2", "--model-cpus", "0.1", "--shadow-timeout", "30", "--name", "e2e",
         "--gate", "min_labelled=100", "--gate", "max_nfr=1.0", "--gate", "min_agreement=0.0",
-        "--gate", "max_latency_ratio=1000", "--gate", "max_error_rate=1.0", "--gate", "min_latency_samples=10"],
-        env={"GRACEFUL_RAY_ADMIN_TOKEN": admin_token})
+        "--gate", "max_latency_ratio=1000", "--gate", "max_error_rate=1.0", "--gate", "min_latency_samples=10",
+        # the README's way: only the token's hash goes with the job
+        "--admin-token-sha256", hashlib.sha256(admin_token.encode()).hexdigest()])
+    # `ray job list` shows every entrypoint and runtime_env: the token is in none of them
+    listing = repr(jobs.client.list_jobs())
+    assert "deploy_shadow.py" in listing and admin_token not in listing
     print("job wall times (s):", {k: round(v) for k, v in jobs.timings.items()})
 
     # --------------------------------------------------------------- traffic

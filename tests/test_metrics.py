@@ -271,3 +271,31 @@ def test_flip_report_validation():
         flip_report([0, -1], [0, 1], [0, 1])
     with pytest.raises(MetricsError, match="same length"):
         flip_report([0, 1], [0], [0, 1])
+
+
+# -- argument errors at the edges: the package's MetricsError, naming the argument --
+
+
+@pytest.mark.parametrize("successes,n,name", [(np.array([1]), 3, "successes"), (1, np.array([3, 4]), "n"),
+                                              (1.0, 3, "successes"), (True, 3, "successes"), (1, "3", "n")])
+def test_wilson_interval_refuses_non_counts(successes, n, name):
+    with pytest.raises(MetricsError, match=name):
+        wilson_interval(successes, n)
+    assert wilson_interval(np.int64(1), np.int32(3)) == wilson_interval(1, 3)
+
+
+@pytest.mark.parametrize("args,name", [(("x", 0.3), "m_new_old"), ((0.5, None), "m_old_old"),
+                                       ((0.5, [0.3]), "m_old_old"), ((True, 0.3), "m_new_old")])
+def test_is_compatible_refuses_non_scores(args, name):
+    with pytest.raises(MetricsError, match=name):
+        is_compatible(*args)
+    with pytest.raises(MetricsError, match=name):
+        update_gain(*args, 0.9)
+    assert is_compatible(np.float32(0.5), 0.4) is True
+
+
+def test_flip_report_without_names_refuses_absurd_labels():
+    with pytest.raises(MetricsError, match="class indices 0..K-1"):
+        flip_report([0, 10**6], [0, 0], [0, 1])
+    # with names the count is the caller's; a normal inferred count still works
+    assert flip_report([0, 2], [0, 0], [0, 2]).num_classes == 3

@@ -364,6 +364,29 @@ def test_cli_builds_config_from_flags_and_file(tmp_path):
         config_from_args(parser.parse_args(["--old", "m@production"]))
 
 
+def test_the_job_takes_the_token_hash_so_the_token_stays_off_the_job_listing(monkeypatch):
+    """jobs/deploy_shadow.py's README way: --admin-token-sha256 on the command line
+    (listed by `ray job list`, harmless), never the token; the router accepts the token."""
+    import hashlib
+
+    from graceful_ray.serve.cli import add_serve_arguments, config_from_args
+
+    monkeypatch.delenv("GRACEFUL_RAY_ADMIN_TOKEN", raising=False)
+    token = "s3cret-token-for-the-admin-routes"
+    digest = subprocess.run(f"printf %s '{token}' | sha256sum | cut -c1-64", shell=True,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert digest == hashlib.sha256(token.encode()).hexdigest()  # the README's shell recipe
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    base = ["--old", "m@production", "--new", "m@candidate", "--registry", "R", "--storage", "S"]
+    c = config_from_args(parser.parse_args(base + ["--admin-token-sha256", digest.upper()]))
+    auth = AdminAuth.from_config(c)
+    assert auth.check(f"Bearer {token}") is None and auth.check("Bearer other") is not None
+    assert token not in repr(c) and digest not in repr(c)
+    with pytest.raises(ConfigError, match="not the token"):
+        config_from_args(parser.parse_args(base + ["--admin-token-sha256", token]))
+
+
 # ------------------------------------------------------------ shadow calls
 class _FakeHandle:
     """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``."""

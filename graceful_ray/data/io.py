@@ -93,7 +93,7 @@ def read_file(root: PathLike, rel: str, sha256: str | None = None) -> pa.Table:
     """Read one Parquet file of a dataset, verifying its sha256 when given."""
     loc = _loc(root).join(rel)
     try:
-        data = loc.read_bytes()
+        data = loc.read_buffer()  # Arrow-owned memory: see Location.read_buffer
     except StorageError as e:
         raise DatasetError(f"cannot read a file dataset.json lists: {e}", file=rel) from None
     if sha256 is not None and sha256_hex(data) != sha256:

@@ -37,7 +37,7 @@ def is_compatible(m_new_old: float, m_old_old: float) -> bool:
     Strict because equality means the new model added nothing on the old
     gallery; NaN on either side is never compatible.
     """
-    return bool(float(m_new_old) > float(m_old_old))
+    return bool(_score(m_new_old, "m_new_old") > _score(m_old_old, "m_old_old"))
 
 
 def update_gain(m_new_old: float, m_old_old: float, m_newstar_newstar: float) -> float:
@@ -48,10 +48,21 @@ def update_gain(m_new_old: float, m_old_old: float, m_newstar_newstar: float) ->
     ``M(new*, new*) == M(old, old)``: with no gain to recover the ratio is
     undefined (and a NaN makes any threshold check fail rather than pass).
     """
-    denom = float(m_newstar_newstar) - float(m_old_old)
+    new_old, old_old = _score(m_new_old, "m_new_old"), _score(m_old_old, "m_old_old")
+    denom = _score(m_newstar_newstar, "m_newstar_newstar") - old_old
     if denom == 0.0 or not math.isfinite(denom):
         return math.nan
-    return (float(m_new_old) - float(m_old_old)) / denom
+    return (new_old - old_old) / denom
+
+
+def _score(x: Any, name: str) -> float:
+    """A retrieval score as a float: numbers and 0-d arrays, not strings or bools."""
+    if isinstance(x, (str, bytes, bool)) or np.ndim(x) != 0:
+        raise MetricsError(f"{name} must be a number (an M(Q, G) score), got {x!r}")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise MetricsError(f"{name} must be a number (an M(Q, G) score), got {x!r}") from None
 
 
 @dataclass(frozen=True)

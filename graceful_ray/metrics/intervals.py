@@ -10,6 +10,7 @@ zero-width interval at 0 or n successes.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -94,9 +95,13 @@ class Rate:
 
 def _count(x: int, name: str) -> int:
     """A non-negative int; numpy integers are accepted, floats and bools are not."""
-    if isinstance(x, bool) or not hasattr(x, "__index__"):
-        raise MetricsError(f"{name} must be an integer count, got {x!r}")
-    x = int(x)
+    original = x
+    try:  # operator.index: ints and numpy integers, not floats, bools or arrays
+        x = None if isinstance(x, bool) else operator.index(x)
+    except TypeError:
+        x = None
+    if x is None:
+        raise MetricsError(f"{name} must be an integer count, got {original!r}")
     if x < 0:
         raise MetricsError(f"{name} must be >= 0, got {x}")
     return x

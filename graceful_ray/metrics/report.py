@@ -21,6 +21,10 @@ from graceful_ray.metrics.flips import FlipMetrics, flip_metrics, validate_predi
 
 #: Above this many classes the text table omits the decision matrix (it would not fit a terminal).
 TABLE_MAX_CONFUSION_CLASSES = 12
+#: Without class_names the class count is inferred from the largest label; above
+#: this it is far more likely a wrong array (ids, hashes) than real classes, and
+#: its K x K decision matrix would not fit in memory (10,000 classes: 800 MB).
+MAX_INFERRED_CLASSES = 10_000
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,11 @@ def flip_report(y: Any, old_pred: Any, new_pred: Any,
     highest = max(int(y.max()), int(old_pred.max()), int(new_pred.max()))
     if class_names is None:
         k = highest + 1
+        if k > MAX_INFERRED_CLASSES:
+            raise MetricsError(
+                f"the largest label is {highest}, so a per-class report would have {k} classes "
+                f"(more than {MAX_INFERRED_CLASSES}); labels must be class indices 0..K-1 -- map "
+                "them to indices, or pass class_names to say how many classes there are")
         names = tuple(str(c) for c in range(k))
     else:
         names = tuple(str(c) for c in class_names)

@@ -8,6 +8,13 @@ it shares the query's label.
 
 Ranking is by exact inner product on L2-normalised float32 vectors (cosine).
 Ties are broken by gallery index (lower first) so results are deterministic.
+Scores are products taken in float64 and rounded to float32: float32 BLAS gives
+identical gallery rows different scores depending on where they sit in a block
+(so mAP moved with ``batch_size``), and rounding float64 products makes equal
+rows tie. The faiss path rescores what faiss returns the same way and fetches
+one item more than it needs; a row whose extra item ties the last needed one is
+ranked exactly against the whole gallery, so the tie goes to the lower index
+there too.
 
 Queries with no relevant item in the gallery (a class with one sample under
 leave-one-out) are skipped and counted in ``n_skipped``, as re-id evaluations do:
@@ -23,6 +30,7 @@ faster than asking faiss for k = gallery size; above that, AP is truncated at
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +117,7 @@ def retrieval_metrics(
     """
     q, qlab, g, glab = _validate(query_emb, query_labels, gallery_emb, gallery_labels,
                                  leave_one_out)
-    ks = sorted({1, 5, *(_positive_int(k, "topk") for k in topk)})
+    ks = sorted({1, 5, *_topk(topk)})
     batch_size = _positive_int(batch_size, "batch_size")
     if map_k is not None:
         map_k = _positive_int(map_k, "map_k")
@@ -180,9 +188,10 @@ def _full_ranking(q: np.ndarray, qcode: np.ndarray, query_ids: np.ndarray, g: np
     hits_at = dict.fromkeys(ks, 0)
     ap: list[np.ndarray] = []  # per query, summed once at the end so batching cannot change it
     gallery_idx = np.arange(n_gallery, dtype=np.uint64)
+    g64 = g.astype(np.float64)
     for start in range(0, len(q), rows):
         sl = slice(start, start + rows)
-        scores = q[sl] @ g.T
+        scores = q[sl].astype(np.float64) @ g64.T  # see the module docstring: float64, then float32
         keys = (_descending_key(scores) << np.uint64(idx_bits)) | gallery_idx
         if leave_one_out:
             # The query's own item gets the largest key: it sorts last and is cut off.
@@ -204,24 +213,49 @@ def _topk_search(q: np.ndarray, qcode: np.ndarray, query_ids: np.ndarray, g: np.
 
     k = min(max(max(ks), map_k), n_ranked)
     k_search = k + 1 if leave_one_out else k  # one extra for the self match
+    k_fetch = min(k_search + 1, len(g))  # ...and one to see whether a tie crosses the cut
     index = faiss.IndexFlatIP(g.shape[1])
     index.add(g)
+    g64 = g.astype(np.float64)
     idx_bits = max(1, (len(g) - 1).bit_length())
+    idx_mask = np.uint64((1 << idx_bits) - 1)
+    gallery_idx = np.arange(len(g), dtype=np.uint64)
     hits_at = dict.fromkeys(ks, 0)
     ap: list[np.ndarray] = []  # per query, summed once at the end so batching cannot change it
     for start in range(0, len(q), batch_size):
         sl = slice(start, start + batch_size)
-        scores, ids = index.search(q[sl], k_search)
-        # Re-sort by (score desc, index asc): faiss orders tied scores arbitrarily.
-        keys = (_descending_key(scores) << np.uint64(idx_bits)) | ids.astype(np.uint64)
+        q64 = q[sl].astype(np.float64)
+        _, ids = index.search(q[sl], k_fetch)
+        # faiss's own float32 scores order tied items arbitrarily and may keep a higher
+        # index than a tied lower one: rescore, re-sort by (score desc, index asc).
+        keys = (_descending_key(_rescore(q64, g64, ids)) << np.uint64(idx_bits)) \
+            | ids.astype(np.uint64)
         keys.sort(axis=1)
-        ranked = (keys & np.uint64((1 << idx_bits) - 1)).astype(np.intp)
+        if k_fetch > k_search:
+            score_key = keys >> np.uint64(idx_bits)
+            for r in np.flatnonzero(score_key[:, k_search] == score_key[:, k_search - 1]):
+                # A tie at the cut: items tied with the last kept one may lie beyond
+                # what faiss returned; rank this query against the whole gallery.
+                full = (_descending_key(q64[r] @ g64.T) << np.uint64(idx_bits)) | gallery_idx
+                keys[r] = np.sort(full)[:k_fetch]
+        ranked = (keys[:, :k_search] & idx_mask).astype(np.intp)
         if leave_one_out:
             ranked = _drop_self(ranked, query_ids[sl])
         rel = gcode[ranked] == qcode[sl, None]
         _accumulate(rel, ks, hits_at)
         ap.append(_average_precision(rel[:, :map_k], n_relevant[sl], map_k))
     return hits_at, np.concatenate(ap)
+
+
+def _rescore(q64: np.ndarray, g64: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """float64 inner products of each query with its returned gallery ids, in
+    chunks of rows so the gathered vectors stay small."""
+    out = np.empty(ids.shape, dtype=np.float64)
+    rows = max(1, 4_000_000 // max(1, ids.shape[1] * g64.shape[1]))
+    for start in range(0, len(ids), rows):
+        c = slice(start, start + rows)
+        out[c] = np.einsum("rd,rkd->rk", q64[c], g64[ids[c]])
+    return out
 
 
 def _drop_self(ranked: np.ndarray, self_ids: np.ndarray) -> np.ndarray:
@@ -284,9 +318,12 @@ def _descending_key(scores: np.ndarray) -> np.ndarray:
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # Norms in float64: in float32 the squares of a row above ~1e19 overflow to inf
+    # and the row silently became a zero vector.
+    x64 = x.astype(np.float64)
+    norms = np.linalg.norm(x64, axis=1, keepdims=True)
     # A zero vector stays zero (score 0 with everything) instead of becoming NaN.
-    return np.ascontiguousarray(x / np.maximum(norms, np.finfo(np.float32).tiny),
+    return np.ascontiguousarray(x64 / np.maximum(norms, np.finfo(np.float64).tiny),
                                 dtype=np.float32)
 
 
@@ -349,9 +386,20 @@ def _validate(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_label
 
 
 def _positive_int(x: Any, name: str) -> int:
-    if isinstance(x, bool) or not hasattr(x, "__index__") or int(x) < 1:
+    try:
+        v = None if isinstance(x, bool) else operator.index(x)
+    except TypeError:
+        v = None
+    if v is None or v < 1:
         raise MetricsError(f"{name} must be a positive integer, got {x!r}")
-    return int(x)
+    return v
+
+
+def _topk(topk: Any) -> list[int]:
+    """The ks of ``topk``: an iterable of positive ints (``topk=3`` is a common slip)."""
+    if isinstance(topk, (str, bytes)) or not isinstance(topk, Iterable):
+        raise MetricsError(f"topk must be a list of positive integers such as (1, 5), got {topk!r}")
+    return [_positive_int(k, "topk") for k in topk]
 
 
 __all__ = ["RetrievalMetrics", "retrieval_metrics", "m_score", "FULL_MAP_MAX_GALLERY",

@@ -195,7 +195,7 @@ def load_plan(g: Gallery, run: str) -> tuple[dict[str, Any], pa.Table] | None:
     if data is None:
         return None
     plan = json.loads(data)
-    order = pq.read_table(pa.BufferReader(_plan_dir(g, run).join(plan["order_file"]).read_bytes()))
+    order = pq.read_table(pa.BufferReader(_plan_dir(g, run).join(plan["order_file"]).read_buffer()))
     return plan, order
 
 

@@ -255,6 +255,20 @@ def _read_optional(loc: Location) -> bytes | None:
         raise StorageError(f"cannot read {loc.uri}: {e}") from e
 
 
+def _read_optional_buffer(loc: Location) -> pa.Buffer | None:
+    """Like :func:`_read_optional`, in Arrow-owned memory for Parquet (see
+    ``Location.read_buffer``: Python bytes under Arrow can abort the exit)."""
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read_buffer()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if not loc.exists():
+            return None
+        raise StorageError(f"cannot read {loc.uri}: {e}") from e
+
+
 def _create_exclusive(loc: Location, data: bytes) -> bool:
     """Create ``loc`` whole, only if it does not exist. Locally a hard link of a
     complete temporary file (``link`` fails with EEXIST), so a reader never sees
@@ -354,7 +368,7 @@ class Gallery:
     def read_segment(self, seg: dict[str, Any], columns: Sequence[str] | None = None,
                      verify: bool = True) -> pa.Table:
         loc = self.loc.join(seg["path"])
-        data = _read_optional(loc)
+        data = _read_optional_buffer(loc)
         if data is None:
             raise GalleryError(f"segment {loc.uri} is missing: the gallery is damaged or the snapshot "
                                "was retired while being read; read the head again")

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -104,6 +103,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-env", default=None,
                    help="environment variable holding the admin bearer token "
                         "(default GRACEFUL_RAY_ADMIN_TOKEN)")
+    p.add_argument("--admin-token-sha256", default=None, metavar="HEX",
+                   help="the admin token's sha256 instead of the token itself: safe on a command "
+                        "line, so `ray job list` never shows the token (a Ray job's entrypoint and "
+                        "runtime_env env_vars are listed in plain text)")
     p.add_argument("--name", default=None, help="Serve application name (default 'shadow')")
     p.add_argument("--route-prefix", default=None, help="HTTP route prefix (default '/')")
 
@@ -128,6 +131,12 @@ def config_from_args(args: argparse.Namespace):
     set_if("shadow_fraction", args.shadow_fraction)
     set_if("shadow_timeout_s", args.shadow_timeout)
     set_if("admin_token_env", args.admin_token_env)
+    if args.admin_token_sha256 is not None:
+        digest = args.admin_token_sha256.strip().lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError("--admin-token-sha256 takes the 64 hex digits of the token's sha256 "
+                              "(printf %s \"$GRACEFUL_RAY_ADMIN_TOKEN\" | sha256sum), not the token")
+        data["admin_token_sha256"] = digest
     set_if("app_name", args.name)
     set_if("route_prefix", args.route_prefix)
     set_if("gallery", getattr(args, "gallery", None))
@@ -209,21 +218,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_replay(args: argparse.Namespace) -> int:
     from graceful_ray.registry.cli import default_root
     from graceful_ray.serve.replay import replay
+    from graceful_ray.serve.report_text import format_shadow_report
 
     gates = _parse_gates(args.gate)  # on top of the gates the service used
     report = replay(args.log, args.registry or default_root(), candidate=args.candidate,
                     baseline=args.baseline, gates=gates)
-    text = json.dumps(report, indent=2)
-    if args.out:
+    if args.out:  # the whole report as JSON for tools; the terminal gets the table
         with open(args.out, "w") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(report, indent=2) + "\n")
         log.info("report written to %s", args.out)
-    else:
-        sys.stdout.write(text + "\n")
-    g = report["gates"]
-    log.info("replay of %s: agreement %s, NFR %s, gates %s", report["candidate"],
-             report["agreement"]["value"], report["nfr"]["value"],
-             "pass" if g["passed"] else "fail: " + ", ".join(g["failing"]))
+    print(format_shadow_report(report))
     return 0
 
 

@@ -225,6 +225,7 @@ class ShadowConfig:
     shadow_breaker_cooldown_s: float = 1.0  # ...doubling after each failed probe (<= 30 s);
                                          # 0 failures: always send
     max_inputs_per_request: int = 64
+    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies are answered 413 (any route)
     primary_in_ingress: bool = True      # run the primary inside the router (fastest)
     production_alias: str | None = "production"
     admin_token_sha256: str | None = field(default=None, repr=False)
@@ -295,6 +296,7 @@ class ShadowConfig:
                               f"shadow_timeout_s ({self.shadow_timeout_s}): a copy waits for its "
                               "window before its call is sent, inside the same timeout")
         for name in ("max_shadow_inflight", "shadow_coalesce_rows", "max_inputs_per_request",
+                     "max_request_bytes",
                      "flush_records", "max_tracked_records", "latency_window", "torch_threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

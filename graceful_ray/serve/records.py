@@ -168,7 +168,7 @@ class RecordLog:
         tables = []
         for loc in self.files(sub):
             try:
-                f = pq.ParquetFile(io.BytesIO(loc.read_bytes()))
+                f = pq.ParquetFile(pa.BufferReader(loc.read_buffer()))  # Arrow-owned: see read_buffer
                 # A file of an earlier release may lack a newer column (segment):
                 # read what it has; concatenation fills the rest with nulls.
                 have = None if columns is None else [c for c in columns

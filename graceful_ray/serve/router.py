@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import ValidationError
 from ray import serve
 
 from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
 from graceful_ray.serve.dashboard import render_dashboard
+from graceful_ray.serve.http import BodyLimit, install, parse_body
 from graceful_ray.serve.metrics import RouterMetrics
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
@@ -75,10 +75,15 @@ api = FastAPI(
     description="Serve a primary model, shadow a candidate on live traffic, compare their "
                 "decisions, count flips when labels arrive, and cut over behind gates.",
 )
+install(api)  # every route: a size limit, 4xx bodies that never echo the input
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(_dumps(obj), status_code=status, media_type="application/json")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number a gate can take")
 
 
 # Helpers the class uses must be defined above it: ``serve.ingress`` serialises
@@ -91,6 +96,7 @@ class ShadowRouter:
     def __init__(self, config: ShadowConfig, refs: dict[str, str], input_shape: list[int],
                  classes: dict[str, list[int]], baseline, candidate, comparator) -> None:
         logging.getLogger("graceful_ray").setLevel(logging.INFO)
+        BodyLimit.max_bytes = config.max_request_bytes
         self._cfg = config
         self._refs = dict(refs)
         self._shape = tuple(input_shape)
@@ -500,17 +506,7 @@ class ShadowRouter:
             raise HTTPException(401, reason, headers={"WWW-Authenticate": "Bearer"})
 
     async def _body(self, request: Request, model: type, required: bool = False):
-        raw = await request.body()
-        if not raw.strip():
-            if required:
-                raise HTTPException(422, f"a JSON body is required: {model.__name__} fields "
-                                         f"{sorted(model.model_fields)}")
-            return model()
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError as e:
-            raise HTTPException(422, e.errors(include_url=False, include_context=False)) \
-                from None
+        return parse_body(await request.body(), model, required)
 
     @api.post("/v1/admin/cutover")
     async def cutover(self, request: Request) -> Response:
@@ -549,7 +545,7 @@ class ShadowRouter:
         self._authorize(request)
         raw = await request.body()
         try:
-            changes = json.loads(raw) if raw.strip() else None
+            changes = json.loads(raw, parse_constant=_no_constant) if raw.strip() else None
         except ValueError as e:
             raise HTTPException(422, f"body is not JSON: {e}") from None
         if not isinstance(changes, dict) or not changes:

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class InputError(Exception):
@@ -94,7 +94,8 @@ class CutoverRequest(BaseModel):
 class FractionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shadow_fraction: float = Field(ge=0.0, le=1.0)
+    # strict like every other field: "0.5" is refused, not coerced; NaN/Infinity too
+    shadow_fraction: StrictFloat = Field(ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 def parse_inputs(body: InputsRequest, input_shape: tuple[int, ...],

@@ -170,7 +170,8 @@ def rule_from_args(args: argparse.Namespace):
 
 def run_tune(args: argparse.Namespace) -> int:
     from graceful_ray.raycluster import ensure_ray
-    from graceful_ray.train.config import default_root
+    from graceful_ray.train.checks import check_upgrade
+    from graceful_ray.train.config import UpgradeConfig, default_root
     from graceful_ray.tune.runner import finish, resume_search, start_search
     from graceful_ray.tune.trainable import absolute
     from graceful_ray.tune.tuner import SearchSettings
@@ -184,6 +185,8 @@ def run_tune(args: argparse.Namespace) -> int:
     if settings.search == "tradeoff" and rule.flip_budget is None and rule.min_accuracy is None \
             and settings.search_space().plain_point() is None:
         raise ConfigError("give a selection rule: --flip-budget B (e.g. 0.02) or --min-accuracy A")
+    # every argument before Ray starts (the edge search's space picks the architecture)
+    check_upgrade(UpgradeConfig(**settings.base), check_model=settings.search != "edge")
     ensure_ray(args.address)
     _say_where(settings)
     grid = resume_search(settings) if args.resume else start_search(settings)

@@ -1,0 +1,40 @@
+"""Everything about an upgrade run that can be wrong, checked before Ray starts.
+
+A bad method name, hyperparameter, dataset, split, model argument or old-model
+reference used to surface only from inside ``prepare_upgrade``, 10-12 s later,
+after a local Ray had started. These checks read only small things (the
+dataset's ``dataset.json``, the old model's manifest, not its weights) and
+raise the same :class:`~graceful_ray.errors.GracefulRayError` subclasses the run
+would, so the CLI prints one line and exits non-zero at once.
+"""
+
+from __future__ import annotations
+
+from graceful_ray.errors import ConfigError
+from graceful_ray.train.config import UpgradeConfig
+
+
+def check_upgrade(cfg: UpgradeConfig, *, check_model: bool = True) -> None:
+    """Raise on the first thing wrong with ``cfg``; ``check_model=False`` when a
+    search space, not ``cfg``, decides the architecture."""
+    from graceful_ray.data import read_info
+    from graceful_ray.methods import build_method
+
+    cfg.validate()
+    method = build_method(cfg.method, **cfg.hparams)  # unknown names and hyperparameters
+    info = read_info(cfg.data)  # a missing or foreign dataset
+    for split in (cfg.train_split, cfg.val_split):
+        if split not in info.splits:
+            raise ConfigError(f"dataset {cfg.data} has no split {split!r}; it has {sorted(info.splits)}")
+    if check_model:
+        from graceful_ray.models import ModelSpec, build_model
+
+        build_model(ModelSpec(cfg.model, tuple(info.feature_shape), info.num_classes,
+                              dict(cfg.model_kwargs)))
+    if cfg.old:
+        from graceful_ray.registry import Registry
+
+        Registry(cfg.registry).get(cfg.old)  # the manifest: a reference that names nothing
+    elif method.needs_old_model:
+        raise ConfigError(f"method {cfg.method!r} needs an old model: pass --old NAME@VERSION "
+                          "(or use method 'plain' to train a first version)")

@@ -1,0 +1,65 @@
+"""Every command checks its arguments before Ray starts: bad methods, hyperparameters,
+datasets, splits, model arguments and old-model references give one line and exit 2.
+
+``ensure_ray`` is replaced by one that fails the test, so a check that happens only
+after Ray is up (where it used to: 10-12 s in) shows up as a failure here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import graceful_ray.raycluster
+from graceful_ray.cli import main
+from graceful_ray.data import make_mnist1d
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("val") / "ds"
+    make_mnist1d(out, samples=300, seed=0)
+    return str(out)
+
+
+@pytest.fixture
+def no_ray(monkeypatch, tmp_path):
+    def ensure_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started before the arguments were checked")
+
+    monkeypatch.setattr(graceful_ray.raycluster, "ensure_ray", ensure_ray)
+    return str(tmp_path / "root")
+
+
+TRAIN_CASES = [
+    (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--data", "MISSING"], "dataset.json is missing"),
+    (["--hp", "fd_lambda=1"], "unknown hyperparameter"),
+    (["--method", "fd", "--hp", "fd_nope=1", "--old", "m@v1"], "unknown hyperparameter"),
+    (["--old", "digits@v9"], "digits"),
+    (["--method", "bct"], "needs an old model"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--model-arg", "nope=3"], "does not accept arguments"),
+    (["--val-split", "nosuch"], "no split 'nosuch'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", TRAIN_CASES)
+def test_train_refuses_bad_arguments_before_ray(dataset, no_ray, tmp_path, capsys, extra, message):
+    args = ["--root", no_ray, "train", "--data", dataset, *extra]
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "bogus", "--old", "m@v1"], "unknown method 'bogus'"),
+    (["--old", "digits@v9"], "digits"),
+    (["--old", "m@v1", "--data", "MISSING"], "dataset.json is missing"),
+])
+def test_tune_refuses_bad_arguments_before_ray(dataset, no_ray, tmp_path, capsys, extra, message):
+    args = ["--root", no_ray, "tune", "--data", dataset, "--flip-budget", "0.02", *extra]
+    args = [str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
