@@ -13,12 +13,13 @@ from graceful_ray.data.io import (
     batch_to_numpy, conform, dataset_exists, import_dataset, ray_dataset, read_file, read_info, read_split,
     split_paths, to_numpy, verify_split, write_dataset,
 )
+from graceful_ray.data.importer import ImportOptions, import_source
 from graceful_ray.data.validate import validate_dataset, validate_table
 
 __all__ = [
     "DATASET_JSON", "KINDS", "SCENARIOS", "DatasetInfo", "Expectations", "SplitInfo",
     "batch_to_numpy", "conform", "dataset_checksum", "dataset_exists", "decode_image", "decode_images",
-    "encode_png", "features_type", "import_dataset", "make_digits", "make_mnist1d",
+    "encode_png", "features_type", "ImportOptions", "import_dataset", "import_source", "make_digits", "make_mnist1d",
     "ray_dataset", "read_file", "read_info", "read_split", "split_paths", "to_numpy",
     "validate_dataset", "validate_table", "verify_split", "write_dataset",
 ]

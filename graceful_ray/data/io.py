@@ -16,7 +16,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -323,6 +323,22 @@ def _write_splits(dest: Location, tables: Mapping[str, pa.Table], subsets: Mappi
 
 def _publish(loc: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str, str],
              make_info, existing: list[str], rows_per_file: int) -> DatasetInfo:
+    return publish(loc, lambda dest: _write_splits(dest, tables, subsets, rows_per_file),
+                   make_info, existing)
+
+
+def publish(loc: Location, write_splits: Callable[[Location], dict[str, SplitInfo]],
+            make_info: Callable[[dict[str, SplitInfo]], DatasetInfo],
+            existing: list[str]) -> DatasetInfo:
+    """Publish a dataset all-or-nothing: ``write_splits(dest)`` writes the split
+    files under ``dest`` and returns their :class:`SplitInfo`; ``make_info``
+    turns those into the ``dataset.json`` written last.
+
+    Locally ``dest`` is a staging directory renamed into place (removed if
+    ``write_splits`` raises); on object stores it is ``loc`` itself and the old
+    dataset is un-committed first, so callers there should have checked their
+    input before calling. ``existing`` comes from :func:`_check_target`.
+    """
     if loc.is_local:
         parent, base = os.path.split(loc.path.rstrip(os.sep))
         os.makedirs(parent, exist_ok=True)
@@ -330,7 +346,7 @@ def _publish(loc: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str
         try:
             dest = Location(loc.fs, staging, staging)
             os.makedirs(staging)
-            info = make_info(_write_splits(dest, tables, subsets, rows_per_file))
+            info = make_info(write_splits(dest))
             dest.join(DATASET_JSON).write_bytes(info.to_json().encode())
             if os.path.isdir(loc.path):
                 if existing:
@@ -358,7 +374,7 @@ def _publish(loc: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str
                     loc.fs.delete_dir(child.path)
                 else:
                     loc.fs.delete_file(child.path)
-        info = make_info(_write_splits(loc, tables, subsets, rows_per_file))
+        info = make_info(write_splits(loc))
     except OSError as e:
         raise StorageError(f"cannot write dataset to {loc.uri}: {e}") from e
     loc.join(DATASET_JSON).write_bytes(info.to_json().encode())
