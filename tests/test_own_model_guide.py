@@ -4,15 +4,17 @@ The commands are read from the README section itself (every line of its
 ``bash`` blocks, continuation lines joined), so the guide cannot drift from what
 is tested. They run one by one in ``bash`` in a fresh directory in which
 ``tests/`` is the repository's, with ``graceful-ray`` and ``python`` meaning
-this interpreter and ``RAY_ADDRESS`` naming the session's Ray (so no command
-pays for a cluster of its own). The team's side is ``tests/userpkg``: a model
+this interpreter, and ``RAY_ADDRESS`` naming one local Ray started for the
+guide with its ``PYTHONPATH`` (what each command's own local Ray would
+inherit in a user's terminal: that is how the workers import the team's model
+package), so no command pays for a cluster of its own. The team's side is ``tests/userpkg``: a model
 package whose head is the module ``fc`` and a plain PyTorch training script that
 does not import graceful-ray, writing the data as CSV and the weights as a
 ``.pt`` state dict.
 
 Three things differ from a user's terminal, and only these: ``graceful-ray
-serve`` gets ``--port`` (a free one, also put into the guide's ``URL=`` line)
-and small CPU sizes for its replicas appended; the service runs in the
+serve`` gets ``--port`` appended (a free one, also put into the guide's ``URL=``
+line); the service runs in the
 background while the test sends what the guide's comment describes (the
 dataset's val and test rows as traffic to ``/v1/predict`` and their labels to
 ``/v1/feedback``); and Ctrl-C ends it at the end. After the guide: the cutover
@@ -30,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
 REPO = Path(__file__).resolve().parents[1]
 USERPKG = REPO / "tests" / "userpkg"
 SECTION = "### Upgrade your own model"
-SERVE_EXTRA = ["--router-cpus", "0.2", "--model-cpus", "0.1"]
 
 
 def guide_commands() -> list[str]:
@@ -88,18 +90,38 @@ class Shell:
         return name
 
     def run(self, line: str, timeout: float = 600) -> str:
+        start = time.monotonic()
         proc = subprocess.run(["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
         out = proc.stdout + proc.stderr
         self.transcript.append(f"$ {line}\n{out[-4000:]}")
+        print(f"{time.monotonic() - start:6.1f}s  {line[:100]}")  # where the test's time goes (-s)
         assert proc.returncode == 0, f"`{line}` exited {proc.returncode}:\n{out[-6000:]}"
         return proc.stdout
 
 
-def test_upgrade_your_own_model_guide_runs_as_written(ray_session, tmp_path):
+@pytest.fixture
+def guide_ray(monkeypatch):
+    """One local Ray for every command of the guide (each would otherwise start its own,
+    which costs half a minute apiece on a busy machine). It is started with the guide's
+    PYTHONPATH, so its workers import the team's package as a user's local Ray would;
+    the session's Ray is stopped for it and comes back for the next test that asks."""
     import ray
-    from ray import serve
 
+    from tests.conftest import _start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(USERPKG), str(REPO), os.environ.get("PYTHONPATH")) if p))
+    _start_local_ray()
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     from graceful_ray.data import read_info, read_split
     from graceful_ray.evaluate import load_split
     from graceful_ray.registry import Registry
@@ -113,7 +135,6 @@ def test_upgrade_your_own_model_guide_runs_as_written(ray_session, tmp_path):
                    "graceful-ray evaluate", "graceful-ray serve", "curl"):
         assert needed in kinds, f"the guide lost its {needed!r} step: {commands}"
 
-    serve.shutdown()  # `graceful-ray serve` starts Serve with its own HTTP port
     work = tmp_path / "work"
     work.mkdir()
     (work / "tests").symlink_to(REPO / "tests")
@@ -121,9 +142,9 @@ def test_upgrade_your_own_model_guide_runs_as_written(ray_session, tmp_path):
     port = _free_port()
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_SERVE_LOG_TO_STDERR": "0",
+           "RAY_ADDRESS": guide_ray, "RAY_SERVE_LOG_TO_STDERR": "0",
            "GRACEFUL_RAY_ROOT": str(work / ".graceful-ray")}
-    env.pop("GRACEFUL_RAY_ADMIN_TOKEN", None)
+    env.pop("GRACEFUL_RAY_ADMIN_TOKEN", None)  # the guide sets its own
     sh = Shell(work, env)
     server: subprocess.Popen | None = None
     lines: list[str] = []
@@ -135,7 +156,7 @@ def test_upgrade_your_own_model_guide_runs_as_written(ray_session, tmp_path):
                     sh.env["URL"] = re.sub(r":\d+$", f":{port}", sh.env["URL"])
             elif line.startswith("graceful-ray serve"):
                 server = subprocess.Popen(
-                    ["bash", "-c", f"exec {line} --port {port} {' '.join(SERVE_EXTRA)}"], cwd=work,
+                    ["bash", "-c", f"exec {line} --port {port}"], cwd=work,
                     env=sh.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 _wait_up(server, lines)
                 _send_traffic(port, work / "data" / "shop", load_split)
@@ -151,7 +172,6 @@ def test_upgrade_your_own_model_guide_runs_as_written(ray_session, tmp_path):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-        serve.shutdown()
 
     transcript = "\n".join(sh.transcript)
     data, root = work / "data" / "shop", work / ".graceful-ray"
@@ -234,4 +254,4 @@ def _send_traffic(port: int, data: Path, load_split) -> None:
             {"request_id": i, "label": label} for i, label in zip(ids, labels)]})
         assert fb.status_code == 200, fb.text
         report = _wait_report(http, lambda rep: rep["labelled"] >= n, 300)
-        assert report["labelled"] == n and report["gates"]["passed"], report
+        assert report["labelled"] == n and report["gates"]["passed"], report["gates"]

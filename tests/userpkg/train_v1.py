@@ -1,7 +1,8 @@
 """The team's own training script (plain PyTorch; it does not import graceful-ray).
 
 Writes what a team arrives with: its data as a CSV table (``item_id``, the
-string label ``category`` and feature columns ``f_0 ... f_11``), the weights
+string label ``category``, feature columns ``f_0 ... f_11`` and the team's fixed
+``split``: train, val or test), the weights
 of the model in production as a ``state_dict`` saved with ``torch.save``, and
 the ids of the rows v1 was trained on (the first third; the rest arrived later),
 one per line.
@@ -43,15 +44,18 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
 
     x, y = make_rows(args.rows, args.seed)
+    seen = slice(0, args.rows // 3)  # v1 saw the first third (training rows)
+    later = np.random.default_rng(args.seed + 1).choice(["train", "val", "test"], p=[0.4, 0.3, 0.3],
+                                                         size=args.rows - args.rows // 3)
+    split = ["train"] * (args.rows // 3) + later.tolist()
     with open(os.path.join(args.out, "shop.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["item_id", "category", *[f"f_{i}" for i in range(FEATURES)]])
+        w.writerow(["item_id", "category", *[f"f_{i}" for i in range(FEATURES)], "split"])
         for i, (row, label) in enumerate(zip(x, y)):
-            w.writerow([1000 + i, CATEGORIES[label], *[f"{v:.5f}" for v in row]])
+            w.writerow([1000 + i, CATEGORIES[label], *[f"{v:.5f}" for v in row], split[i]])
 
     torch.manual_seed(args.seed)
     model = build(in_features=FEATURES, num_classes=len(CATEGORIES), hidden=32, embedding_dim=16)
-    seen = slice(0, args.rows // 3)  # v1 saw the first third
     xt, yt = torch.from_numpy(x[seen]), torch.from_numpy(y[seen])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(args.epochs):
@@ -61,13 +65,13 @@ def main() -> None:
             opt.step()
     model.eval()
     with torch.no_grad():
-        rest = slice(args.rows // 3, None)
-        acc = (model(torch.from_numpy(x[rest])).argmax(1).numpy() == y[rest]).mean()
+        test = np.asarray(split) == "test"
+        acc = (model(torch.from_numpy(x[test])).argmax(1).numpy() == y[test]).mean()
     torch.save(model.state_dict(), os.path.join(args.out, "v1.pt"))
     with open(os.path.join(args.out, "v1_ids.txt"), "w") as f:
         f.writelines(f"{1000 + i}\n" for i in range(args.rows)[seen])
-    print(f"wrote {args.out}/shop.csv ({args.rows} rows), {args.out}/v1.pt (accuracy {acc:.3f} on "
-          f"the rows it did not see) and {args.out}/v1_ids.txt")
+    print(f"wrote {args.out}/shop.csv ({args.rows} rows), {args.out}/v1.pt (test accuracy "
+          f"{acc:.3f}) and {args.out}/v1_ids.txt")
 
 
 if __name__ == "__main__":
