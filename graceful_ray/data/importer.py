@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from graceful_ray.data.contract import (
-    DATASET_JSON, FEATURES, ID, IMAGE, LABEL, OLD_TRAIN, TRAIN, DatasetInfo, Expectations,
+    FEATURES, ID, IMAGE, LABEL, OLD_TRAIN, TRAIN, DatasetInfo, Expectations,
     SplitInfo, dataset_checksum, features_type, now_iso,
 )
 from graceful_ray.data.images import ImageDecodeError, natural_shape, open_image
@@ -49,7 +49,7 @@ VAL, TEST = "val", "test"
 #: Split names a source may use for ours.
 SPLIT_ALIASES = {"training": TRAIN, "validation": VAL, "valid": VAL, "dev": VAL, "testing": TEST}
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_INT_TEXT = re.compile(r"^\s*[+-]?\d+\s*$")
+_INT_TEXT = re.compile(r"^\s*-?\d+\s*$")
 #: A split's rows are buffered up to this many before a Parquet row group is written.
 ROW_GROUP_ROWS = 65_536
 ROW_GROUP_BYTES = 32 << 20
@@ -199,49 +199,86 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def _key_values(arr: pa.Array, *, text: bool, what: str, file: str, column: str,
-                row0: int) -> np.ndarray:
-    """A label/id/split batch as int64 or str numpy; nulls and bad types are errors."""
-    if arr.null_count:
-        row = row0 + _first(arr.is_null().to_numpy(zero_copy_only=False))
-        raise DatasetError(f"missing {what}: every row needs one", file=file, column=column, row=row)
-    t = arr.type
-    if pa.types.is_integer(t):
-        return arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    if pa.types.is_floating(t):
-        v = arr.to_numpy(zero_copy_only=False)
-        bad = ~np.isfinite(v) | (v != np.round(v))
-        if bad.any():
-            row = _first(bad)
-            raise DatasetError(f"{what} {v[row]!r} is neither an integer nor a string",
-                               file=file, column=column, row=row0 + row)
-        return v.astype(np.int64)
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        values = np.asarray(arr.to_pylist(), dtype=str)
-        return values
-    if pa.types.is_dictionary(t):
-        return _key_values(arr.dictionary_decode(), text=text, what=what, file=file,
-                           column=column, row0=row0)
-    raise DatasetError(f"column holds {t}; a {what} must be an integer or a string",
-                       file=file, column=column)
+class _KeyColumn:
+    """A label, id or split column gathered over every batch, compactly.
 
+    Integers are kept as int64; strings as int32 codes into the distinct values
+    seen (labels and splits: few distinct values) or as Arrow strings (ids),
+    never as one Python object per row, so this pass stays small next to the
+    features it does not read.
+    """
 
-def _as_ints_if_text_ints(values: np.ndarray) -> np.ndarray:
-    """CSV cells are text: a column whose every cell is an integer becomes int64."""
-    if values.dtype.kind == "U" and len(values) and all(
-            _INT_TEXT.match(v) for v in np.unique(values)):
-        return values.astype(np.int64)
-    return values
+    def __init__(self, what: str, column: str | None, encode: bool):
+        self.what, self.column, self.encode = what, column, encode
+        self.kind: str | None = None  # "int" | "str"
+        self.chunks: list[Any] = []
+        self.values: dict[str, int] = {}
+        self.all_int_text = True
 
+    def _set_kind(self, kind: str, file: str) -> None:
+        if self.kind is not None and self.kind != kind:
+            raise DatasetError(f"the {self.what} column holds integers in some files and strings "
+                               f"in others; use one type", file=file, column=self.column)
+        self.kind = kind
 
-def _concat(chunks: list[np.ndarray], column: str, parts_text: bool) -> np.ndarray:
-    if not chunks:
-        return np.zeros(0, dtype=np.int64)
-    kinds = {c.dtype.kind for c in chunks if len(c)}
-    if len(kinds) > 1:
-        raise DatasetError(f"column {column!r} holds integers in some files and strings in "
-                           f"others; use one type", column=column)
-    return np.concatenate(chunks)
+    def add(self, arr: pa.Array, file: str, row0: int) -> None:
+        if arr.null_count:
+            row = row0 + _first(arr.is_null().to_numpy(zero_copy_only=False))
+            raise DatasetError(f"missing {self.what}: every row needs one", file=file,
+                               column=self.column, row=row)
+        t = arr.type
+        if pa.types.is_dictionary(t):
+            return self.add(arr.dictionary_decode(), file, row0)
+        if pa.types.is_integer(t):
+            self._set_kind("int", file)
+            self.chunks.append(arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False))
+        elif pa.types.is_floating(t):
+            v = arr.to_numpy(zero_copy_only=False)
+            bad = ~np.isfinite(v) | (v != np.round(v))
+            if bad.any():
+                row = _first(bad)
+                raise DatasetError(f"{self.what} {v[row]!r} is neither an integer nor a string",
+                                   file=file, column=self.column, row=row0 + row)
+            self._set_kind("int", file)
+            self.chunks.append(v.astype(np.int64))
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            self._set_kind("str", file)
+            arr = arr.cast(pa.string())
+            if self.encode:
+                enc = pc.dictionary_encode(arr)
+                lut = np.array([self.values.setdefault(v, len(self.values))
+                                for v in enc.dictionary.to_pylist()], dtype=np.int32)
+                self.chunks.append(lut[enc.indices.to_numpy(zero_copy_only=False)])
+            else:
+                if self.all_int_text:
+                    self.all_int_text = bool(pc.all(pc.match_substring_regex(
+                        arr, _INT_TEXT.pattern)).as_py())
+                self.chunks.append(arr)
+        else:
+            raise DatasetError(f"column holds {t}; a {self.what} must be an integer or a string",
+                               file=file, column=self.column)
+
+    def add_constant(self, value: str, n: int) -> None:
+        self.kind = "str"
+        code = self.values.setdefault(value, len(self.values))
+        self.chunks.append(np.full(n, code, dtype=np.int32))
+
+    def finish(self, text: bool):
+        """``("int", int64 array)``; ``("str", codes, names)`` when encoded; else
+        ``("str", pa.ChunkedArray)``. CSV cells are text: a column whose every
+        cell is an integer comes back as integers."""
+        if self.kind == "int":
+            return "int", np.concatenate(self.chunks)
+        if self.encode:
+            names = list(self.values)
+            codes = np.concatenate(self.chunks)
+            if text and names and all(_INT_TEXT.match(v) for v in names):
+                return "int", np.array([int(v) for v in names], dtype=np.int64)[codes]
+            return "str", codes, names
+        ids = pa.chunked_array(self.chunks, type=pa.string())
+        if text and self.all_int_text:
+            return "int", pc.cast(pc.utf8_trim_whitespace(ids), pa.int64()).to_numpy()
+        return "str", ids
 
 
 @dataclass
@@ -249,8 +286,8 @@ class _Keys:
     rows: _Rows
     labels: np.ndarray          # int64 class index per row
     class_names: list[str]
-    ids: np.ndarray | None      # int64 or str; None: generated (the global row index)
-    split_of: np.ndarray        # int8 index into split_names per row
+    ids: Any                    # int64 ndarray, pa.ChunkedArray of strings, or None (generated)
+    split_of: np.ndarray        # int16 index into split_names per row
     split_names: list[str]
     old: np.ndarray | None      # bool per row: in old_train
     scenario: dict[str, Any]
@@ -258,39 +295,42 @@ class _Keys:
 
 
 def _read_keys(parts: list[Part], m: _Mapping, opts: ImportOptions):
-    labels, ids, splits, counts = [], [], [], []
+    label = _KeyColumn("label", m.label, encode=True)
+    ids = _KeyColumn("id", m.id, encode=False) if m.id else None
+    split = _KeyColumn("split", m.split, encode=True) if (m.split or any(p.split for p in parts)) \
+        else None
+    counts = []
     cols = [m.label, *(c for c in (m.id, m.split) if c)]
     for part in parts:
         n = 0
         for b in part.batches(cols, opts.batch_rows):
-            labels.append(_key_values(b.column(m.label), text=part.text, what="label",
-                                      file=part.uri, column=m.label, row0=n))
-            if m.id:
-                ids.append(_key_values(b.column(m.id), text=part.text, what="id",
-                                       file=part.uri, column=m.id, row0=n))
+            label.add(b.column(m.label), part.uri, n)
+            if ids is not None:
+                ids.add(b.column(m.id), part.uri, n)
             if m.split:
-                splits.append(_key_values(b.column(m.split), text=part.text, what="split",
-                                          file=part.uri, column=m.split, row0=n).astype(str))
+                split.add(b.column(m.split), part.uri, n)
             n += b.num_rows
         if n == 0:
             raise DatasetError("the file has no rows", file=part.uri)
         if part.split is not None:
-            splits.append(np.full(n, part.split, dtype=object).astype(str))
+            split.add_constant(part.split, n)
         counts.append(n)
-    rows = _Rows(parts, counts)
     text = any(p.text for p in parts)
-    y_raw = _concat(labels, m.label, text)
-    id_raw = _concat(ids, m.id, text) if m.id else None
-    if text:
-        y_raw = _as_ints_if_text_ints(y_raw)
-        id_raw = None if id_raw is None else _as_ints_if_text_ints(id_raw)
-    split_raw = np.concatenate(splits) if splits else None
-    return rows, y_raw, id_raw, split_raw
+    split_raw = None
+    if split is not None:
+        s = split.finish(text=False)
+        split_raw = (s[1], [str(v) for v in s[2]]) if s[0] == "str" else \
+            tuple(reversed(np.unique(s[1], return_inverse=True)))
+        if s[0] == "int":
+            split_raw = (split_raw[0], [str(v) for v in split_raw[1]])
+    return (_Rows(parts, counts), label.finish(text),
+            None if ids is None else ids.finish(text), split_raw)
 
 
-def _class_indices(y_raw: np.ndarray, rows: _Rows, m: _Mapping,
+def _class_indices(y_key, rows: _Rows, m: _Mapping,
                    classes: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
-    if y_raw.dtype.kind == "i":
+    if y_key[0] == "int":
+        y_raw = y_key[1]
         neg = y_raw < 0
         if neg.any():
             file, row = rows.where(_first(neg))
@@ -309,24 +349,31 @@ def _class_indices(y_raw: np.ndarray, rows: _Rows, m: _Mapping,
             names = [str(i) for i in range(int(y_raw.max()) + 1)]
         return y_raw.astype(np.int64, copy=False), names
     # String labels: the class order is --classes, else sorted (stable across imports).
-    uniq, inverse = np.unique(y_raw, return_inverse=True)
-    if classes is None:
-        return inverse.astype(np.int64), [str(u) for u in uniq]
-    names = [str(c) for c in classes]
+    _, codes, seen = y_key
+    names = [str(c) for c in classes] if classes is not None else sorted(seen)
     pos = {c: i for i, c in enumerate(names)}
-    lut = np.array([pos.get(str(u), -1) for u in uniq], dtype=np.int64)
-    y = lut[inverse]
+    lut = np.array([pos.get(v, -1) for v in seen], dtype=np.int64)
+    y = lut[codes]
     if (y < 0).any():
         g = _first(y < 0)
         file, row = rows.where(g)
-        raise DatasetError(f"label {str(y_raw[g])!r} is not among --classes {names}",
+        raise DatasetError(f"label {seen[codes[g]]!r} is not among --classes {names}",
                            file=file, column=m.label, row=row)
     return y, names
 
 
-def _check_unique(ids: np.ndarray, rows: _Rows, column: str) -> None:
+def _id_value(ids: Any, g: int):
+    v = ids[g]
+    return v.as_py() if isinstance(v, pa.Scalar) else (v.item() if isinstance(v, np.generic) else v)
+
+
+def _check_unique(ids: Any, rows: _Rows, column: str) -> None:
     if len(ids) < 2:
         return
+    if isinstance(ids, pa.ChunkedArray):
+        if pc.count_distinct(ids).as_py() == len(ids):
+            return
+        ids = np.asarray(ids.to_pylist(), dtype=str)  # only on the way to the error
     order = np.argsort(ids, kind="stable")
     s = ids[order]
     dup = s[1:] == s[:-1]
@@ -335,34 +382,48 @@ def _check_unique(ids: np.ndarray, rows: _Rows, column: str) -> None:
         first = _first(ids == ids[second])
         f1, r1 = rows.where(first)
         file, row = rows.where(second)
-        value = ids[second].item() if isinstance(ids[second], np.generic) else ids[second]
-        raise DatasetError(f"duplicate id {value!r}: {f1} row {r1} has it too; ids must be unique",
-                           file=file, column=column, row=row)
+        raise DatasetError(f"duplicate id {_id_value(ids, second)!r}: {f1} row {r1} has it too; "
+                           f"ids must be unique", file=file, column=column, row=row)
 
 
 def _stratified_ranks(rows: np.ndarray, labels: np.ndarray,
-                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """For ``rows``: a random rank within their class, and their class's size."""
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``rows``: a random rank within their class, their class's group
+    number, and the size of every group."""
     y = labels[rows]
     order = np.lexsort((rng.random(len(rows)), y))
     ys = y[order]
-    starts = np.flatnonzero(np.concatenate([[True], ys[1:] != ys[:-1]]))
-    sizes = np.diff(np.concatenate([starts, [len(ys)]]))
-    group = np.repeat(np.arange(len(starts)), sizes)
+    starts = np.flatnonzero(np.concatenate([[True], ys[1:] != ys[:-1]])) if len(ys) else \
+        np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.concatenate([starts, [len(ys)]])).astype(np.int64)
+    group_sorted = np.repeat(np.arange(len(starts)), sizes)
     rank = np.empty(len(rows), dtype=np.int64)
-    size = np.empty(len(rows), dtype=np.int64)
-    rank[order] = np.arange(len(rows)) - starts[group]
-    size[order] = sizes[group]
-    return rank, size
+    group = np.empty(len(rows), dtype=np.int64)
+    rank[order] = np.arange(len(rows)) - starts[group_sorted]
+    group[order] = group_sorted
+    return rank, group, sizes
+
+
+def _quotas(sizes: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Rows per class for a share ``fraction``: proportional to the class sizes and
+    summing to ``round(total * fraction)`` (largest remainders, seeded ties), so
+    many small classes do not round a split away."""
+    exact = sizes * float(fraction)
+    q = np.floor(exact).astype(np.int64)
+    extra = int(round(float(sizes.sum()) * fraction)) - int(q.sum())
+    if extra > 0:
+        order = np.lexsort((rng.random(len(sizes)), -(exact - q)))
+        q[order[:extra]] += 1
+    return np.minimum(q, sizes)
 
 
 def _assign_splits(split_raw: np.ndarray | None, labels: np.ndarray, rows: _Rows,
                    m: _Mapping, opts: ImportOptions, rng: np.random.Generator):
     n = len(labels)
     if split_raw is None:
-        names, split_of, source = [TRAIN], np.zeros(n, dtype=np.int8), "stratified"
+        names, split_of, source = [TRAIN], np.zeros(n, dtype=np.int16), "stratified"
     else:
-        uniq, inv = np.unique(split_raw, return_inverse=True)
+        inv, uniq = split_raw
         names = []
         for i, u in enumerate(uniq):
             s = SPLIT_ALIASES.get(str(u).lower(), str(u))
@@ -376,7 +437,7 @@ def _assign_splits(split_raw: np.ndarray | None, labels: np.ndarray, rows: _Rows
         if len(set(names)) != len(names):
             raise DatasetError(f"split names {sorted(map(str, uniq))} name one split twice",
                                column=m.split)
-        split_of = inv.astype(np.int8)
+        split_of = inv.astype(np.int16)
         source = "split column" if m.split else "source directories"
         if TRAIN not in names:
             raise DatasetError(f"the source's splits are {names}; one must be {TRAIN!r} "
@@ -386,11 +447,11 @@ def _assign_splits(split_raw: np.ndarray | None, labels: np.ndarray, rows: _Rows
     if carve:
         train_code = names.index(TRAIN)
         train_rows = np.flatnonzero(split_of == train_code)
-        rank, size = _stratified_ranks(train_rows, labels, rng)
-        lo = np.zeros(len(train_rows), dtype=np.int64)
+        rank, group, sizes = _stratified_ranks(train_rows, labels, rng)
+        lo = np.zeros(len(sizes), dtype=np.int64)
         for s, f in carve:
-            hi = lo + np.round(size * f).astype(np.int64)
-            take = (rank >= lo) & (rank < hi)
+            hi = lo + _quotas(sizes, f, rng)
+            take = (rank >= lo[group]) & (rank < hi[group])
             names.append(s)
             split_of[train_rows[take]] = len(names) - 1
             lo = hi
@@ -427,9 +488,9 @@ def _old_rows(opts: ImportOptions, keys: dict[str, Any], rng: np.random.Generato
     train = split_of == names.index(TRAIN)
     if opts.old_fraction is not None:
         train_rows = np.flatnonzero(train)
-        rank, size = _stratified_ranks(train_rows, labels, rng)
+        rank, group, sizes = _stratified_ranks(train_rows, labels, rng)
         old = np.zeros(len(labels), dtype=bool)
-        old[train_rows[rank < np.maximum(1, np.round(size * opts.old_fraction))]] = True
+        old[train_rows[rank < _quotas(sizes, opts.old_fraction, rng)[group]]] = True
         return old, {"kind": "data_growth", "old_fraction": float(opts.old_fraction),
                      "old_split": OLD_TRAIN}
     if opts.old_classes is not None:
@@ -445,20 +506,24 @@ def _old_rows(opts: ImportOptions, keys: dict[str, Any], rng: np.random.Generato
                                               "old_split": OLD_TRAIN}
     if opts.old_ids is not None:
         all_ids = ids if ids is not None else np.arange(len(labels), dtype=np.int64)
-        wanted, lines = _read_id_list(opts.old_ids, all_ids.dtype.kind)
-        known = np.isin(wanted, all_ids)
+        is_int = isinstance(all_ids, np.ndarray)
+        wanted, lines = _read_id_list(opts.old_ids, "i" if is_int else "U")
+        if is_int:
+            known, old = np.isin(wanted, all_ids), np.isin(all_ids, wanted)
+        else:
+            id_arr = all_ids.combine_chunks()
+            want_arr = pa.array(wanted.tolist(), pa.string())
+            known = pc.is_in(want_arr, value_set=id_arr).to_numpy(zero_copy_only=False)
+            old = pc.is_in(id_arr, value_set=want_arr).to_numpy(zero_copy_only=False)
         if not known.all():
             i = _first(~known)
-            raise DatasetError(f"id {wanted[i].item() if isinstance(wanted[i], np.generic) else wanted[i]!r} "
-                               f"(line {lines[i] + 1}) is not in the source",
-                               file=opts.old_ids, row=lines[i])
-        old = np.isin(all_ids, wanted)
+            raise DatasetError(f"id {_id_value(wanted, i)!r} (line {lines[i] + 1}) is not in the "
+                               f"source", file=opts.old_ids, row=lines[i])
         outside = old & ~train
         if outside.any():
             g = _first(outside)
-            raise DatasetError(f"id {all_ids[g].item() if isinstance(all_ids[g], np.generic) else all_ids[g]!r} "
-                               f"is in split {names[split_of[g]]!r}; the rows v1 trained on must "
-                               f"be training rows", file=opts.old_ids)
+            raise DatasetError(f"id {_id_value(all_ids, g)!r} is in split {names[split_of[g]]!r}; "
+                               f"the rows v1 trained on must be training rows", file=opts.old_ids)
         return old, {"kind": "data_growth",
                      "old_fraction": float(old.sum() / max(1, train.sum())),
                      "old_split": OLD_TRAIN, "old_ids": opts.old_ids}
@@ -467,8 +532,9 @@ def _old_rows(opts: ImportOptions, keys: dict[str, Any], rng: np.random.Generato
 
 
 def _keys(parts: list[Part], m: _Mapping, opts: ImportOptions) -> _Keys:
-    rows, y_raw, id_raw, split_raw = _read_keys(parts, m, opts)
-    labels, class_names = _class_indices(y_raw, rows, m, opts.classes)
+    rows, y_key, id_key, split_raw = _read_keys(parts, m, opts)
+    labels, class_names = _class_indices(y_key, rows, m, opts.classes)
+    id_raw = None if id_key is None else id_key[1]
     if id_raw is not None:
         _check_unique(id_raw, rows, m.id)  # type: ignore[arg-type]
     rng = np.random.default_rng([int(opts.seed), 13])
@@ -636,10 +702,12 @@ def _converted(parts: list[Part], m: _Mapping, keys: _Keys,
                                        column=m.columns[0], row=row0)
                 inputs = pa.FixedSizeListArray.from_arrays(
                     pa.array(x.reshape(-1), pa.float32()), type=features_type(x.shape[1]))
-            ids = (pa.array(np.arange(g, g + n, dtype=np.int64)) if keys.ids is None
-                   else pa.array(keys.ids[sl] if keys.ids.dtype.kind == "i"
-                                 else keys.ids[sl].tolist(), type=None if keys.ids.dtype.kind == "i"
-                                 else pa.string()))
+            if keys.ids is None:
+                ids = pa.array(np.arange(g, g + n, dtype=np.int64))
+            elif isinstance(keys.ids, np.ndarray):
+                ids = pa.array(keys.ids[sl])
+            else:
+                ids = keys.ids.slice(g, n).combine_chunks()
             table = pa.table({ID: ids, LABEL: pa.array(keys.labels[sl], pa.int64()),
                               (IMAGE if m.kind == "image" else FEATURES): inputs})
             split_of = keys.split_of[sl]
@@ -759,7 +827,7 @@ def import_source(source: str, out: str, options: ImportOptions | None = None,
     split_names = [*keys.split_names, *([OLD_TRAIN] if keys.old is not None else [])]
     existing = _check_target(out_loc, set(split_names), opts.overwrite)
     subsets = {OLD_TRAIN: TRAIN} if keys.old is not None else {}
-    id_type = "int64" if keys.ids is None or keys.ids.dtype.kind == "i" else "string"
+    id_type = "string" if isinstance(keys.ids, pa.ChunkedArray) else "int64"
     state: dict[str, Any] = {}
 
     def expectations() -> Expectations:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import io
 import posixpath
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from graceful_ray.data.contract import FEATURES, LABEL, features_type
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
@@ -57,7 +59,10 @@ class Part:
     base: Location | None = None
     #: A ``.npz``'s ``x.shape[1:]`` (features may be more than 1-D there).
     feature_shape: tuple[int, ...] | None = None
-    dataset: pads.Dataset | None = field(default=None, repr=False)
+    #: Parquet, CSV, JSON Lines: a function of the columns giving their record batches, one
+    #: row group / text block at a time (pyarrow.dataset's scanner buffered more
+    #: the larger the file: benchmarks/results/data_import_memory.md).
+    reader: Callable[[list[str]], Iterator[pa.RecordBatch]] | None = field(default=None, repr=False)
     table: pa.Table | None = field(default=None, repr=False)
 
     @property
@@ -72,15 +77,15 @@ class Part:
                 if b.num_rows:
                     yield b
             return
-        assert self.dataset is not None
-        try:
-            # use_threads=False: one reader thread keeps memory flat and the order fixed.
-            for b in self.dataset.to_batches(columns=list(columns), batch_size=batch_rows,
-                                              use_threads=False):
-                if b.num_rows:
-                    yield b
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-            raise DatasetError(f"cannot read the file: {_short(e)}", file=self.uri) from None
+        if self.reader is not None:
+            try:
+                for b in self.reader(list(columns)):
+                    for start in range(0, b.num_rows, batch_rows):
+                        yield b.slice(start, batch_rows)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
+                raise DatasetError(f"cannot read the file: {_short(e)}", file=self.uri) from None
+            return
+        raise AssertionError("a Part has a table or a reader")
 
 
 def _short(e: BaseException) -> str:
@@ -160,26 +165,47 @@ def infer_format(loc: Location) -> str:
 # --------------------------------------------------------------------------
 def _table_part(loc: Location, fmt: str, split: str | None) -> Part:
     try:
+        reader = None
         if fmt == "csv":
             delimiter = "\t" if loc.path.lower().endswith(".tsv") else ","
             parse = pacsv.ParseOptions(delimiter=delimiter)
-            header = pads.dataset(loc.path, filesystem=loc.fs,
+            schema = pads.dataset(loc.path, filesystem=loc.fs,
                                   format=pads.CsvFileFormat(parse_options=parse)).schema
-            convert = pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in header.names},
-                strings_can_be_null=True, null_values=[""])
-            dataset = pads.dataset(loc.path, filesystem=loc.fs, format=pads.CsvFileFormat(
-                parse_options=parse, convert_options=convert))
+            schema = pa.schema([(n, pa.string()) for n in schema.names])
+
+            def read_csv(columns: list[str]) -> Iterator[pa.RecordBatch]:
+                convert = pacsv.ConvertOptions(
+                    column_types={n: pa.string() for n in columns}, include_columns=columns,
+                    strings_can_be_null=True, null_values=[""])
+                compression = "gzip" if loc.path.lower().endswith(".gz") else None
+                with loc.fs.open_input_stream(loc.path, compression=compression) as f:
+                    yield from pacsv.open_csv(f, parse_options=parse, convert_options=convert)
+            reader = read_csv
         elif fmt == "jsonl":
-            dataset = pads.dataset(loc.path, filesystem=loc.fs, format="json")
+            compression = "gzip" if loc.path.lower().endswith(".gz") else None
+            with loc.fs.open_input_stream(loc.path, compression=compression) as f:
+                schema = pajson.open_json(f).schema
+
+            def read_json(columns: list[str]) -> Iterator[pa.RecordBatch]:
+                with loc.fs.open_input_stream(loc.path, compression=compression) as f:
+                    for b in pajson.open_json(f):
+                        yield b.select(columns)
+            reader = read_json
         else:
-            dataset = pads.dataset(loc.path, filesystem=loc.fs, format="parquet")
-        schema = dataset.schema
+            with loc.fs.open_input_file(loc.path) as f:
+                schema = pq.ParquetFile(f).schema_arrow
+
+            def read_parquet(columns: list[str]) -> Iterator[pa.RecordBatch]:
+                with loc.fs.open_input_file(loc.path) as f:
+                    # pre_buffer off: on, pyarrow reads far ahead of this one-batch reader.
+                    yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(
+                        batch_size=65_536, columns=columns, use_threads=False)
+            reader = read_parquet
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
         raise DatasetError(f"not a readable {fmt} file: {_short(e)}", file=loc.uri) from None
     return Part(uri=loc.uri, split=split, schema=schema, text=(fmt == "csv"),
                 base=Location(loc.fs, posixpath.dirname(loc.path), loc.uri.rsplit("/", 1)[0]),
-                dataset=dataset)
+                reader=reader)
 
 
 def _table_files(loc: Location, fmt: str) -> list[str]:
@@ -201,7 +227,8 @@ def _table_parts(root: Location, fmt: str) -> list[Part]:
     if data_files:
         parts = [_table_part(root.join(f), fmt, None) for f in data_files]
     else:
-        parts = [_table_part(root.join(d, f), fmt, d)
+        # A Hive-style directory (split=train, as Spark writes it) names its split after "=".
+        parts = [_table_part(root.join(d, f), fmt, d.split("=", 1)[-1])
                  for d in split_dirs for f in _table_files(root.join(d), fmt)]
     if not parts:
         raise DatasetError(f"{root.uri} holds no {fmt} files", file=root.uri)
