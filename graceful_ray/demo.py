@@ -418,7 +418,12 @@ def format_shadow_report(report: dict[str, Any], sent: int | None = None) -> str
     def rate(d: dict[str, Any]) -> str:
         if not d.get("total"):
             return "n/a (0/0)"
-        return f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}%, {100 * d['high']:.2f}%] ({d['count']}/{d['total']})"
+        text = (f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}%, {100 * d['high']:.2f}%] "
+                f"({d['count']}/{d['total']})")
+        seq = d.get("sequence")
+        if seq:  # the gates' bound, beside the fixed-sample Wilson interval
+            text += f", anytime-valid [{100 * seq['low']:.2f}%, {100 * seq['high']:.2f}%]"
+        return text
 
     models = report["models"]
     lines = [f"    primary {report['primary']['ref']}, shadow {report['shadow']['ref']}",

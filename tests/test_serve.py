@@ -590,7 +590,8 @@ def test_records_are_all_in_parquet_after_shutdown_and_replay_agrees(service, re
 
     out = os.path.join(os.path.dirname(storage), "replay.json")
     assert cli_main(["shadow", "replay", "--log", storage, "--registry", registry.uri,
-                     "--gate", "min_labelled=100000", "--out", out]) == 0
+                     "--gate", "min_labelled=100000", "--gate", "min_compared=100000",
+                     "--out", out]) == 0
     with open(out) as f:
         from_cli = json.load(f)
     assert from_cli["nfr"] == rep["nfr"] and from_cli["candidate"] == "m@v2"

@@ -7,6 +7,7 @@ normal loading path: fault injection needs no hook in the service itself.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -41,6 +42,33 @@ class _Failing(nn.Module):
         raise RuntimeError("injected failure: this test model always raises")
 
 
+class _Switching(EmbeddingClassifier):
+    """A model that regresses on one class once ``switch_file`` exists: where it
+    would answer ``cls`` it answers ``cls + 1`` instead. Until then it gives
+    exactly the base model's answers (a candidate fine on the first traffic)."""
+
+    def __init__(self, base: EmbeddingClassifier, cls: int, switch_file: str) -> None:
+        super().__init__(base.backbone, base.embedding_dim, base.num_classes, base.input_shape)
+        self.head = base.head
+        self.cls = int(cls)
+        self.switch_file = switch_file
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if not os.path.exists(self.switch_file):
+            return logits
+        hit = logits.argmax(dim=1) == self.cls
+        nxt = (self.cls + 1) % self.num_classes
+        out = logits.clone()
+        out[hit, self.cls], out[hit, nxt] = logits[hit, nxt], logits[hit, self.cls]
+        return out
+
+
+def switching_mlp(input_shape, num_classes, *, switch_file: str, wrong_class: int = 7,
+                  **kwargs) -> EmbeddingClassifier:
+    return _Switching(mlp(input_shape, num_classes, **kwargs), wrong_class, switch_file)
+
+
 def _wrap(base: EmbeddingClassifier, backbone: nn.Module) -> EmbeddingClassifier:
     model = EmbeddingClassifier(backbone, base.embedding_dim, base.num_classes, base.input_shape)
     model.head = base.head
@@ -70,3 +98,21 @@ def test_slow_mlp_sleeps_then_answers():
 def test_failing_mlp_raises():
     with pytest.raises(RuntimeError, match="injected failure"):
         failing_mlp((40,), 10, **KW)(torch.zeros(1, 40))
+
+
+def test_switching_mlp_is_the_base_model_until_the_switch(tmp_path):
+    torch.manual_seed(0)
+    flag = tmp_path / "regress"
+    model = switching_mlp((40,), 10, switch_file=str(flag), **KW)
+    base = EmbeddingClassifier(model.backbone, model.embedding_dim, 10, (40,))
+    base.head = model.head
+    x = torch.randn(4000, 40)
+    with torch.inference_mode():
+        before = base(x).argmax(1)
+        model.cls = c = int(before.mode().values)  # a class this untrained model answers
+        assert torch.equal(model(x).argmax(1), before)
+        flag.touch()
+        after = model(x).argmax(1)
+    hit = before == c
+    assert torch.equal(after[hit], torch.full_like(after[hit], (c + 1) % 10))
+    assert torch.equal(after[~hit], before[~hit])

@@ -182,7 +182,8 @@ def test_gates_pass_and_each_check_can_fail():
     summary = stats.summary()
     # no shadow errors and 2000 shadowed rows: error upper bound ~0.2%
     assert evaluate(summary, lenient)["passed"], explain(evaluate(summary, lenient))
-    for change, name in [({"min_labelled": 5000}, "min_labelled"),
+    # min_compared too: else the label-free (disagreement) bound waives min_labelled
+    for change, name in [({"min_labelled": 5000, "min_compared": 5000}, "min_labelled"),
                          ({"max_nfr": 0.001}, "max_nfr"),
                          ({"min_agreement": 0.999}, "min_agreement"),
                          ({"max_latency_ratio": 1.05}, "max_latency_ratio"),

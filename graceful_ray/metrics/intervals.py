@@ -15,6 +15,7 @@ from statistics import NormalDist
 
 from graceful_ray.errors import MetricsError
 from graceful_ray.metrics._arrays import json_float
+from graceful_ray.metrics.sequential import confidence_sequence
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -48,7 +49,10 @@ class Rate:
     """``count / total`` with the counts kept, plus its 95% Wilson interval.
 
     ``value`` is NaN when ``total == 0`` (the rate is undefined, not zero);
-    ``to_dict`` turns that NaN into ``None``.
+    ``to_dict`` turns that NaN into ``None``. :meth:`anytime` adds the
+    confidence sequence (:mod:`graceful_ray.metrics.sequential`), valid under
+    continuous monitoring, in ``seq_low`` / ``seq_high``; ``low`` / ``high``
+    stay the fixed-sample Wilson interval, valid at one look only.
     """
 
     count: int
@@ -56,6 +60,8 @@ class Rate:
     value: float
     low: float
     high: float
+    seq_low: float | None = None
+    seq_high: float | None = None
 
     @classmethod
     def of(cls, count: int, total: int, confidence: float = 0.95) -> "Rate":
@@ -64,9 +70,21 @@ class Rate:
         value = count / total if total else math.nan
         return cls(count=count, total=total, value=value, low=low, high=high)
 
-    def to_dict(self) -> dict[str, int | float | None]:
-        return {"count": self.count, "total": self.total, "value": json_float(self.value),
-                "low": self.low, "high": self.high}
+    @classmethod
+    def anytime(cls, count: int, total: int, confidence: float = 0.95) -> "Rate":
+        """:meth:`of` plus the anytime-valid confidence sequence at the same confidence."""
+        r = cls.of(count, total, confidence)
+        low, high = confidence_sequence(r.count, r.total, confidence)
+        return cls(r.count, r.total, r.value, r.low, r.high, seq_low=low, seq_high=high)
+
+    def to_dict(self) -> dict:
+        d = {"count": self.count, "total": self.total, "value": json_float(self.value),
+             "low": self.low, "high": self.high}
+        if self.seq_high is not None:
+            d["interval"] = "wilson, fixed-sample: valid for one look at a planned n"
+            d["sequence"] = {"low": self.seq_low, "high": self.seq_high,
+                             "method": "beta-mixture confidence sequence: valid at every n"}
+        return d
 
     def __str__(self) -> str:
         if not self.total:

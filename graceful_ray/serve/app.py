@@ -90,7 +90,7 @@ def build_app(config: ShadowConfig):
         res = config.resources_of(role)
         models[role] = ModelReplica.options(
             name=_deployment_name(refs[role]),
-            num_replicas=res.num_replicas,
+            **res.replica_options(),
             max_ongoing_requests=res.max_ongoing_requests,
             ray_actor_options=res.actor_options(),
         ).bind(config.registry, refs[role], config.shadow_batching, res.num_gpus,
@@ -106,7 +106,7 @@ def build_app(config: ShadowConfig):
         ray_actor_options=config.comparator.actor_options(),
     ).bind(config, refs, all_classes)
     router = ShadowRouter.options(
-        name="router", num_replicas=config.router.num_replicas,
+        name="router", **config.router.replica_options(),
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options=config.router.actor_options(),
     ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)

@@ -90,7 +90,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                                     "command-line options override it")
     p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
                    help="gate threshold, repeatable: min_labelled, max_nfr, min_agreement, "
-                        "max_latency_ratio, max_error_rate, min_latency_samples")
+                        "max_latency_ratio, max_error_rate, min_latency_samples, "
+                        "max_disagreement, min_compared, max_slice_nfr, min_slice_labelled, "
+                        "auto_rollback (true/false), confidence")
     p.add_argument("--router-replicas", type=int, default=None)
     p.add_argument("--router-cpus", type=float, default=None)
     p.add_argument("--router-gpus", type=float, default=None)

@@ -35,7 +35,7 @@ from ray import serve
 
 from graceful_ray.errors import ConfigError, GracefulRayError
 from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig
-from graceful_ray.serve.gates import evaluate, explain
+from graceful_ray.serve.gates import evaluate, explain, watch
 from graceful_ray.serve.metrics import ComparatorMetrics
 from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, SEARCHES_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
@@ -52,10 +52,12 @@ class Tracked:
     """One served input row, from the primary's answer to its label."""
 
     __slots__ = ("request_id", "time_ms", "epoch", "primary", "primary_ref", "shadow_ref",
-                 "shadowed", "decisions", "ms", "error", "label", "features", "done")
+                 "shadowed", "decisions", "ms", "error", "label", "features", "done", "segment")
 
     def __init__(self, request_id: str, time_ms: int, epoch: int, primary: str,
-                 primary_ref: str, shadow_ref: str | None, shadowed: bool) -> None:
+                 primary_ref: str, shadow_ref: str | None, shadowed: bool,
+                 segment: str | None = None) -> None:
+        self.segment = segment
         self.request_id = request_id
         self.time_ms = time_ms
         self.epoch = epoch
@@ -115,6 +117,9 @@ class ComparatorCore:
         self.classes = set(int(c) for c in classes)
         self.log = RecordLog(config.storage)
         self.stats = ShadowStats(config.latency_window)
+        # The watch after cutover: only records the candidate answered as primary
+        # in the current epoch (reset by every switch; see gates.watch).
+        self.watch = ShadowStats(config.latency_window)
         self.metrics = ComparatorMetrics(config.app_name)
         self.index: OrderedDict[str, Tracked] = OrderedDict()
         self.open: dict[str, Tracked] = {}
@@ -160,7 +165,7 @@ class ComparatorCore:
         records = self.log.read_table(RECORDS_DIR, columns=[
             "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
             "baseline_decision", "candidate_decision", "baseline_ms", "candidate_ms",
-            "shadow_error", "label"])
+            "shadow_error", "label", "segment"])
         labels: dict[str, int] = {}
         label_table = self.log.read_table(LABELS_DIR, ["request_id", "label"])
         if label_table is not None:
@@ -170,7 +175,8 @@ class ComparatorCore:
         if records is not None:
             for row in records.to_pylist():
                 t = Tracked(row["request_id"], 0, row["epoch"], row["primary"],
-                            row["primary_ref"], row["shadow_ref"], row["shadowed"])
+                            row["primary_ref"], row["shadow_ref"], row["shadowed"],
+                            row.get("segment"))
                 t.decisions = {BASELINE: row["baseline_decision"],
                                CANDIDATE: row["candidate_decision"]}
                 t.ms = {BASELINE: row["baseline_ms"], CANDIDATE: row["candidate_ms"]}
@@ -217,9 +223,16 @@ class ComparatorCore:
             self.index.popitem(last=False)
 
     def _account(self, t: Tracked) -> None:
-        self.stats.add_record(t.primary, t.decisions, t.ms, t.shadowed, t.error)
-        if t.label is not None:
-            self.stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], t.label)
+        for stats in self._stats_of(t):
+            stats.add_record(t.primary, t.decisions, t.ms, t.shadowed, t.error, t.segment)
+            if t.label is not None:
+                stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], t.label, t.segment)
+
+    def _stats_of(self, t: Tracked) -> list[ShadowStats]:
+        """The whole comparison, and the watch's when ``t`` was served since the cutover."""
+        if t.primary == CANDIDATE and t.epoch == self.state["epoch"]:
+            return [self.stats, self.watch]
+        return [self.stats]
 
     def _complete(self, t: Tracked) -> None:
         t.done = True
@@ -245,12 +258,12 @@ class ComparatorCore:
 
     def _primary_event(self, ids: list[str], time_ms: int, epoch: int, role: str,
                        decisions: np.ndarray, ms: float, shadowed: bool,
-                       features: np.ndarray | None) -> None:
+                       features: np.ndarray | None, segment: str | None = None) -> None:
         shadow_role = CANDIDATE if role == BASELINE else BASELINE
         primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
         decisions = decisions.tolist()
         for i, rid in enumerate(ids):
-            t = Tracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed)
+            t = Tracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed, segment)
             t.decisions[role] = decisions[i]
             t.ms[role] = ms
             if features is not None and self.cfg.log_inputs:
@@ -383,7 +396,9 @@ class ComparatorCore:
         self.pending_labels.append((request_id, label, int(time.time() * 1000)))
         flip = "pending"
         if t.done:
-            flip = self.stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], label)
+            for stats in self._stats_of(t):
+                flip = stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], label,
+                                       t.segment)
             flip = "unpaired" if flip is None else flip
             if flip != "unpaired":
                 self.metrics.flip(flip)
@@ -445,10 +460,21 @@ class ComparatorCore:
             mode="live", shadow_fraction=self.state["shadow_fraction"],
             epoch=self.state["epoch"], in_flight=len(self.open), records_written=self.written,
             records_pending=len(self.pending), history=self.state["history"][-20:],
-            storage=self.log.root.uri, retrieval=self.retrieval_report())
-        self.metrics.gauges(report["nfr"]["high"], report["agreement"]["low"],
-                            report["gates"]["passed"], primary == CANDIDATE)
+            storage=self.log.root.uri, retrieval=self.retrieval_report(),
+            watch=self.watch_report())
+        self.metrics.publish(report)
         return report
+
+    def watch_report(self) -> dict[str, Any] | None:
+        """The report's ``watch``: the comparison since the cutover and its verdict."""
+        verdict = self.watch_verdict()
+        if verdict is None:
+            return None
+        w = self.watch.summary(self.gates.confidence)
+        return {**verdict, "since_epoch": self.state["epoch"], "compared": w["compared"],
+                "labelled_pairs": w["labelled_pairs"], "nfr": w["nfr"],
+                "disagreement": w["disagreement"], "per_class": w["per_class"],
+                "per_segment": w["per_segment"]}
 
     # -------------------------------------------------------------- flush
     def take_pending(self, include_open: bool = False) -> tuple[dict[str, list] | None, list]:
@@ -466,7 +492,7 @@ class ComparatorCore:
         cols: dict[str, list] = {k: [] for k in (
             "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
             "baseline_decision", "candidate_decision", "baseline_ms", "candidate_ms", "agree",
-            "shadow_error", "label", "features")}
+            "shadow_error", "label", "segment", "features")}
         for t in batch:
             b, c = t.decisions[BASELINE], t.decisions[CANDIDATE]
             cols["request_id"].append(t.request_id)
@@ -483,6 +509,7 @@ class ComparatorCore:
             cols["agree"].append(None if b is None or c is None else b == c)
             cols["shadow_error"].append(t.error)
             cols["label"].append(t.label)
+            cols["segment"].append(t.segment)
             if with_features:
                 cols["features"].append(None if t.features is None
                                         else np.asarray(t.features, np.float32).reshape(-1))
@@ -577,6 +604,15 @@ class ComparatorCore:
             "failing_gates": gates["failing"] if gates else [],
             "epoch": epoch}])[-_HISTORY:]
         self.change_routing(primary=to, epoch=epoch, history=history)
+        self.watch = ShadowStats(self.cfg.latency_window)  # the watch starts afresh
+
+    def watch_verdict(self) -> dict[str, Any] | None:
+        """After a cutover with ``auto_rollback``: :func:`gates.watch` on the records
+        since; ``None`` when there is nothing to watch."""
+        if self.state["primary"] != CANDIDATE:
+            return None
+        verdict = watch(self.watch.summary(self.gates.confidence), self.gates)
+        return {**verdict, "auto_rollback": self.gates.auto_rollback}
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
@@ -619,6 +655,10 @@ class Comparator:
                 await self.flush()
             except Exception:  # noqa: BLE001 - keep flushing; the error is logged
                 log.exception("periodic flush failed; will retry")
+            try:  # the gauges stay current for Prometheus without anyone reading the report
+                self._core.report()
+            except Exception:  # noqa: BLE001 - metrics must never stop the flushing
+                log.exception("could not publish the gate metrics")
 
     async def flush(self, include_open: bool = False) -> dict[str, Any]:
         """Write completed records (predict and search) and labels to Parquet now."""
@@ -688,7 +728,25 @@ class Comparator:
                                            self._cfg.feedback_grace_s)
             except asyncio.TimeoutError:
                 pass
-        return [core.label(rid, label) for rid, label in items]
+        results = [core.label(rid, label) for rid, label in items]
+        await self._watch()
+        return results
+
+    async def _watch(self) -> None:
+        """Roll back on its own when the watch after cutover shows a regression."""
+        core = self._core
+        if not core.gates.auto_rollback or core.state["primary"] != CANDIDATE:
+            return  # nothing to decide: skip the summary's cost on every feedback batch
+        verdict = core.watch_verdict()
+        if not verdict or not verdict["auto_rollback"] or not verdict["rollback"]:
+            return
+        reason = "auto_rollback: " + "; ".join(verdict["reasons"])
+        log.warning("%s", reason)
+        result = await self._switch(BASELINE, "auto_rollback", True, reason)
+        if result["status"] == 200:
+            self._core.metrics.auto_rollback()
+        if result["status"] == 503:  # storage or registry down: retried on the next feedback
+            log.error("auto_rollback failed: %s", result["detail"])
 
     async def report(self) -> dict[str, Any]:
         self._start()

@@ -53,12 +53,17 @@ class Resources:
 
     Fractional ``num_cpus`` is the default on purpose: Serve's default of one
     CPU per replica means four replicas never start on a two-core machine.
+
+    ``autoscaling_config`` (Serve's own fields: ``min_replicas``,
+    ``max_replicas``, ``target_ongoing_requests``, ...) replaces the fixed
+    ``num_replicas``: Serve then scales the deployment between the bounds.
     """
 
     num_replicas: int = 1
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     max_ongoing_requests: int = 256
+    autoscaling_config: Mapping[str, Any] | None = None
 
     def validate(self, what: str) -> None:
         if isinstance(self.num_replicas, bool) or not isinstance(self.num_replicas, int) \
@@ -73,9 +78,41 @@ class Resources:
         if not isinstance(self.max_ongoing_requests, int) or self.max_ongoing_requests < 1:
             raise ConfigError(f"{what}.max_ongoing_requests must be an integer >= 1, got "
                               f"{self.max_ongoing_requests!r}")
+        if self.autoscaling_config is not None:
+            self._validate_autoscaling(what)
+
+    def _validate_autoscaling(self, what: str) -> None:
+        # Serve's own model checks the fields, so a typo fails here at deploy
+        # time, not in the controller; imported here because ray.serve is heavy.
+        from ray.serve.config import AutoscalingConfig
+
+        if not isinstance(self.autoscaling_config, Mapping):
+            raise ConfigError(f"{what}.autoscaling_config must be a mapping of Serve's "
+                              f"autoscaling fields, got {self.autoscaling_config!r}")
+        if self.num_replicas != 1:
+            raise ConfigError(f"{what}: give num_replicas or autoscaling_config, not both "
+                              "(autoscaling_config.initial_replicas sets the start)")
+        # Serve's model ignores unknown keys: a misspelled max_replicas would
+        # leave the deployment at its default of one replica without a word.
+        known = set(getattr(AutoscalingConfig, "model_fields", None)
+                    or AutoscalingConfig.__fields__)
+        unknown = sorted(set(self.autoscaling_config) - known)
+        if unknown:
+            raise ConfigError(f"unknown {what}.autoscaling_config field(s) {unknown}; "
+                              f"known: {sorted(known)}")
+        try:
+            AutoscalingConfig(**self.autoscaling_config)
+        except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, TypeError
+            raise ConfigError(f"invalid {what}.autoscaling_config: {e}") from None
 
     def actor_options(self) -> dict[str, float]:
         return {"num_cpus": float(self.num_cpus), "num_gpus": float(self.num_gpus)}
+
+    def replica_options(self) -> dict[str, Any]:
+        """How many replicas, as Serve's ``.options()`` takes it: fixed or autoscaled."""
+        if self.autoscaling_config is not None:
+            return {"autoscaling_config": dict(self.autoscaling_config)}
+        return {"num_replicas": self.num_replicas}
 
 
 @dataclass(frozen=True)
@@ -102,9 +139,13 @@ class Batching:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """When a candidate may replace the primary. Every rate is judged by its
-    Wilson interval (``confidence``), never by a point estimate from few samples:
-    the NFR and error-rate checks use the *upper* bound, agreement the *lower*.
+    """When a candidate may replace the primary, and when the watch after a
+    cutover rolls it back. Every rate is judged by its anytime-valid confidence
+    sequence (``confidence``; :mod:`graceful_ray.metrics.sequential`), so the
+    report may be watched live and the cutover retried as labels arrive: the
+    NFR, disagreement and error-rate checks use the *upper* end, agreement the
+    *lower*; each end errs with probability ``(1 - confidence) / 2`` over all
+    looks together.
     """
 
     min_labelled: int = 200          # labelled pairs (both decisions + true label)
@@ -114,9 +155,25 @@ class GateConfig:
     max_error_rate: float = 0.05     # candidate shadow-error upper bound <= this
     min_latency_samples: int = 50    # per model, before the latency check can pass
     confidence: float = 0.95
+    max_disagreement: float | None = None  # disagreement upper bound <= this (None: no check)
+    min_compared: int = 200          # compared pairs before a label-free bound counts
+    max_slice_nfr: float | None = None  # refuse when a class or segment's NFR is shown above
+                                     # this (lower bound, Bonferroni over slices; None: off)
+    min_slice_labelled: int = 100    # labelled pairs before a slice is judged
+    auto_rollback: bool = False      # after cutover, roll back on its own when the flips
+                                     # since show the NFR (or a slice's) above its budget
 
     def validate(self) -> None:
-        for name in ("min_labelled", "min_latency_samples"):
+        for name in ("max_disagreement", "max_slice_nfr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not 0 <= v <= 1):
+                raise ConfigError(f"gates.{name} must be a rate in [0, 1] or null, got {v!r}")
+        if not isinstance(self.auto_rollback, bool):
+            raise ConfigError(f"gates.auto_rollback must be true or false, got "
+                              f"{self.auto_rollback!r}")
+        for name in ("min_labelled", "min_latency_samples", "min_compared",
+                     "min_slice_labelled"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"gates.{name} must be an integer >= 0, got {v!r}")
@@ -272,9 +329,10 @@ class ShadowConfig:
         self.gates.validate()
         for name in ("router", "baseline_resources", "candidate_resources", "comparator"):
             getattr(self, name).validate(name)
-        if self.comparator.num_replicas != 1:
-            raise ConfigError("comparator.num_replicas must be 1: the comparator holds the "
-                              "records and the routing state; scale the router instead")
+        if self.comparator.num_replicas != 1 or self.comparator.autoscaling_config is not None:
+            raise ConfigError("comparator.num_replicas must be 1, without autoscaling_config: "
+                              "the comparator holds the records and the routing state; scale "
+                              "the router instead")
         self.primary_batching.validate("primary_batching")
         self.shadow_batching.validate("shadow_batching")
         if self.admin_token_sha256 is not None and (

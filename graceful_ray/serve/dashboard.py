@@ -37,6 +37,17 @@ _PAGE = """<!doctype html>
 <h2>Cutover gates: <span id="gate-status" data-field="gates.passed" data-fmt="bool">-</span></h2>
 <table id="gates"><thead><tr><th>gate</th><th>status</th><th>detail</th></tr></thead>
 <tbody></tbody></table>
+<div class="muted">label-free NFR bound (disagreement, anytime-valid):
+ <span data-field="disagreement.sequence.high" data-fmt="rate">-</span>
+ (<span data-field="disagreement.count" data-fmt="int">-</span> /
+ <span data-field="disagreement.total" data-fmt="int">-</span>)</div>
+<div id="watch" class="muted"></div>
+
+<h2>Slices, worst first</h2>
+<div class="muted">classes and segments with enough labelled pairs; NFR lower bound at the
+ Bonferroni level (alpha / number of slices)</div>
+<table id="slices"><thead><tr><th>slice</th><th>labelled pairs</th><th>negative flips</th>
+<th>NFR</th><th>NFR lower bound</th><th>shown above budget</th></tr></thead><tbody></tbody></table>
 
 <div class="grid">
  <div class="card"><h2>Traffic</h2><table>
@@ -49,20 +60,26 @@ _PAGE = """<!doctype html>
  </table></div>
  <div class="card"><h2>Agreement</h2>
   <div class="big" data-field="agreement.value" data-fmt="rate">-</div>
-  95% CI [<span data-field="agreement.low" data-fmt="rate">-</span>,
-  <span data-field="agreement.high" data-fmt="rate">-</span>]
+  <div>anytime-valid [<span data-field="agreement.sequence.low" data-fmt="rate">-</span>,
+  <span data-field="agreement.sequence.high" data-fmt="rate">-</span>] (the gates' bound)</div>
+  <div class="muted">fixed-sample 95% Wilson [<span data-field="agreement.low" data-fmt="rate">-</span>,
+  <span data-field="agreement.high" data-fmt="rate">-</span>]</div>
   (<span data-field="agreement.count" data-fmt="int">-</span> /
   <span data-field="agreement.total" data-fmt="int">-</span>)</div>
  <div class="card"><h2>Negative flip rate</h2>
   <div class="big" data-field="nfr.value" data-fmt="rate">-</div>
-  95% CI [<span data-field="nfr.low" data-fmt="rate">-</span>,
-  <span data-field="nfr.high" data-fmt="rate">-</span>]
+  <div>anytime-valid [<span data-field="nfr.sequence.low" data-fmt="rate">-</span>,
+  <span data-field="nfr.sequence.high" data-fmt="rate">-</span>] (the gates' bound)</div>
+  <div class="muted">fixed-sample 95% Wilson [<span data-field="nfr.low" data-fmt="rate">-</span>,
+  <span data-field="nfr.high" data-fmt="rate">-</span>]</div>
   (<span data-field="nfr.count" data-fmt="int">-</span> /
   <span data-field="nfr.total" data-fmt="int">-</span>)</div>
  <div class="card"><h2>Positive flip rate</h2>
   <div class="big" data-field="pfr.value" data-fmt="rate">-</div>
-  95% CI [<span data-field="pfr.low" data-fmt="rate">-</span>,
-  <span data-field="pfr.high" data-fmt="rate">-</span>]
+  <div>anytime-valid [<span data-field="pfr.sequence.low" data-fmt="rate">-</span>,
+  <span data-field="pfr.sequence.high" data-fmt="rate">-</span>] (the gates' bound)</div>
+  <div class="muted">fixed-sample 95% Wilson [<span data-field="pfr.low" data-fmt="rate">-</span>,
+  <span data-field="pfr.high" data-fmt="rate">-</span>]</div>
   (<span data-field="pfr.count" data-fmt="int">-</span> /
   <span data-field="pfr.total" data-fmt="int">-</span>)</div>
 </div>
@@ -118,7 +135,7 @@ _PAGE = """<!doctype html>
 
 <h2>Flips per true class</h2>
 <table id="per-class"><thead><tr><th>class</th><th>labelled pairs</th>
-<th>negative flips</th><th>NFR upper bound</th><th>positive flips</th></tr></thead>
+<th>negative flips</th><th>NFR upper bound (anytime-valid)</th><th>positive flips</th></tr></thead>
 <tbody></tbody></table>
 
 <script>
@@ -156,6 +173,24 @@ function render(r) {
     tr.append(st, cell("td", null, null, c.detail));
     return tr;
   }));
+  const sb = document.querySelector("#slices tbody");
+  sb.replaceChildren(...r.gates.slices.slices.map((s, i) => {
+    const p = "gates.slices.slices." + i + ".";
+    const tr = document.createElement("tr");
+    const bad = cell("td", null, null, s.regressed ? "yes" : "no");
+    bad.className = s.regressed ? "fail" : "pass";
+    tr.append(cell("td", p + "slice", "text", fmt(s.slice, "text")),
+      cell("td", p + "labelled", "int", fmt(s.labelled, "int")),
+      cell("td", p + "negative_flips", "int", fmt(s.negative_flips, "int")),
+      cell("td", p + "nfr", "rate", fmt(s.nfr, "rate")),
+      cell("td", p + "nfr_low", "rate", fmt(s.nfr_low, "rate")), bad);
+    return tr;
+  }));
+  document.getElementById("watch").textContent = r.watch
+    ? "watch since the cutover: " + r.watch.labelled_pairs + " labelled pairs, NFR lower bound " +
+      fmt(r.watch.nfr.sequence.low, "rate") + (r.watch.rollback ? " - REGRESSION: " +
+      r.watch.reasons.join("; ") : "") + (r.watch.auto_rollback ? " (auto_rollback on)" : "")
+    : "";
   const pb = document.querySelector("#per-class tbody");
   pb.replaceChildren(...Object.keys(r.per_class).map(k => {
     const row = r.per_class[k], p = "per_class." + k + ".";
@@ -163,7 +198,7 @@ function render(r) {
     tr.append(cell("td", null, null, k),
       cell("td", p + "labelled", "int", fmt(row.labelled, "int")),
       cell("td", p + "negative_flips", "int", fmt(row.negative_flips, "int")),
-      cell("td", p + "nfr.high", "rate", fmt(row.nfr.high, "rate")),
+      cell("td", p + "nfr.sequence.high", "rate", fmt(row.nfr.sequence.high, "rate")),
       cell("td", p + "positive_flips", "int", fmt(row.positive_flips, "int")));
     return tr;
   }));

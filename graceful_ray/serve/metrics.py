@@ -1,9 +1,13 @@
-"""Prometheus metrics through ``ray.util.metrics``.
+"""Prometheus metrics through ``ray.serve.metrics``.
 
 Ray exports them with its own metrics (prefix ``ray_``) on every node's metrics
 port, so the cluster's existing Prometheus/Grafana scrape them with no extra
-server. Tags carry the application and the model *reference*, so a dashboard
-keeps its series apart across versions and cutovers.
+server; Serve adds the deployment, replica and application tags. Our tags carry
+the application and the model *reference*, so a dashboard keeps its series
+apart across versions and cutovers. Every name is listed in the README
+("Prometheus metrics"); the gate quantities (bounds, counts, verdicts) are what
+an Argo Rollouts or Flagger analysis queries (``cluster/argo``,
+``cluster/flagger``).
 
 The router records per batch of rows rather than per row: a request of 32 rows
 is one ``inc(32)``, keeping the metrics cost off the hot path.
@@ -28,7 +32,7 @@ class _Null:
 
 def _make(kind: str, name: str, description: str, tag_keys: tuple[str, ...], **kw):
     try:
-        from ray.util import metrics
+        from ray.serve import metrics
 
         return getattr(metrics, kind)(name, description=description, tag_keys=tag_keys, **kw)
     except Exception as e:  # noqa: BLE001 - metrics must never break serving
@@ -63,8 +67,12 @@ class RouterMetrics:
         self.bad_requests.inc(1, {"app": self.app, "route": route})
 
 
+#: The rates the gates judge, as they appear in the report.
+GATE_RATES = ("nfr", "pfr", "agreement", "disagreement", "error_rate")
+
+
 class ComparatorMetrics:
-    """Comparison outcomes and gate state, recorded by the comparator."""
+    """Comparison outcomes and the gates' quantities, recorded by the comparator."""
 
     def __init__(self, app: str) -> None:
         self.app = app
@@ -74,14 +82,31 @@ class ComparatorMetrics:
                            "Labelled pairs by flip kind (negative, positive, none).",
                            ("app", "kind"))
         self.nfr_high = _make("Gauge", "graceful_ray_shadow_nfr_upper",
-                              "Upper Wilson bound of the negative flip rate.", ("app",))
+                              "Upper end of the NFR's anytime-valid confidence sequence (the "
+                              "bound max_nfr judges).", ("app",))
         self.agreement_low = _make("Gauge", "graceful_ray_shadow_agreement_lower",
-                                   "Lower Wilson bound of the agreement rate.", ("app",))
+                                   "Lower end of the agreement's confidence sequence.", ("app",))
+        self.bound = _make("Gauge", "graceful_ray_gate_bound",
+                           "A gate rate's bound: interval=sequence (anytime-valid, what the "
+                           "gates use) or wilson (fixed-sample); end=low or high.",
+                           ("app", "rate", "interval", "end"))
+        self.count = _make("Gauge", "graceful_ray_gate_count",
+                           "A gate rate's counts: part=count (numerator) or total.",
+                           ("app", "rate", "part"))
+        self.check = _make("Gauge", "graceful_ray_gate_check_passed",
+                           "1 when this cutover gate passes.", ("app", "check"))
         self.gates_passed = _make("Gauge", "graceful_ray_shadow_gates_passed",
                                   "1 when every cutover gate passes.", ("app",))
         self.primary_is_candidate = _make("Gauge", "graceful_ray_shadow_primary_is_candidate",
                                           "1 after cutover, 0 before or after rollback.",
                                           ("app",))
+        self.slice_nfr_low = _make("Gauge", "graceful_ray_gate_slice_nfr_lower",
+                                   "A slice's NFR lower bound at the Bonferroni level "
+                                   "(max_slice_nfr refuses above its budget).", ("app", "slice"))
+        self.watch_rollback = _make("Gauge", "graceful_ray_watch_rollback",
+                                    "1 when the watch after cutover shows a regression.", ("app",))
+        self.auto_rollbacks = _make("Counter", "graceful_ray_auto_rollbacks",
+                                    "Automatic rollbacks by the watch after cutover.", ("app",))
 
     def compared(self, agree: int, disagree: int) -> None:
         if agree:
@@ -92,10 +117,31 @@ class ComparatorMetrics:
     def flip(self, kind: str) -> None:
         self.flips.inc(1, {"app": self.app, "kind": kind})
 
-    def gauges(self, nfr_high: float, agreement_low: float, passed: bool,
-               primary_is_candidate: bool) -> None:
+    def auto_rollback(self) -> None:
+        self.auto_rollbacks.inc(1, {"app": self.app})
+
+    def publish(self, report: dict) -> None:
+        """Set every gauge from a report (the live report's document)."""
         tags = {"app": self.app}
-        self.nfr_high.set(nfr_high, tags)
-        self.agreement_low.set(agreement_low, tags)
-        self.gates_passed.set(1.0 if passed else 0.0, tags)
-        self.primary_is_candidate.set(1.0 if primary_is_candidate else 0.0, tags)
+        rates = {"nfr": report["nfr"], "pfr": report["pfr"], "agreement": report["agreement"],
+                 "disagreement": report["disagreement"],
+                 "error_rate": report["models"]["candidate"]["shadow_errors"]["rate"]}
+        for name, r in rates.items():
+            for end in ("low", "high"):
+                self.bound.set(r["sequence"][end], {**tags, "rate": name, "interval": "sequence",
+                                                    "end": end})
+                self.bound.set(r[end], {**tags, "rate": name, "interval": "wilson", "end": end})
+            self.count.set(r["count"], {**tags, "rate": name, "part": "count"})
+            self.count.set(r["total"], {**tags, "rate": name, "part": "total"})
+        self.nfr_high.set(report["nfr"]["sequence"]["high"], tags)
+        self.agreement_low.set(report["agreement"]["sequence"]["low"], tags)
+        gates = report["gates"]
+        for c in gates["checks"]:
+            self.check.set(1.0 if c["passed"] else 0.0, {**tags, "check": c["name"]})
+        self.gates_passed.set(1.0 if gates["passed"] else 0.0, tags)
+        for s in gates["slices"]["slices"]:
+            self.slice_nfr_low.set(s["nfr_low"], {**tags, "slice": s["slice"]})
+        self.primary_is_candidate.set(1.0 if report["primary"]["role"] == "candidate" else 0.0,
+                                      tags)
+        watch = report.get("watch")
+        self.watch_rollback.set(1.0 if watch and watch["rollback"] else 0.0, tags)

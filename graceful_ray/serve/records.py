@@ -50,6 +50,7 @@ RECORD_FIELDS = [
     pa.field("agree", pa.bool_()),
     pa.field("shadow_error", pa.string()),
     pa.field("label", pa.int64()),
+    pa.field("segment", pa.string()),                        # the request's segment, or null
 ]
 FEATURES_FIELD = pa.field("features", pa.list_(pa.float32()))
 LABEL_SCHEMA = pa.schema([
@@ -167,7 +168,12 @@ class RecordLog:
         tables = []
         for loc in self.files(sub):
             try:
-                t = pq.read_table(io.BytesIO(loc.read_bytes()), columns=columns)
+                f = pq.ParquetFile(io.BytesIO(loc.read_bytes()))
+                # A file of an earlier release may lack a newer column (segment):
+                # read what it has; concatenation fills the rest with nulls.
+                have = None if columns is None else [c for c in columns
+                                                     if c in f.schema_arrow.names]
+                t = f.read(columns=have)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StorageError(f"{loc.uri} is not a readable Parquet file: {e}") from e
             tables.append(t.replace_schema_metadata(None))

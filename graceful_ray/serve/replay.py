@@ -55,11 +55,14 @@ class _ReplayPredictor:
 
                 self.baseline = ModelRunner(self._registry, self._baseline_ref)
             base_out[missing] = self.baseline.predict(x[missing], with_scores=False).decisions
-        return {"request_id": batch["request_id"], "baseline_decision": base_out,
-                "baseline_recomputed": missing,
-                "baseline_ms": batch["baseline_ms"], "label": batch["label"],
-                "candidate_decision": cand.astype(np.int64),
-                "candidate_ms": np.full(len(x), per_row_ms, np.float64)}
+        out = {"request_id": batch["request_id"], "baseline_decision": base_out,
+               "baseline_recomputed": missing,
+               "baseline_ms": batch["baseline_ms"], "label": batch["label"],
+               "candidate_decision": cand.astype(np.int64),
+               "candidate_ms": np.full(len(x), per_row_ms, np.float64)}
+        if "segment" in batch:
+            out["segment"] = batch["segment"]
+        return out
 
 
 def replay(log_dir: str, registry: str, candidate: str | None = None,
@@ -101,7 +104,10 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
         labels = dict(zip(label_table.column("request_id").to_pylist(),
                           label_table.column("label").to_pylist()))
 
-    ds = read_parquet([f.path for f in files], filesystem=files[0].fs, columns=_COLUMNS)
+    # Logs written before segments existed lack the column: replay them without.
+    with_segment = all("segment" in pq.read_schema(f.path, filesystem=f.fs).names for f in files)
+    columns = _COLUMNS + (["segment"] if with_segment else [])
+    ds = read_parquet([f.path for f in files], filesystem=files[0].fs, columns=columns)
     ds = ds.map_batches(_ReplayPredictor, fn_constructor_args=(registry, candidate, baseline),
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                         num_cpus=num_cpus)
@@ -113,12 +119,14 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
             b, c = int(batch["baseline_decision"][i]), int(batch["candidate_decision"][i])
             b_ms = batch["baseline_ms"][i]
             b_ms = None if b_ms is None or np.isnan(b_ms) else float(b_ms)
+            segment = batch["segment"][i] if with_segment else None
+            segment = segment if isinstance(segment, str) else None
             stats.add_record(BASELINE, {BASELINE: b, CANDIDATE: c},
                              {BASELINE: b_ms, CANDIDATE: float(batch["candidate_ms"][i])},
-                             shadowed=True, shadow_error=None)
+                             shadowed=True, shadow_error=None, segment=segment)
             label = labels.get(rid, _int_or_none(batch["label"][i]))
             if label is not None:
-                stats.add_label(b, c, label)
+                stats.add_label(b, c, label, segment)
     log.info("replayed %d records through %s (%d baseline decisions recomputed)",
              stats.requests, candidate, recomputed)
     return compose_report(stats, gates, {BASELINE: baseline, CANDIDATE: candidate}, BASELINE,

@@ -258,7 +258,7 @@ class ShadowRouter:
             raise HTTPException(503, f"the primary model {self._refs[primary]} failed: "
                                      f"{type(e).__name__}: {e}") from None
         self._events.append(("p", ids, now_ms, epoch, primary, pred.decisions, ms, shadowed,
-                             x if self._cfg.log_inputs else None))
+                             x if self._cfg.log_inputs else None, body.segment))
         if gate is not None:
             gate.set_result(None)
         ref = self._refs[primary]

@@ -25,7 +25,12 @@ class InputError(Exception):
         self.message = message
 
 
-class PredictRequest(BaseModel):
+#: A segment names a slice of traffic (a market, a device, a customer tier): short,
+#: and only characters that are safe in a Prometheus label, a file and a log line.
+SEGMENT_PATTERN = r"^[A-Za-z0-9_.:/-]{1,64}$"
+
+
+class InputsRequest(BaseModel):
     """``{"input": [...]}`` for one sample or ``{"inputs": [[...], ...]}`` for several."""
 
     model_config = ConfigDict(extra="forbid")
@@ -35,7 +40,16 @@ class PredictRequest(BaseModel):
     inputs: list[Any] | None = Field(default=None, description="several samples")
 
 
-class SearchRequest(PredictRequest):
+class PredictRequest(InputsRequest):
+    """Inputs, and optionally the ``segment`` they belong to (reported and gated per slice)."""
+
+    segment: StrictStr | None = Field(
+        default=None, pattern=SEGMENT_PATTERN,
+        description="the slice of traffic these inputs belong to: 1-64 letters, digits or "
+                    "_ . : / -")
+
+
+class SearchRequest(InputsRequest):
     """``{"inputs": [[...], ...], "k": 5}`` (or ``"input"`` for one sample): raw inputs,
     as for predict; the primary embeds them and searches the gallery."""
 
@@ -83,7 +97,7 @@ class FractionRequest(BaseModel):
     shadow_fraction: float = Field(ge=0.0, le=1.0)
 
 
-def parse_inputs(body: PredictRequest, input_shape: tuple[int, ...],
+def parse_inputs(body: InputsRequest, input_shape: tuple[int, ...],
                  max_inputs: int) -> tuple[np.ndarray, bool]:
     """``(rows as float32 (n, *input_shape), single)`` or :class:`InputError`.
 

@@ -50,13 +50,15 @@ class ShadowStats:
         self.correct = {r: 0 for r in ROLES}       # over labelled pairs
         self.negative_flips = 0    # baseline right, candidate wrong
         self.positive_flips = 0    # baseline wrong, candidate right
-        self.per_class: dict[int, list[int]] = {}  # label -> [pairs, negative, positive]
+        self.per_class: dict[int, list[int]] = {}  # label -> [pairs, negative, positive, agreed]
+        # segment -> [compared, agreed, labelled pairs, negative, positive]
+        self.per_segment: dict[str, list[int]] = {}
         self.models = {r: ModelStats(latencies=deque(maxlen=latency_window)) for r in ROLES}
 
     # --------------------------------------------------------------- adding
     def add_record(self, primary: str, decisions: dict[str, int | None],
                    latencies_ms: dict[str, float | None], shadowed: bool,
-                   shadow_error: str | None) -> None:
+                   shadow_error: str | None, segment: str | None = None) -> None:
         """One completed record: the primary answered; the shadow maybe."""
         self.requests += 1
         shadow = CANDIDATE if primary == BASELINE else BASELINE
@@ -74,8 +76,13 @@ class ShadowStats:
         if b is not None and c is not None:
             self.compared += 1
             self.agreed += int(b == c)
+            if segment is not None:
+                row = self.per_segment.setdefault(segment, [0, 0, 0, 0, 0])
+                row[0] += 1
+                row[1] += int(b == c)
 
-    def add_label(self, baseline: int | None, candidate: int | None, label: int) -> str | None:
+    def add_label(self, baseline: int | None, candidate: int | None, label: int,
+                  segment: str | None = None) -> str | None:
         """A true label for a completed record; returns the flip it makes.
 
         ``"negative"`` (baseline right, candidate wrong), ``"positive"``, ``"none"``,
@@ -88,17 +95,24 @@ class ShadowStats:
         b_ok, c_ok = baseline == label, candidate == label
         self.correct[BASELINE] += int(b_ok)
         self.correct[CANDIDATE] += int(c_ok)
-        row = self.per_class.setdefault(int(label), [0, 0, 0])
-        row[0] += 1
+        flip = "none"
         if b_ok and not c_ok:
             self.negative_flips += 1
-            row[1] += 1
-            return "negative"
-        if c_ok and not b_ok:
+            flip = "negative"
+        elif c_ok and not b_ok:
             self.positive_flips += 1
-            row[2] += 1
-            return "positive"
-        return "none"
+            flip = "positive"
+        cls = self.per_class.setdefault(int(label), [0, 0, 0, 0])
+        cls[0] += 1
+        cls[1] += int(flip == "negative")
+        cls[2] += int(flip == "positive")
+        cls[3] += int(baseline == candidate)
+        if segment is not None:
+            seg = self.per_segment.setdefault(segment, [0, 0, 0, 0, 0])
+            seg[2] += 1
+            seg[3] += int(flip == "negative")
+            seg[4] += int(flip == "positive")
+        return flip
 
     # -------------------------------------------------------------- report
     def latency(self, role: str) -> dict[str, Any]:
@@ -118,34 +132,48 @@ class ShadowStats:
             m = self.models[role]
             models[role] = {
                 "answered": m.answered,
-                "accuracy": Rate.of(self.correct[role], pairs, confidence).to_dict(),
+                "accuracy": Rate.anytime(self.correct[role], pairs, confidence).to_dict(),
                 "latency_ms": self.latency(role),
                 "shadow_requests": m.as_shadow,
                 "shadow_errors": {
                     "count": m.error_count(),
-                    "rate": Rate.of(m.error_count(), m.as_shadow, confidence).to_dict(),
+                    "rate": Rate.anytime(m.error_count(), m.as_shadow, confidence).to_dict(),
                     "by_kind": {k: int(m.shadow_errors.get(k, 0)) for k in ERROR_KINDS},
                 },
             }
+        # Per true class (over labelled pairs: agreement there is among them too).
         per_class = {
             str(label): {"labelled": n, "negative_flips": neg, "positive_flips": pos,
-                         "nfr": Rate.of(neg, n, confidence).to_dict(),
-                         "pfr": Rate.of(pos, n, confidence).to_dict()}
-            for label, (n, neg, pos) in sorted(self.per_class.items())
+                         "nfr": Rate.anytime(neg, n, confidence).to_dict(),
+                         "pfr": Rate.anytime(pos, n, confidence).to_dict(),
+                         "agreement": Rate.anytime(agr, n, confidence).to_dict()}
+            for label, (n, neg, pos, agr) in sorted(self.per_class.items())
+        }
+        per_segment = {
+            seg: {"compared": cmp, "labelled": n, "negative_flips": neg, "positive_flips": pos,
+                  "agreement": Rate.anytime(agr, cmp, confidence).to_dict(),
+                  "nfr": Rate.anytime(neg, n, confidence).to_dict(),
+                  "pfr": Rate.anytime(pos, n, confidence).to_dict()}
+            for seg, (cmp, agr, n, neg, pos) in sorted(self.per_segment.items())
         }
         b99 = models[BASELINE]["latency_ms"]["p99"]
         c99 = models[CANDIDATE]["latency_ms"]["p99"]
         return {
             "requests": self.requests,
             "compared": self.compared,
-            "agreement": Rate.of(self.agreed, self.compared, confidence).to_dict(),
+            "agreement": Rate.anytime(self.agreed, self.compared, confidence).to_dict(),
+            # Every negative flip is a disagreement: this bounds the NFR from
+            # above with no label at all (see gates.py, "the label-free bound").
+            "disagreement": Rate.anytime(self.compared - self.agreed, self.compared,
+                                         confidence).to_dict(),
             "labelled": self.labelled,
             "labelled_pairs": pairs,
-            "nfr": Rate.of(self.negative_flips, pairs, confidence).to_dict(),
-            "pfr": Rate.of(self.positive_flips, pairs, confidence).to_dict(),
+            "nfr": Rate.anytime(self.negative_flips, pairs, confidence).to_dict(),
+            "pfr": Rate.anytime(self.positive_flips, pairs, confidence).to_dict(),
             "negative_flips": self.negative_flips,
             "positive_flips": self.positive_flips,
             "per_class": per_class,
+            "per_segment": per_segment,
             "models": models,
             "latency_p99_ratio": (c99 / b99) if (b99 and c99 is not None) else None,
         }
