@@ -27,10 +27,11 @@ class EmbeddingClassifier(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, embedding_dim: int, num_classes: int,
-                 input_shape: tuple[int, ...]) -> None:
+                 input_shape: tuple[int, ...], head: nn.Linear | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(embedding_dim, num_classes)
+        # ``head`` is given when an existing network is split (models/wrapped.py).
+        self.head = nn.Linear(embedding_dim, num_classes) if head is None else head
         self.embedding_dim = int(embedding_dim)
         self.num_classes = int(num_classes)
         self.input_shape = tuple(int(s) for s in input_shape)

@@ -15,11 +15,14 @@ from typing import Any, Callable
 from graceful_ray.errors import ModelError
 from graceful_ray.models import zoo
 from graceful_ray.models.base import EmbeddingClassifier
+from graceful_ray.models.wrapped import wrapped
 
 ZOO: dict[str, Callable[..., EmbeddingClassifier]] = {
     "mlp": zoo.mlp,
     "cnn1d": zoo.cnn1d,
     "resnet": zoo.resnet,
+    # any nn.Module split at a named head (models/wrapped.py): how imported models rebuild
+    "wrapped": wrapped,
 }
 
 
@@ -76,6 +79,8 @@ def build_model(spec: ModelSpec) -> EmbeddingClassifier:
     if not isinstance(model, EmbeddingClassifier):
         raise ModelError(
             f"factory {spec.factory!r} returned {type(model).__name__}; it must return an "
-            "EmbeddingClassifier (a backbone producing embeddings plus a linear head)"
+            "EmbeddingClassifier (a backbone producing embeddings plus a linear head), or use "
+            "--model wrapped --model-arg factory=pkg.module:build --model-arg head_module=fc "
+            "to split your own network at its last linear layer"
         )
     return model

@@ -1,0 +1,1 @@
+"""A team's own model package, as it exists before the team meets graceful-ray."""
