@@ -20,6 +20,8 @@ ZOO: dict[str, Callable[..., EmbeddingClassifier]] = {
     "mlp": zoo.mlp,
     "cnn1d": zoo.cnn1d,
     "resnet": zoo.resnet,
+    "resnet18": zoo.resnet18,
+    "resnet50": zoo.resnet50,
 }
 
 
