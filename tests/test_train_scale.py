@@ -85,3 +85,39 @@ def test_two_workers_always_streaming_evaluate_every_validation_row(ray_module, 
     run = run_upgrade(_cfg(tmp_path, mnist1d_small, workers=2, epochs=2, cache_budget_mb=0, run_name="stream"))
     assert [h["train_streamed"] for h in run.history] == [1.0, 1.0]
     assert run.metrics["val_rows"] == read_info(mnist1d_small).splits["val"].rows
+
+
+def test_run_epoch_trains_with_cached_old_outputs_and_stops_in_lockstep():
+    """The framework-free epoch the Ray loop runs: the old outputs come from the
+    batch's columns, and it stops as soon as any rank (here: a stand-in) runs out."""
+    import torch
+
+    from graceful_ray.methods import UpgradeContext, build_method
+    from graceful_ray.models import ModelSpec, build_model
+    from graceful_ray.train.step import CachedOldOutputs, run_epoch
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 12)
+    y = (x[:, 0] > 0).long()
+    old_model = build_model(ModelSpec("mlp", (12,), 2, {"width": 16, "embedding_dim": 8}))
+    with torch.no_grad():
+        old_emb, old_logits = old_model.forward_features(x)
+    batches = [{"x": x[i:i + 32], "label": y[i:i + 32], "old_embedding": old_emb[i:i + 32],
+                "old_logits": old_logits[i:i + 32], "old_correct": old_logits[i:i + 32].argmax(1) == y[i:i + 32]}
+               for i in range(0, 256, 32)]
+    model = build_model(ModelSpec("mlp", (12,), 2, {"width": 16, "embedding_dim": 8}))
+    method = build_method("fd")
+    method.setup(UpgradeContext(num_classes=2, new_embedding_dim=8, old_classes=[0, 1], old_embedding_dim=8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    common = dict(device=torch.device("cpu"), forward=model.forward_features, method=method, optimizer=opt,
+                  old=CachedOldOutputs(torch.device("cpu")))
+    first = run_epoch(iter(batches), **common)
+    assert first.steps == 8 and first.rows == 256 and first.sums["loss_fd"] > 0
+    for _ in range(5):
+        last = run_epoch(iter(batches), **common)
+    assert last.sums["loss"] < first.sums["loss"]
+    # another rank has 3 batches: this one stops after 3 steps, and still drains its pass
+    calls = iter([True, True, True, False])
+    drained = iter(batches)
+    short = run_epoch(drained, **common, all_have_next=lambda mine: mine and next(calls))
+    assert short.steps == 3 and next(drained, None) is None

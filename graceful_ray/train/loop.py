@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
+from graceful_ray.methods import UpgradeContext, build_method
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.pipeline import INPUT, StreamedSplit, rows_of_rank
+from graceful_ray.train.step import CachedOldOutputs, OldOutputs, OnlineOldOutputs, run_epoch
 
 
 class _WithFeatures(nn.Module):
@@ -197,16 +198,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if steps == 0:
         raise ValueError(f"worker {rank} received no training rows: fewer rows than workers?")
 
-    online_teacher = None
-    if cfg.old and cfg.augmented:
+    # Where each batch's old-model outputs come from (graceful_ray.train.step).
+    if cfg.old and cfg.augmented:  # augmented inputs: the old model must see the same batch
         from graceful_ray.registry import Registry
 
-        _, online_teacher = Registry(cfg.registry).load_model(cfg.old)
-        online_teacher.eval().to(device)
-        for p in online_teacher.parameters():
-            p.requires_grad_(False)
-    old_class_ids = torch.tensor(ctx_data["old_class_positions"], device=device) \
-        if ctx_data.get("old_class_positions") is not None else None
+        _, teacher = Registry(cfg.registry).load_model(cfg.old)
+        old_outputs = OnlineOldOutputs(teacher.to(device),
+                                       torch.tensor(ctx_data["old_class_positions"], device=device))
+    elif has_old_cols:
+        old_outputs = CachedOldOutputs(device)
+    else:
+        old_outputs = OldOutputs()
 
     if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
@@ -229,13 +231,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     trainable = ray.train.torch.prepare_model(_WithFeatures(model))
 
-    def teacher(x: torch.Tensor, y: torch.Tensor):
-        """Old outputs for a batch: online on the (augmented) inputs."""
-        with torch.no_grad():
-            emb, logits = online_teacher.forward_features(x)
-        pred = old_class_ids[logits.argmax(1)]
-        return emb.float(), logits.float(), pred == y, pred
-
     def forward(x):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -250,51 +245,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainable.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-        sums: dict[str, float] = {}
-        seen = taken = 0
         streamed = train.streaming  # before the pass: the first pass may fill the cache
-        batches = train.epoch(epoch)
-        while True:
-            batch = next(batches, None)
-            # DDP needs every rank to step together: stop when any rank runs out.
-            if not _all_ranks_have(batch is not None, device, world):
-                break
-            taken += 1
-            x = batch[INPUT].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            if cfg.augmented:
-                x = augment(x, cfg.augment_noise, cfg.augment_shift, gen)
-            if online_teacher is not None:
-                old_emb, old_logits, old_correct, _ = teacher(x, y)
-            elif has_old_cols:
-                old_emb = batch["old_embedding"].to(device, non_blocking=True)
-                old_logits = batch["old_logits"].to(device, non_blocking=True)
-                old_correct = batch["old_correct"].to(device, non_blocking=True)
-            else:
-                old_emb = old_logits = old_correct = None
-            emb, logits = forward(x)
-            out = method.loss(MethodBatch(y=y, new_embedding=emb, new_logits=logits, old_embedding=old_emb,
-                                          old_logits=old_logits, old_correct=old_correct))
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            optimizer.step()
-            scheduler.step()
-            b = len(y)
-            seen += b
-            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * b
-            for name, part in out.parts.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(part.detach()) * b
-        for _ in batches:  # a rank that stopped early still finishes its pass (and its cache)
-            pass
+        stats = run_epoch(
+            train.epoch(epoch), device=device, forward=forward, method=method, optimizer=optimizer,
+            scheduler=scheduler, old=old_outputs,
+            augment=(lambda x: augment(x, cfg.augment_noise, cfg.augment_shift, gen)) if cfg.augmented else None,
+            all_have_next=lambda mine: _all_ranks_have(mine, device, world))
         train_time = time.perf_counter() - t0
 
         metrics = _evaluate(trainable, val.epoch(epoch), forward, has_old_cols, device)
-        loss_t = _all_reduce_sum(torch.tensor([seen] + [sums[k] for k in sorted(sums)],
+        sums = stats.sums
+        loss_t = _all_reduce_sum(torch.tensor([stats.rows] + [sums[k] for k in sorted(sums)],
                                               dtype=torch.float64, device=device))
         metrics.update({k: float(v) / float(loss_t[0]) for k, v in zip(sorted(sums), loss_t[1:].tolist())})
-        metrics.update(worker_peak_rss_mb=_peak_rss_mb(device), epoch=epoch + 1, epoch_time_s=train_time, global_batch_size=cfg.batch_size,
-                       batch_size_per_worker=batch_size, steps_per_epoch=taken, train_streamed=float(streamed), samples_per_s=float(loss_t[0]) / train_time,
-                       epoch_start_unix=epoch_start_unix)
+        metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time,
+                       epoch_start_unix=epoch_start_unix, steps_per_epoch=stats.steps,
+                       global_batch_size=cfg.batch_size, batch_size_per_worker=batch_size,
+                       train_streamed=float(streamed), worker_peak_rss_mb=_peak_rss_mb(device))
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -317,7 +284,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {"history": history, "node_ids": [w["node_id"] for w in everyone],
             "params_sha": [w["params_sha"] for w in everyone],
             "finals": [w["final"] for w in everyone], "world_size": world,
-            "teacher": "online" if online_teacher is not None else ("cache" if has_old_cols else "none")}
+            "teacher": old_outputs.name}
 
 
 def _params_digest(model: nn.Module) -> str:
