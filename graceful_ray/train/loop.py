@@ -72,12 +72,21 @@ def _peak_rss_mb(device: torch.device) -> float:
     return float(t.item())
 
 
-def _all_ranks_have(mine: bool, device: torch.device, world: int) -> bool:
-    """Whether every rank has a next batch (one tiny all-reduce per step)."""
+def _lockstep_group(device: torch.device, world: int):
+    """A CPU (gloo) process group for the per-step "do all ranks have a batch?" check:
+    on GPUs an NCCL all-reduce read back with ``.item()`` would make the host wait for
+    the step's queued kernels every step. ``None``: the default group (gloo on CPU)."""
+    if world > 1 and device.type == "cuda" and dist.is_available() and dist.is_initialized():
+        return dist.new_group(backend="gloo")
+    return None
+
+
+def _all_ranks_have(mine: bool, world: int, group=None) -> bool:
+    """Whether every rank has a next batch (one tiny CPU all-reduce per step)."""
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return mine
-    t = torch.tensor([int(mine)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([int(mine)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
@@ -238,6 +247,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             emb, logits = trainable(x)
         return emb.float(), logits.float()
 
+    lockstep = _lockstep_group(device, world)
     marker = loop_config.get("failure_marker")
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_inject_failure(cfg, epoch, rank, world, marker)
@@ -250,7 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             train.epoch(epoch), device=device, forward=forward, method=method, optimizer=optimizer,
             scheduler=scheduler, old=old_outputs,
             augment=(lambda x: augment(x, cfg.augment_noise, cfg.augment_shift, gen)) if cfg.augmented else None,
-            all_have_next=lambda mine: _all_ranks_have(mine, device, world))
+            all_have_next=lambda mine: _all_ranks_have(mine, world, lockstep))
         train_time = time.perf_counter() - t0
 
         metrics = _evaluate(trainable, val.epoch(epoch), forward, has_old_cols, device)
