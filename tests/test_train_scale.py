@@ -27,6 +27,17 @@ def test_batch_size_is_global_and_must_split_evenly(tmp_path):
         _cfg(tmp_path, "unused", workers=3, batch_size=1)
 
 
+def test_cli_rejects_a_batch_that_does_not_split_before_ray_starts(capsys, monkeypatch, tmp_path):
+    import ray
+
+    from graceful_ray.cli import main
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started for a bad argument"))
+    rc = main(["train", "--data", str(tmp_path / "data"), "--workers", "3", "--batch-size", "128"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "multiple of 3" in err[0], err
+
+
 def test_one_and_two_workers_train_the_same_model_quality(ray_module, mnist1d_small, tmp_path):
     """Same flags on 1 and 2 workers: the same steps per epoch of the same global
     batch, so the accuracy agrees within seed noise (before the fix two workers
