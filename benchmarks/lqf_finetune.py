@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
+from graceful_ray.methods import UpgradeContext, build_method
+from graceful_ray.train.step import train_step
 from graceful_ray.methods.lqf import load_pretrained
 from graceful_ray.models import ModelSpec, build_model
 
@@ -143,12 +144,8 @@ def finetune(kind: str, source, x, y, *, steps: int, batch: int, seed: int, hp: 
             perm, pos = torch.randperm(len(x), generator=g), 0
         idx = perm[pos:pos + b]
         pos += b
-        emb, logits = model.forward_features(x[idx])
-        out = method.loss(MethodBatch(y=y[idx], new_embedding=emb, new_logits=logits))
-        opt.zero_grad(set_to_none=True)
-        out.total.backward()
-        opt.step()
-        sched.step()
+        train_step(x[idx], y[idx], (None, None, None), forward=model.forward_features, method=method,
+                   optimizer=opt, scheduler=sched)
     return model.eval()
 
 

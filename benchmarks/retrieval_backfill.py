@@ -76,8 +76,9 @@ def _train_local(work: str, run_name: str, *, name: str, model_kwargs: dict, met
     import torch
 
     from graceful_ray.evaluate import load_split, predict
-    from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
+    from graceful_ray.methods import UpgradeContext, build_method
     from graceful_ray.models import ModelSpec, build_model
+    from graceful_ray.train.step import train_step
     from graceful_ray.registry import Registry
 
     reg = Registry(f"{work}/registry")
@@ -118,15 +119,9 @@ def _train_local(work: str, run_name: str, *, name: str, model_kwargs: dict, met
         perm = torch.randperm(len(X), generator=gen)
         for s_ in range(steps):
             idx = perm[s_ * batch_size:(s_ + 1) * batch_size]
-            emb, logits = model.forward_features(X[idx])
-            out = m.loss(MethodBatch(y=Y[idx], new_embedding=emb, new_logits=logits,
-                                     old_embedding=None if old_emb is None else old_emb[idx],
-                                     old_logits=None if old_logits is None else old_logits[idx],
-                                     old_correct=None if old_correct is None else old_correct[idx]))
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            opt.step()
-            sched.step()
+            old = tuple(None if t is None else t[idx] for t in (old_emb, old_logits, old_correct))
+            train_step(X[idx], Y[idx], old, forward=model.forward_features, method=m, optimizer=opt,
+                       scheduler=sched)
     model.eval()
     with torch.no_grad():
         val_acc = float((np.asarray(classes)[model(torch.from_numpy(xv)).argmax(1).numpy()] == yv).mean())

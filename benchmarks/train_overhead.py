@@ -33,7 +33,7 @@ def plain_pytorch_epochs(data, epochs, batch_size, lr, threads, model_kwargs, se
     """The loop a user would write by hand: same model, optimizer, data and validation."""
     from graceful_ray.data import read_info, read_split
     from graceful_ray.methods import UpgradeContext, build_method
-    from graceful_ray.methods import MethodBatch
+    from graceful_ray.train.step import train_step
     from graceful_ray.models import ModelSpec, build_model
     from graceful_ray.train.batches import inputs_from_arrow
 
@@ -58,12 +58,8 @@ def plain_pytorch_epochs(data, epochs, batch_size, lr, threads, model_kwargs, se
         perm = torch.randperm(len(y))
         for step in range(steps):
             idx = perm[step * batch_size:(step + 1) * batch_size]
-            emb, logits = model.forward_features(x[idx])
-            out = method.loss(MethodBatch(y=y[idx], new_embedding=emb, new_logits=logits))
-            opt.zero_grad(set_to_none=True)
-            out.total.backward()
-            opt.step()
-            sched.step()
+            train_step(x[idx], y[idx], (None, None, None), forward=model.forward_features, method=method,
+                       optimizer=opt, scheduler=sched)
         model.eval()
         with torch.no_grad():
             acc = float((model(xv).argmax(1) == yv).float().mean())

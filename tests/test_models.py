@@ -80,3 +80,39 @@ def test_spec_roundtrip():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ModelError):
         ModelSpec.from_dict({"factory": "mlp"})
+
+
+@pytest.mark.parametrize("factory, blocks", [("resnet18", 8), ("resnet50", 16)])
+def test_standard_resnets_train_on_tiny_images_in_both_memory_formats(factory, blocks):
+    """ResNet-18/50 (our code): a forward/backward step on tiny images, in the
+    default and in channels-last memory (the --gpu path), with the same result."""
+    import torch
+
+    from graceful_ray.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(factory, (3, 16, 16), 5, {"width": 8, "embedding_dim": 16}))
+    assert len(model.backbone.stages) == blocks
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 4])
+    emb, logits = model.forward_features(x)
+    assert emb.shape == (4, 16) and logits.shape == (4, 5)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.backbone.stem[0].weight.grad.abs().sum() > 0  # the gradient reaches the stem
+    model.eval()
+    cl = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model.forward_features(x)[1]
+        got = cl.forward_features(x.contiguous(memory_format=torch.channels_last))[1]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet18_has_the_published_size():
+    from graceful_ray.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("resnet18", (3, 224, 224), 1000))
+    convs_and_bns = sum(p.numel() for n, p in model.backbone.named_parameters() if not n.startswith("proj"))
+    # torchvision's resnet18 has 11,689,512 parameters, 513,000 of them in its fc layer
+    assert convs_and_bns == 11_689_512 - 513_000

@@ -92,13 +92,14 @@ def test_cached_outputs_reach_the_loop_through_ray_datas_default_reader(v1, work
     """The old-output cache as a worker reads it, through Ray Data's default (V2) Parquet reader."""
     from graceful_ray.data import read_info
     from graceful_ray.train.batches import inputs_from_arrow
-    from graceful_ray.train.loop import materialize
+    from graceful_ray.train.pipeline import INPUT, collect, decoded
     from graceful_ray.train.trainer import _read_split
 
     info = read_info(workspace["data"])
     cached = compute_old_outputs(workspace["data"], "val", registry_root=workspace["registry"], old_ref=v1.model_ref)
     ds = _read_split(_cfg(workspace, old=v1.model_ref, method="fd"), info, "val", cached)
-    got = materialize(ds, tuple(info.feature_shape), {c: c for c in range(10)}, with_old=True)
+    ds = decoded(ds, feature_shape=info.feature_shape, classes=list(range(10)), with_old=True)
+    got = collect(ds.iter_torch_batches(batch_size=256))
     table = cached.read()
     n = table.num_rows
     want = {
@@ -111,7 +112,7 @@ def test_cached_outputs_reach_the_loop_through_ray_datas_default_reader(v1, work
     assert len(got["label"]) == n == info.splits["val"].rows
     # Ray Data may deliver blocks in any order: match rows by their inputs (distinct in MNIST-1D)
     row_of = {want["x"][i].tobytes(): i for i in range(n)}
-    rows = [row_of[x.tobytes()] for x in got["x"].numpy()]
+    rows = [row_of[x.tobytes()] for x in got[INPUT].numpy()]
     assert sorted(rows) == list(range(n))
     for key in ("label", "old_logits", "old_embedding", "old_correct"):
         np.testing.assert_array_equal(got[key].numpy(), want[key][rows], err_msg=key)

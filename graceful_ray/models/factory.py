@@ -21,6 +21,8 @@ ZOO: dict[str, Callable[..., EmbeddingClassifier]] = {
     "mlp": zoo.mlp,
     "cnn1d": zoo.cnn1d,
     "resnet": zoo.resnet,
+    "resnet18": zoo.resnet18,
+    "resnet50": zoo.resnet50,
     # any nn.Module split at a named head (models/wrapped.py): how imported models rebuild
     "wrapped": wrapped,
 }

@@ -30,7 +30,7 @@ def parse_kv(items: list[str] | None) -> dict[str, Any]:
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options shared by `train`, `jobs/train_upgrade.py` and `tune`."""
     p.add_argument("--data", required=True, help="dataset directory or URI (graceful-ray data make ...)")
-    p.add_argument("--model", default="cnn1d", help="zoo model (mlp, cnn1d, resnet) or package.module:factory")
+    p.add_argument("--model", default="cnn1d", help="zoo model (mlp, cnn1d, resnet, resnet18, resnet50) or package.module:factory")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model factory argument, e.g. channels=64 (repeatable)")
     p.add_argument("--method", default="plain",
@@ -44,7 +44,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-split", default="train", help="split to train on (old_train: what v1 sees)")
     p.add_argument("--val-split", default="val")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch per optimizer step, split evenly across --workers (each takes "
+                        "batch-size / workers rows), so results do not depend on the worker count")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine decay to 0 over the run (default), or a constant learning rate")
@@ -56,6 +58,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="Ray Train workers (DDP); 0 runs the loop in this process (Ray Train local mode)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--decode-cpus", type=float, default=1.0,
+                   help="CPUs Ray Data may use in all to decode inputs (images) while the workers train")
+    p.add_argument("--cache-budget-mb", type=float, default=1024.0,
+                   help="a worker keeps a split in memory after its first pass when it fits this; "
+                        "larger splits stream from Ray Data every epoch (0: always stream)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--spread", action="store_true", help="place workers on different nodes (SPREAD)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
@@ -75,7 +82,8 @@ def config_from_args(args: argparse.Namespace):
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, seed=args.seed, augment_noise=args.augment_noise,
         augment_shift=args.augment_shift, workers=args.workers, use_gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker, placement_strategy="SPREAD" if args.spread else "PACK",
+        cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
+        cache_budget_mb=args.cache_budget_mb, placement_strategy="SPREAD" if args.spread else "PACK",
         max_failures=args.max_failures, registry=args.registry, storage=args.storage, run_name=args.run_name,
     )
 

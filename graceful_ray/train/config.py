@@ -53,6 +53,9 @@ class UpgradeConfig:
     train_split: str = "train"
     val_split: str = "val"
     epochs: int = 10
+    # The global batch: one optimizer step sees this many rows summed over all
+    # workers (each takes batch_size // world_size), so the same flags give the
+    # same optimisation on 1 or 8 workers. Must be a multiple of the world size.
     batch_size: int = 128
     lr: float = 3e-3
     # "cosine": decay to 0 over the run (the default); "constant": the same lr
@@ -69,6 +72,18 @@ class UpgradeConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
+    # Input pipeline (graceful_ray.train.pipeline). CPUs Ray Data may use in all to
+    # decode inputs (features, images) while the workers train.
+    decode_cpus: float = 1.0
+    # Rows in each worker's local shuffle buffer (0: no shuffling, e.g. evaluation order).
+    shuffle_buffer_rows: int = 4096
+    prefetch_batches: int = 2
+    # A worker keeps a split in memory after its first streamed pass when it takes at
+    # most this much; larger splits stream every epoch (0: always stream). Streaming a
+    # small MNIST-1D split every epoch ran at 0.83x the in-memory loop, the cached
+    # path never slower (benchmarks/results/train_streaming.md); the default is what
+    # a worker can spare, not a speed trade-off.
+    cache_budget_mb: float = 1024.0
     max_failures: int = 0
     registry: str | None = None  # registry root; default <root>/registry
     storage: str | None = None  # Ray Train run storage; default <root>/runs
@@ -92,8 +107,16 @@ class UpgradeConfig:
             raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 1 (or 0 for Ray Train's local mode), got {self.workers}")
+        if self.batch_size % self.world_size:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is the global batch and must split evenly across "
+                f"{self.world_size} workers: use a multiple of {self.world_size} (at least {self.world_size})")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if not self.decode_cpus > 0:
+            raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus}")
+        if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0 or self.cache_budget_mb < 0:
+            raise ConfigError("shuffle_buffer_rows, prefetch_batches and cache_budget_mb must be >= 0")
         if self.augment_noise < 0 or self.augment_shift < 0:
             raise ConfigError("augmentation strengths must be >= 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
@@ -104,6 +127,16 @@ class UpgradeConfig:
             raise ConfigError(
                 f"run name {self.run_name!r} is not valid: use letters, digits, '.', '_' "
                 "or '-' (at most 128 characters)")
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: ``workers``, or 1 in local mode (``workers=0``)."""
+        return max(1, self.workers)
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        """Rows each worker takes per step (``batch_size`` is the global batch)."""
+        return self.batch_size // self.world_size
 
     @property
     def augmented(self) -> bool:

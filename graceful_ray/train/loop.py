@@ -1,16 +1,18 @@
 """The Ray Train worker loop: one loop for every upgrade method.
 
-Each worker reads its shard of the training set from Ray Data once and keeps it
-in memory as tensors (these datasets are small next to worker memory, and it
-removes Ray Data's per-epoch iteration cost: see benchmarks/train_overhead.py),
-then trains with whatever :mod:`graceful_ray.methods` objective the config
-names. The loop never branches on the method: old-model outputs are simply
-present (cache or online teacher) or absent.
+Each worker streams its shard of the training set from Ray Data every epoch
+(decoded by Ray Data's CPU tasks, shuffled in a local buffer, prefetched: see
+:mod:`graceful_ray.train.pipeline`), keeping a split in memory after the first
+pass only when it fits ``cache_budget_mb``. It trains with whatever
+:mod:`graceful_ray.methods` objective the config names. The loop never branches
+on the method: old-model outputs are simply present (cached columns of the same
+rows, or an online teacher) or absent. ``batch_size`` is the global batch; each
+of the world's ranks takes its share.
 
-Every epoch it evaluates on the whole validation set, split by row across the
-workers and summed with an all-reduce (so NFR is over all of it, not rank 0's
-part), and reports the metrics with a checkpoint. A restarted worker group
-resumes from the latest checkpoint.
+Every epoch it evaluates on the whole validation set, partitioned by row across
+the workers and counts summed with an all-reduce (so NFR is over all of it, not
+rank 0's part), and reports the metrics with a checkpoint. A restarted worker
+group resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from graceful_ray.methods import MethodBatch, UpgradeContext, build_method
+from graceful_ray.methods import UpgradeContext, build_method
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.train.config import UpgradeConfig
+from graceful_ray.train.pipeline import INPUT, StreamedSplit, rows_of_rank
+from graceful_ray.train.step import CachedOldOutputs, OldOutputs, OnlineOldOutputs, run_epoch
 from graceful_ray.train.warm_start import warm_start
-
-INPUT = "x"
 
 
 class _WithFeatures(nn.Module):
@@ -60,48 +62,33 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _all_reduce_min(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+def _peak_rss_mb(device: torch.device) -> float:
+    """The largest peak resident memory of any rank so far (what a memory cap must hold)."""
+    import resource
+
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64,
+                     device=device)  # ru_maxrss is in KiB on Linux
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
-def materialize(iterator, feature_shape: tuple[int, ...], class_positions: dict[int, int],
-                with_old: bool) -> dict[str, torch.Tensor]:
-    """Read a Ray Data shard once into CPU tensors.
+def _lockstep_group(device: torch.device, world: int):
+    """A CPU (gloo) process group for the per-step "do all ranks have a batch?" check:
+    on GPUs an NCCL all-reduce read back with ``.item()`` would make the host wait for
+    the step's queued kernels every step. ``None``: the default group (gloo on CPU)."""
+    if world > 1 and device.type == "cuda" and dist.is_available() and dist.is_initialized():
+        return dist.new_group(backend="gloo")
+    return None
 
-    Inputs are decoded here (features reshaped, images decoded) and labels mapped
-    to head positions; a label the head does not cover (a validation class a
-    class-incremental model never saw) maps to -1, which is never predicted.
-    """
-    import pyarrow as pa
 
-    from graceful_ray.train.batches import inputs_from_arrow
-
-    lookup = np.full(max(class_positions) + 2, -1, dtype=np.int64)
-    for c, p in class_positions.items():
-        lookup[c] = p
-    parts: dict[str, list[np.ndarray]] = {INPUT: [], "label": []}
-    if with_old:
-        parts.update({"old_logits": [], "old_embedding": [], "old_correct": []})
-    for batch in iterator.iter_batches(batch_size=8192, batch_format="pyarrow"):
-        parts[INPUT].append(inputs_from_arrow(batch, feature_shape))
-        labels = batch.column("label").to_numpy()
-        parts["label"].append(lookup[np.clip(labels, 0, len(lookup) - 1)])
-        if with_old:
-            n = batch.num_rows
-            for c in ("old_logits", "old_embedding"):
-                col = batch.column(c).combine_chunks() if isinstance(batch.column(c), pa.ChunkedArray) else batch.column(c)
-                parts[c].append(col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1))
-            parts["old_correct"].append(batch.column("old_correct").to_numpy(zero_copy_only=False))
-    out = {}
-    for c, v in parts.items():
-        if v:
-            out[c] = torch.from_numpy(np.concatenate(v))
-        else:
-            out[c] = torch.empty((0, *feature_shape)) if c == INPUT else torch.empty(0, dtype=torch.int64)
-    return out
+def _all_ranks_have(mine: bool, world: int, group=None) -> bool:
+    """Whether every rank has a next batch (one tiny CPU all-reduce per step)."""
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return mine
+    t = torch.tensor([int(mine)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
 
 
 def augment(x: torch.Tensor, noise: float, shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -206,30 +193,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = wrap_for_method(method, model)
     optimizer = make_optimizer(method, model, cfg)
 
-    # ---- data: read the shard once ------------------------------------------------
+    # ---- data: stream this worker's shard every epoch (graceful_ray.train.pipeline) ----
     has_old_cols = bool(loop_config["has_cached_old_outputs"])
     ray.data.DataContext.get_current().enable_progress_bars = False
-    positions = {c: i for i, c in enumerate(loop_config["classes"])}
-    shape = tuple(spec.input_shape)
-    train = materialize(ray.train.get_dataset_shard("train"), shape, positions, has_old_cols)
-    val = materialize(ray.train.get_dataset_shard("val"), shape, positions, has_old_cols)
-    # Every worker holds the whole validation set; each evaluates every world-th row.
-    val = {k: v[rank::world] for k, v in val.items()}
-    n_local = len(train["label"])
-    steps = _all_reduce_min(math.ceil(n_local / cfg.batch_size), device)  # DDP needs lockstep
+    batch_size = cfg.per_worker_batch_size  # cfg.batch_size is the global batch
+    budget = int(cfg.cache_budget_mb * 2**20)
+    train = StreamedSplit(ray.train.get_dataset_shard("train"), batch_size=batch_size,
+                          shuffle_buffer_rows=cfg.shuffle_buffer_rows, prefetch_batches=cfg.prefetch_batches,
+                          cache_bytes=budget, seed=cfg.seed * 101 + rank)
+    # The whole validation set reaches every worker; each evaluates its partition of the rows.
+    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=4096, prefetch_batches=cfg.prefetch_batches,
+                        cache_bytes=budget, keep=rows_of_rank(rank, world))
+    # Ray Train splits the training set into equal shards, so every rank takes the same steps;
+    # the scheduler needs the count up front.
+    steps = math.ceil((int(loop_config["train_rows"]) // world) / batch_size)
     if steps == 0:
         raise ValueError(f"worker {rank} received no training rows: fewer rows than workers?")
 
-    online_teacher = None
-    if cfg.old and cfg.augmented:
+    # Where each batch's old-model outputs come from (graceful_ray.train.step).
+    if cfg.old and cfg.augmented:  # augmented inputs: the old model must see the same batch
         from graceful_ray.registry import Registry
 
-        _, online_teacher = Registry(cfg.registry).load_model(cfg.old)
-        online_teacher.eval().to(device)
-        for p in online_teacher.parameters():
-            p.requires_grad_(False)
-    old_class_ids = torch.tensor(ctx_data["old_class_positions"], device=device) \
-        if ctx_data.get("old_class_positions") is not None else None
+        _, teacher = Registry(cfg.registry).load_model(cfg.old)
+        old_outputs = OnlineOldOutputs(teacher.to(device),
+                                       torch.tensor(ctx_data["old_class_positions"], device=device))
+    elif has_old_cols:
+        old_outputs = CachedOldOutputs(device)
+    else:
+        old_outputs = OldOutputs()
 
     if cfg.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
@@ -246,20 +237,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         scheduler.load_state_dict(opt_state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
+    # Images on a GPU: channels-last memory lets bf16 convolutions use the tensor cores.
+    channels_last = use_bf16 and len(spec.input_shape) == 3
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     trainable = ray.train.torch.prepare_model(_WithFeatures(model))
 
-    def teacher(x: torch.Tensor, y: torch.Tensor):
-        """Old outputs for a batch: online on the (augmented) inputs."""
-        with torch.no_grad():
-            emb, logits = online_teacher.forward_features(x)
-        pred = old_class_ids[logits.argmax(1)]
-        return emb.float(), logits.float(), pred == y, pred
-
     def forward(x):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb, logits = trainable(x)
         return emb.float(), logits.float()
 
+    lockstep = _lockstep_group(device, world)
     marker = loop_config.get("failure_marker")
     for epoch in range(start_epoch, cfg.epochs):
         _maybe_inject_failure(cfg, epoch, rank, world, marker)
@@ -267,43 +258,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         trainable.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
-        perm = torch.randperm(n_local, generator=gen)
-        sums: dict[str, float] = {}
-        seen = 0
-        for step in range(steps):
-            idx = perm[(step * cfg.batch_size) % n_local:][: cfg.batch_size]
-            x = train[INPUT][idx].to(device, non_blocking=True)
-            y = train["label"][idx].to(device, non_blocking=True)
-            if cfg.augmented:
-                x = augment(x, cfg.augment_noise, cfg.augment_shift, gen)
-            if online_teacher is not None:
-                old_emb, old_logits, old_correct, _ = teacher(x, y)
-            elif has_old_cols:
-                old_emb = train["old_embedding"][idx].to(device)
-                old_logits = train["old_logits"][idx].to(device)
-                old_correct = train["old_correct"][idx].to(device)
-            else:
-                old_emb = old_logits = old_correct = None
-            emb, logits = forward(x)
-            out = method.loss(MethodBatch(y=y, new_embedding=emb, new_logits=logits, old_embedding=old_emb,
-                                          old_logits=old_logits, old_correct=old_correct, x=x))
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            optimizer.step()
-            scheduler.step()
-            b = len(y)
-            seen += b
-            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach()) * b
-            for name, part in out.parts.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(part.detach()) * b
+        streamed = train.streaming  # before the pass: the first pass may fill the cache
+        stats = run_epoch(
+            train.epoch(epoch), device=device, forward=forward, method=method, optimizer=optimizer,
+            scheduler=scheduler, old=old_outputs,
+            augment=(lambda x: augment(x, cfg.augment_noise, cfg.augment_shift, gen)) if cfg.augmented else None,
+            all_have_next=lambda mine: _all_ranks_have(mine, world, lockstep))
         train_time = time.perf_counter() - t0
 
-        metrics = _evaluate(trainable, val, forward, has_old_cols, device)
-        loss_t = _all_reduce_sum(torch.tensor([seen] + [sums[k] for k in sorted(sums)],
+        metrics = _evaluate(trainable, val.epoch(epoch), forward, has_old_cols, device)
+        sums = stats.sums
+        loss_t = _all_reduce_sum(torch.tensor([stats.rows] + [sums[k] for k in sorted(sums)],
                                               dtype=torch.float64, device=device))
         metrics.update({k: float(v) / float(loss_t[0]) for k, v in zip(sorted(sums), loss_t[1:].tolist())})
         metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time,
-                       epoch_start_unix=epoch_start_unix)
+                       epoch_start_unix=epoch_start_unix, steps_per_epoch=stats.steps,
+                       global_batch_size=cfg.batch_size, batch_size_per_worker=batch_size,
+                       train_streamed=float(streamed), worker_peak_rss_mb=_peak_rss_mb(device))
         history.append(metrics)
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -326,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return {"history": history, "node_ids": [w["node_id"] for w in everyone],
             "params_sha": [w["params_sha"] for w in everyone],
             "finals": [w["final"] for w in everyone], "world_size": world,
-            "teacher": "online" if online_teacher is not None else ("cache" if has_old_cols else "none")}
+            "teacher": old_outputs.name}
 
 
 def _params_digest(model: nn.Module) -> str:
@@ -374,25 +345,20 @@ def _t(value) -> torch.Tensor | None:
     return None if value is None else torch.as_tensor(np.asarray(value), dtype=torch.float32)
 
 
-def _evaluate(trainable, val: dict[str, torch.Tensor], forward, has_old_cols: bool,
-              device: torch.device) -> dict[str, float]:
-    """Accuracy and flips on this worker's validation rows, summed over workers."""
+def _evaluate(trainable, batches, forward, has_old_cols: bool, device: torch.device) -> dict[str, float]:
+    """Accuracy and flips on this worker's validation rows, counts summed over workers."""
     trainable.eval()
-    n = len(val["label"])
     counts = torch.zeros(5, dtype=torch.float64, device=device)  # n, new ok, old ok, NF, PF
     with torch.no_grad():
-        for start in range(0, n, 4096):
-            x = val[INPUT][start:start + 4096].to(device)
-            y = val["label"][start:start + 4096].to(device)
+        for batch in batches:
+            x = batch[INPUT].to(device, non_blocking=True)
+            y = batch["label"].to(device, non_blocking=True)
             _, logits = forward(x)
             new_ok = logits.argmax(1) == y
-            if has_old_cols:
-                old_ok = val["old_correct"][start:start + 4096].to(device).bool()
-            else:
-                old_ok = None
             counts[0] += len(y)
             counts[1] += new_ok.sum()
-            if old_ok is not None:
+            if has_old_cols:
+                old_ok = batch["old_correct"].to(device).bool()
                 counts[2] += old_ok.sum()
                 counts[3] += (old_ok & ~new_ok).sum()
                 counts[4] += (~old_ok & new_ok).sum()

@@ -22,6 +22,7 @@ from graceful_ray.models import ModelSpec
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
+from graceful_ray.train.pipeline import decoded
 from graceful_ray.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -133,17 +134,20 @@ def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any],
     if cfg.init_from_old:  # a warm start that cannot fit fails here, before any worker starts
         warm_start(probe, cfg.registry, ctx)
 
-    # Inputs are decoded in the workers as they read their shard once (see loop.materialize).
-    datasets = {
-        "train": _read_split(cfg, info, cfg.train_split, cached[cfg.train_split]),
-        "val": _read_split(cfg, info, cfg.val_split, cached[cfg.val_split]),
-    }
+    # Ray Data decodes the inputs (graceful_ray.train.pipeline) while the workers train.
+    def pipeline(split: str, with_row_key: bool):
+        return decoded(_read_split(cfg, info, split, cached[split]), feature_shape=info.feature_shape,
+                       classes=classes, with_old=bool(cfg.old), with_row_key=with_row_key,
+                       decode_cpus=cfg.decode_cpus)
+
+    datasets = {"train": pipeline(cfg.train_split, False), "val": pipeline(cfg.val_split, True)}
     loop_config = {
         "config": cfg.to_dict(),
         "spec": spec.to_dict(),
         "classes": classes,
         "context": context,
         "has_cached_old_outputs": bool(cfg.old),
+        "train_rows": int(info.splits[cfg.train_split].rows),
         "method_hparams": method.hyperparameters(),
         "method_compatible": bool(getattr(method, "compatible", False)),
     }
@@ -179,8 +183,8 @@ def build_trainer(cfg: UpgradeConfig, loop_config: dict[str, Any], datasets: dic
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
-        # Only the training set is split; every worker sees the whole validation
-        # set and evaluates its own stride of it, so no row is dropped.
+        # Only the training set is split (into equal shards); every worker streams the
+        # whole validation set and evaluates its partition of the rows, so no row is dropped.
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
@@ -246,7 +250,8 @@ def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_
     spec = ModelSpec.from_dict(loop_config["spec"])
     state_dict, fmt = export_for_registry(cfg, loop_config, state_dict)
     hyper = dict(loop_config["method_hparams"])
-    hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, batch_size_per_worker=cfg.per_worker_batch_size,
+                 lr=cfg.lr, weight_decay=cfg.weight_decay,
                  seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
                  train_split=cfg.train_split, workers=cfg.workers, init_from_old=cfg.init_from_old)
     return Registry(cfg.registry).publish(

@@ -45,7 +45,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-split", default="train")
     g.add_argument("--val-split", default="val")
     g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="global batch per step of each trial, split evenly across --workers-per-trial")
     g.add_argument("--lr", type=float, default=3e-3, help="learning rate when it is not searched")
     g.add_argument("--no-search-lr", action="store_true", help="do not search the learning rate (trade-off search)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,

@@ -1,0 +1,144 @@
+"""Streaming the training data through Ray Data: worker memory and speed.
+
+1. Memory: peak RSS of the (one) Ray Train worker training one epoch on N, 4N
+   and 16N rows of synthetic 32x32 RGB PNGs (decoded by Ray Data tasks), with the
+   worker always streaming (``cache_budget_mb=0``). Target: RSS at 16N <= 1.2x
+   RSS at N. The worker reports its own ``ru_maxrss`` (metric
+   ``worker_peak_rss_mb``).
+2. Speed on the small case (MNIST-1D): training samples/s of the streamed loop
+   (``cache_budget_mb=0``) against the loop that holds the split in memory:
+   today's default (cached after the first pass) and the previous materialized
+   loop (the code at --baseline-tree, e.g. the main branch, which read the whole
+   shard into tensors before the first step). Target: streamed >= 0.9x. Epoch 1
+   is left out (every variant streams it or reads it).
+
+Every run is its own process with its own local Ray, so the variants do not share
+a Ray or an import.
+
+Usage:  nice -n 10 python benchmarks/train_streaming.py --rows 2000 --samples 8000 --baseline-tree /work/main
+Results: benchmarks/results/train_streaming.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+
+def make_images(out: str, rows: int, seed: int = 0) -> str:
+    """Synthetic 32x32 RGB PNGs: a class-coloured square on noise (10 classes)."""
+    import pyarrow as pa
+
+    from graceful_ray.data import write_dataset
+    from graceful_ray.data.images import encode_png
+
+    if os.path.exists(os.path.join(out, "dataset.json")):
+        return out
+    rng = np.random.default_rng(seed)
+    tables = {}
+    for split, n, offset in (("train", rows, 0), ("val", max(200, rows // 10), rows)):
+        labels = rng.integers(0, 10, n)
+        blobs = []
+        for c in labels:
+            img = rng.integers(0, 96, (32, 32, 3), dtype=np.uint8)
+            img[8:24, 8:24, c % 3] = 128 + 12 * int(c)
+            blobs.append(encode_png(img))
+        tables[split] = pa.table({"id": pa.array(np.arange(offset, offset + n, dtype=np.int64)),
+                                  "label": pa.array(labels.astype(np.int64)),
+                                  "image": pa.array(blobs, type=pa.binary())})
+    write_dataset(out, tables, name="synthetic-png", num_classes=10, class_names=[str(i) for i in range(10)])
+    return out
+
+
+def one_run(spec: dict) -> dict:
+    """Child process: one training run on a fresh local Ray; prints its history as JSON."""
+    import ray
+
+    from graceful_ray.train.config import UpgradeConfig
+    from graceful_ray.train.trainer import run_upgrade
+
+    ray.init(address="local", num_cpus=spec.pop("ray_cpus"), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = run_upgrade(UpgradeConfig(**spec))
+    ray.shutdown()
+    return {"history": result.history}
+
+
+def run(spec: dict, tree: str) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=tree)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, cwd=tree)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run failed ({tree}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["history"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2000, help="N for the memory part (runs N, 4N, 16N)")
+    p.add_argument("--samples", type=int, default=8000, help="MNIST-1D samples for the speed part")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of the speed part")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the speed part")
+    p.add_argument("--baseline-tree", help="a checkout whose loop materializes the split (e.g. /work/main)")
+    p.add_argument("--root", default="/tmp/graceful-ray-bench/streaming")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one_run(json.loads(args.one))))
+        return
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = dict(workers=1, cpus_per_worker=1.0, publish=False, ray_cpus=4, lr=3e-3)
+    if not args.skip_memory:
+        print("## Worker memory, streaming (cache_budget_mb=0), one epoch of 32x32 RGB PNGs\n")
+        print("| train rows | worker peak RSS (MiB) | samples/s |\n|---:|---:|---:|")
+        base = None
+        for k in (1, 4, 16):
+            rows = k * args.rows
+            data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
+            h = run(dict(common, data=data, model="mlp", model_kwargs={"width": 64}, epochs=1, batch_size=256,
+                         cache_budget_mb=0, decode_cpus=1.0, storage=os.path.join(args.root, "runs"),
+                         registry=os.path.join(args.root, "registry"), run_name=f"mem-{rows}"), here)[-1]
+            base = base or h["worker_peak_rss_mb"]
+            print(f"| {rows} ({k}N) | {h['worker_peak_rss_mb']:.0f} ({h['worker_peak_rss_mb'] / base:.2f}x) "
+                  f"| {h['samples_per_s']:.0f} |", flush=True)
+
+    if args.skip_speed:
+        return
+    from graceful_ray.data import make_mnist1d
+
+    data = os.path.join(args.root, f"mnist1d-{args.samples}")
+    if not os.path.exists(os.path.join(data, "dataset.json")):
+        make_mnist1d(data, samples=args.samples, seed=0)
+    speed = dict(common, data=data, model="cnn1d", model_kwargs={"channels": 16}, epochs=args.epochs,
+                 batch_size=128, storage=os.path.join(args.root, "runs"),
+                 registry=os.path.join(args.root, "registry"))
+    variants = {"streamed (cache_budget_mb=0)": (dict(cache_budget_mb=0), here),
+                "cached after epoch 1 (default)": ({}, here)}
+    if args.baseline_tree:
+        variants["materialized (--baseline-tree)"] = ({}, args.baseline_tree)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for name, (extra, tree) in variants.items():
+            hist = run(dict(speed, **extra, run_name=f"speed-{r}-{len(rates[name])}-{abs(hash(name)) % 10**6}"),
+                       tree)
+            rates[name] += [h["samples_per_s"] for h in hist[1:]]
+    print(f"\n## Training samples/s, MNIST-1D {args.samples}, cnn1d channels=16, batch 128, "
+          f"epochs 2-{args.epochs}, {args.rounds} rounds\n")
+    ref = statistics.median(rates[list(variants)[-1]])
+    print("| loop | median samples/s | vs last row |\n|---|---:|---:|")
+    for name, v in rates.items():
+        print(f"| {name} | {statistics.median(v):.0f} | {statistics.median(v) / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The training input pipeline: decode in Ray Data, stream into the workers.
+
+The driver appends a decode stage (:func:`decoded`) to each split: Ray Data CPU
+tasks turn ``features`` or encoded ``image`` bytes into float32 tensors and
+labels into head positions, so a (GPU) worker receives ready tensors and the
+decoding overlaps its training. Cached old-model outputs are columns of the same
+rows (the cache is the split with the old model's columns appended, see
+:mod:`graceful_ray.train.old_outputs`), so they stream with their inputs.
+
+A worker iterates its shard every epoch (:class:`StreamedSplit`) with a local
+shuffle buffer and prefetching and never holds the split. A split that fits the
+worker's cache budget (``UpgradeConfig.cache_budget_mb``) is kept in memory
+after its first streamed pass and shuffled there for the later epochs, which
+spares small datasets Ray Data's per-epoch start-up (measured in
+benchmarks/results/train_streaming.md); a larger one streams every epoch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from graceful_ray.train.batches import inputs_from_arrow
+
+INPUT = "x"
+ROW_KEY = "row_key"  # an int64 per row that partitions the validation set over workers
+OLD_STREAMED = ("old_logits", "old_embedding", "old_correct")
+
+
+def _vectors(col) -> np.ndarray:
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+
+
+def _row_keys(ids) -> np.ndarray:
+    if pa.types.is_integer(ids.type):
+        return ids.to_numpy(zero_copy_only=False).astype(np.int64)
+    # string ids: a stable hash (Python's hash() is salted per process)
+    return np.array([zlib.crc32(str(v).encode()) for v in ids.to_pylist()], dtype=np.int64)
+
+
+def decode_batch(batch: pa.Table, *, feature_shape: Sequence[int], lookup: np.ndarray, with_old: bool,
+                 with_row_key: bool) -> dict[str, np.ndarray]:
+    """One Ray Data batch -> model-ready arrays (runs in Ray Data's decode tasks).
+
+    A label the head does not cover (a validation class a class-incremental model
+    never saw) maps to -1, which is never predicted.
+    """
+    labels = batch.column("label").to_numpy()
+    out = {INPUT: inputs_from_arrow(batch, feature_shape),
+           "label": lookup[np.clip(labels, 0, len(lookup) - 1)]}
+    if with_old:
+        out["old_logits"] = _vectors(batch.column("old_logits"))
+        out["old_embedding"] = _vectors(batch.column("old_embedding"))
+        out["old_correct"] = batch.column("old_correct").to_numpy(zero_copy_only=False)
+    if with_row_key:
+        out[ROW_KEY] = _row_keys(batch.column("id"))
+    return out
+
+
+def label_lookup(class_positions: dict[int, int]) -> np.ndarray:
+    lookup = np.full(max(class_positions) + 2, -1, dtype=np.int64)
+    for c, p in class_positions.items():
+        lookup[c] = p
+    return lookup
+
+
+def decoded(ds, *, feature_shape: Sequence[int], classes: Sequence[int], with_old: bool,
+            with_row_key: bool = False, decode_cpus: float = 1.0, batch_size: int = 1024):
+    """``ds`` with the decode stage appended: ``decode_cpus`` CPUs in all decode
+    (one task of ``min(1, decode_cpus)`` CPUs, up to ``ceil(decode_cpus)`` at once)."""
+    import math
+
+    import ray.data
+
+    return ds.map_batches(
+        decode_batch, batch_format="pyarrow", batch_size=batch_size,
+        fn_kwargs=dict(feature_shape=tuple(feature_shape), with_old=with_old, with_row_key=with_row_key,
+                       lookup=label_lookup({c: i for i, c in enumerate(classes)})),
+        num_cpus=min(1.0, decode_cpus), compute=ray.data.TaskPoolStrategy(size=max(1, math.ceil(decode_cpus))),
+    )
+
+
+def collect(batches) -> dict[str, torch.Tensor]:
+    """Concatenate batches (dicts of tensors) into one dict of tensors."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for b in batches:
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _nbytes(batch: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in batch.values())
+
+
+class StreamedSplit:
+    """One worker's view of a split, iterated once per epoch.
+
+    ``keep``: an optional (batch -> bool mask) that selects this worker's rows
+    (the validation partition). ``cache_bytes``: keep the split in memory after
+    the first full pass when it takes at most this much (0: always stream).
+    """
+
+    def __init__(self, iterator, *, batch_size: int, shuffle_buffer_rows: int = 0, prefetch_batches: int = 2,
+                 cache_bytes: int = 0, keep=None, seed: int = 0):
+        self.iterator = iterator
+        self.batch_size = batch_size
+        self.shuffle_buffer_rows = shuffle_buffer_rows
+        self.prefetch_batches = prefetch_batches
+        self.cache_bytes = cache_bytes
+        self.keep = keep
+        self.seed = seed
+        self.cached: dict[str, torch.Tensor] | None = None
+        self.passes = 0
+
+    @property
+    def streaming(self) -> bool:
+        return self.cached is None
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This epoch's batches (CPU tensors), shuffled when a shuffle buffer is set."""
+        if self.cached is not None:
+            yield from self._from_cache(epoch)
+            return
+        kept: list[dict[str, torch.Tensor]] | None = [] if self.cache_bytes > 0 else None
+        size = 0
+        for batch in self._stream(epoch):
+            if kept is not None:
+                size += _nbytes(batch)
+                kept = kept if size <= self.cache_bytes else None  # too big: stream every epoch
+                if kept is not None:
+                    kept.append(batch)
+            yield batch
+        self.passes += 1
+        if kept:
+            self.cached = collect(kept)
+
+    def _stream(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        shuffle = self.shuffle_buffer_rows or None
+        for batch in self.iterator.iter_torch_batches(
+                batch_size=self.batch_size, prefetch_batches=self.prefetch_batches, device="cpu",
+                local_shuffle_buffer_size=shuffle,
+                local_shuffle_seed=(self.seed * 1_000_003 + epoch) if shuffle else None):
+            if self.keep is not None:
+                mask = self.keep(batch)
+                batch = {k: v[mask] for k, v in batch.items()}
+                if not len(batch["label"]):
+                    continue
+            yield batch
+
+    def _from_cache(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(self.cached["label"])
+        if self.shuffle_buffer_rows:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        else:
+            order = None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield {k: v[start:start + self.batch_size] for k, v in self.cached.items()}
+            else:
+                idx = order[start:start + self.batch_size]
+                yield {k: v[idx] for k, v in self.cached.items()}
+
+
+def rows_of_rank(rank: int, world: int):
+    """The validation partition: rows whose key is ``rank`` modulo ``world`` (exact,
+    whatever order Ray Data delivers the blocks in)."""
+    def keep(batch: dict[str, Any]) -> torch.Tensor:
+        return batch[ROW_KEY] % world == rank
+    return keep
