@@ -84,7 +84,9 @@ def _serve_ingress() -> None:
     from graceful_ray.serve.ingress import choose_ingress
 
     if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
-        base = tempfile.mkdtemp(prefix="graceful-ray-haproxy-")
+        # short: Serve adds a 56-character node id, and HAProxy's socket paths
+        # must stay under 98 characters
+        base = tempfile.mkdtemp(prefix="grh-", dir="/tmp")
         for key, name in HAPROXY_PATHS.items():
             os.environ.setdefault(key, os.path.join(base, name) if name else base)
     choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))

@@ -76,3 +76,22 @@ def haproxy_enabled(environ: MutableMapping[str, str] | None = None) -> bool:
     """Whether Serve processes started now would run HAProxy (what the env says)."""
     env = os.environ if environ is None else environ
     return env.get(HAPROXY_ENV, "0") == "1"
+
+
+def cluster_ingress(python_proxy: bool = False,
+                    environ: MutableMapping[str, str] | None = None) -> str:
+    """The one line to log when joining a cluster, whose nodes' environment decides.
+
+    A job's driver inherits its node's environment, so it shows what the
+    cluster's Serve processes were started with; nothing set here reaches them."""
+    env = os.environ if environ is None else environ
+    if haproxy_enabled(env):
+        if python_proxy:
+            return (f"ingress: HAProxy, from the cluster's {HAPROXY_ENV}=1 ({PYTHON_PROXY_FLAG} "
+                    f"cannot change a running cluster: set {HAPROXY_ENV}=0 on its nodes)")
+        return f"ingress: HAProxy (the cluster's {HAPROXY_ENV}=1)"
+    if python_proxy:
+        return f"ingress: Serve's Python proxy ({PYTHON_PROXY_FLAG}; the cluster's setting)"
+    return (f"ingress: this cluster runs Serve's Python proxy, slower: start its nodes with "
+            f"{HAPROXY_ENV}=1 {THROUGHPUT_ENV}=1 (cluster/kuberay/*.yaml and "
+            f"cluster/*-gpu.yaml do)")
