@@ -253,9 +253,15 @@ def test_admin_routes_require_the_token(service):
 
 def _haproxy_stats() -> dict[str, dict[str, str]]:
     """HAProxy's own counters from its admin socket (``show stat``), by proxy/server."""
+    import ray
+
+    # this session's (conftest), in a folder per node as Serve keeps it
+    where = os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    path = os.path.join(os.path.dirname(where), ray.get_runtime_context().get_node_id(),
+                        os.path.basename(where))
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(30)
-        s.connect(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])  # this session's (conftest)
+        s.connect(path)
         s.sendall(b"show stat\n")
         data = b""
         while chunk := s.recv(1 << 16):

@@ -484,7 +484,8 @@ class ComparatorCore:
             self.stats, self.gates, self.refs, primary, app=self.cfg.app_name,
             mode="live", shadow_fraction=self.state["shadow_fraction"],
             epoch=self.state["epoch"], in_flight=len(self.open), records_written=self.written,
-            records_pending=len(self.pending), duplicate_events=self.duplicates, history=self.state["history"][-20:],
+            records_pending=len(self.pending), duplicate_events=self.duplicates,
+            history=self.state["history"][-20:],
             storage=self.log.root.uri, retrieval=self.retrieval_report(),
             watch=self.watch_report())
         self.metrics.publish(report)

@@ -62,7 +62,8 @@ def choose_ingress(python_proxy: bool = False,
         return f"ingress: Serve's Python proxy ({PYTHON_PROXY_FLAG})"
     env.setdefault(THROUGHPUT_ENV, "1")
     if env.setdefault(HAPROXY_ENV, "1") != "1":
-        return f"ingress: Serve's Python proxy ({HAPROXY_ENV}={env[HAPROXY_ENV]} in the environment)"
+        return (f"ingress: Serve's Python proxy ({HAPROXY_ENV}={env[HAPROXY_ENV]} in the "
+                "environment)")
     binary = haproxy_binary()
     if binary is None:
         env[HAPROXY_ENV] = "0"
