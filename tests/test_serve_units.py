@@ -558,3 +558,13 @@ def test_serve_cli_takes_the_python_proxy_flag():
     base = ["serve", "--old", "m@production", "--new", "m@candidate"]
     assert parser.parse_args(base).python_proxy is False
     assert parser.parse_args(base + ["--python-proxy"]).python_proxy is True
+
+
+def test_joining_a_cluster_says_which_ingress_its_nodes_run():
+    from graceful_ray.serve.ingress import HAPROXY_ENV, cluster_ingress
+
+    assert "HAProxy by RAY_SERVE_ENABLE_HA_PROXY=1" in cluster_ingress(environ={HAPROXY_ENV: "1"})
+    assert "set RAY_SERVE_ENABLE_HA_PROXY=0 on its nodes" in cluster_ingress(
+        True, environ={HAPROXY_ENV: "1"})
+    line = cluster_ingress(environ={})
+    assert "Python proxy" in line and "cluster/kuberay" in line and "\n" not in line

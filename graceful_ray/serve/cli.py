@@ -176,7 +176,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from graceful_ray.raycluster import ensure_ray
     from graceful_ray.serve.app import deploy
-    from graceful_ray.serve.ingress import choose_ingress
+    from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 
     config = config_from_args(args)
     stop = threading.Event()
@@ -188,6 +188,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # HAProxy and Serve's throughput levers are read by Serve's processes when
         # they start: only a Ray started here gets them (a cluster: its nodes' env).
         log.info("%s", choose_ingress(args.python_proxy))
+    else:
+        log.info("%s", cluster_ingress(args.python_proxy))
     ensure_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     deploy(config)

@@ -81,18 +81,18 @@ def haproxy_enabled(environ: MutableMapping[str, str] | None = None) -> bool:
 
 def cluster_ingress(python_proxy: bool = False,
                     environ: MutableMapping[str, str] | None = None) -> str:
-    """The one line to log when joining a cluster, whose nodes' environment decides.
+    """The one line to log when joining a running cluster, whose nodes' environment decides.
 
-    A job's driver inherits its node's environment, so it shows what the
-    cluster's Serve processes were started with; nothing set here reaches them."""
+    Nothing set here reaches Serve processes that are already running or started
+    by the cluster's nodes. A job's driver inherits its node's environment, so
+    there this environment shows what the cluster's Serve runs with."""
     env = os.environ if environ is None else environ
+    seen = (f"{HAPROXY_ENV}={env.get(HAPROXY_ENV, 'unset')} in this (a job's: its node's) "
+            "environment")
     if haproxy_enabled(env):
-        if python_proxy:
-            return (f"ingress: HAProxy, from the cluster's {HAPROXY_ENV}=1 ({PYTHON_PROXY_FLAG} "
-                    f"cannot change a running cluster: set {HAPROXY_ENV}=0 on its nodes)")
-        return f"ingress: HAProxy (the cluster's {HAPROXY_ENV}=1)"
-    if python_proxy:
-        return f"ingress: Serve's Python proxy ({PYTHON_PROXY_FLAG}; the cluster's setting)"
-    return (f"ingress: this cluster runs Serve's Python proxy, slower: start its nodes with "
-            f"{HAPROXY_ENV}=1 {THROUGHPUT_ENV}=1 (cluster/kuberay/*.yaml and "
-            f"cluster/*-gpu.yaml do)")
+        extra = (f"; {PYTHON_PROXY_FLAG} cannot change a running cluster: set {HAPROXY_ENV}=0 "
+                 "on its nodes") if python_proxy else ""
+        return f"ingress: the cluster's, HAProxy by {seen}{extra}"
+    return (f"ingress: the cluster's, Serve's Python proxy by {seen}; for HAProxy start its "
+            f"nodes with {HAPROXY_ENV}=1 {THROUGHPUT_ENV}=1 (cluster/kuberay/*.yaml and "
+            "cluster/*-gpu.yaml do)")
