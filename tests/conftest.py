@@ -8,6 +8,7 @@ over HTTP, not against a mock patched into boto.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -78,6 +79,9 @@ HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
                  "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
 
 
+_HAPROXY_DIRS: list[str] = []  # removed when the session's Ray stops
+
+
 def _serve_ingress() -> None:
     """Serve in the tests runs behind HAProxy, as ``graceful-ray serve`` does by
     default (GRACEFUL_RAY_TEST_PYTHON_PROXY=1: Serve's Python proxy instead)."""
@@ -87,6 +91,7 @@ def _serve_ingress() -> None:
         # short: Serve adds a 56-character node id, and HAProxy's socket paths
         # must stay under 98 characters
         base = tempfile.mkdtemp(prefix="grh-", dir="/tmp")
+        _HAPROXY_DIRS.append(base)
         for key, name in HAPROXY_PATHS.items():
             os.environ.setdefault(key, os.path.join(base, name) if name else base)
     choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))
@@ -119,6 +124,8 @@ def _ray_for_session():
     _start_local_ray()
     yield
     ray.shutdown()
+    for base in _HAPROXY_DIRS:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
