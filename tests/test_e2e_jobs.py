@@ -181,6 +181,9 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
         "--router-cpus", "0.2", "--model-cpus", "0.1", "--shadow-timeout", "30", "--name", "e2e",
         "--gate", "min_labelled=100", "--gate", "max_nfr=1.0", "--gate", "min_agreement=0.0",
         "--gate", "max_latency_ratio=1000", "--gate", "max_error_rate=1.0", "--gate", "min_latency_samples=10",
+        # min_labelled must hold until labels arrive: with max_nfr=1.0 the label-free
+        # (disagreement) bound would otherwise waive it after min_compared pairs
+        "--gate", "min_compared=100000",
         # the README's way: only the token's hash goes with the job
         "--admin-token-sha256", hashlib.sha256(admin_token.encode()).hexdigest()])
     # `ray job list` shows every entrypoint and runtime_env: the token is in none of them
