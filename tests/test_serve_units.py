@@ -538,6 +538,8 @@ def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path
 def test_haproxy_ingress_is_the_default_and_one_flag_turns_it_off(monkeypatch):
     from graceful_ray.serve import ingress
 
+    monkeypatch.setattr(ingress, "port_in_use", lambda port: False)
+
     monkeypatch.setattr(ingress, "haproxy_binary", lambda: "/opt/haproxy")
     env: dict[str, str] = {}
     line = ingress.choose_ingress(environ=env)
@@ -555,6 +557,30 @@ def test_haproxy_ingress_is_the_default_and_one_flag_turns_it_off(monkeypatch):
     line = ingress.choose_ingress(environ=env)
     assert env[ingress.HAPROXY_ENV] == "0" and "\n" not in line
     assert "no HAProxy binary" in line and ingress.BINARY_ENV in line
+
+
+def test_haproxy_side_ports_move_off_a_taken_default(monkeypatch):
+    """A second service on one machine: HAProxy's fixed stats/metrics ports are taken,
+    so they move to free ones (HAProxy would exit with "Address already in use");
+    a port the user chose is kept."""
+    import socket
+
+    from graceful_ray.serve import ingress
+
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: "/opt/haproxy")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert ingress.port_in_use(port)
+        monkeypatch.setattr(ingress, "SIDE_PORTS", {"RAY_SERVE_HAPROXY_STATS_PORT": port,
+                                                    "RAY_SERVE_HAPROXY_METRICS_PORT": port})
+        env: dict[str, str] = {"RAY_SERVE_HAPROXY_METRICS_PORT": "9999"}
+        line = ingress.choose_ingress(environ=env)
+    moved = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert moved != port and not ingress.port_in_use(moved)
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
+    assert f"RAY_SERVE_HAPROXY_STATS_PORT={moved} ({port} is taken)" in line and "\n" not in line
 
 
 def test_haproxy_binary_follows_rays_order(monkeypatch, tmp_path):
