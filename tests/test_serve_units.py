@@ -27,9 +27,11 @@ from graceful_ray.serve.config import (BASELINE, CANDIDATE, GateConfig, Resource
                                        hash_token)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.gates import evaluate, explain
+from graceful_ray.serve.kinds import SEARCH, PrimaryEvent, ShadowEvent
 from graceful_ray.serve.records import read_log
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
+from graceful_ray.serve.search import SearchAnswer
 from graceful_ray.serve.shadow import CircuitBreaker, ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
 
@@ -213,10 +215,11 @@ def _core(tmp_path, **kw) -> ComparatorCore:
 def test_comparator_pairs_events_in_any_order_and_labels(tmp_path):
     core = _core(tmp_path)
     x = np.zeros((3, 40), np.float32)
-    core.ingest([("s", ["b"], CANDIDATE, np.array([5]), 2.0, None)])  # shadow first
-    core.ingest([("p", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]), 1.0, True, x),
-                 ("s", ["a"], CANDIDATE, np.array([2]), 2.0, None),
-                 ("s", ["c"], CANDIDATE, None, None, "timeout")])
+    core.ingest([ShadowEvent("predict", ["b"], CANDIDATE, np.array([5]), 2.0)])  # shadow first
+    core.ingest([PrimaryEvent("predict", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]),
+                              1.0, True, x),
+                 ShadowEvent("predict", ["a"], CANDIDATE, np.array([2]), 2.0),
+                 ShadowEvent("predict", ["c"], CANDIDATE, error="timeout")])
     assert core.stats.requests == 3 and core.stats.compared == 2 and core.stats.agreed == 1
     assert core.stats.models[CANDIDATE].shadow_errors["timeout"] == 1
     assert core.label("a", 1)["flip"] == "negative"
@@ -236,8 +239,9 @@ def test_comparator_log_roundtrip_and_resume(tmp_path):
     x = np.random.default_rng(0).normal(size=(n, 40)).astype(np.float32)
     ids = [f"r{i}" for i in range(n)]
     dec = np.arange(n) % 10
-    core.ingest([("p", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
-                 ("s", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10, 2.0, None)])
+    core.ingest([PrimaryEvent("predict", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
+                 ShadowEvent("predict", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10,
+                             2.0)])
     for i in range(0, n, 2):
         core.label(ids[i], int(dec[i]))
     cols, labels = core.take_pending()
@@ -464,6 +468,68 @@ def test_a_failing_shadow_stops_receiving_calls_but_every_copy_is_counted():
     assert handle.calls == [1, 1, 1]  # the shadow saw three calls, not ten
 
 
+class _FakeSearchHandle:
+    """Stands in for a DeploymentHandle's ``search.remote(x, k)``."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.error = error
+        self.search = self
+
+    def remote(self, x, k):
+        self.calls.append((len(x), k))
+        return self._answer(x, k)
+
+    async def _answer(self, x, k):
+        if self.error is not None:
+            raise self.error
+        ids = np.arange(len(x) * k).reshape(len(x), k)
+        return SearchAnswer(ids=ids, scores=np.ones((len(x), k), np.float32), labels=ids % 10,
+                            snapshot=3, k=k, ms=2.5)
+
+
+def test_search_shadows_are_coalesced_per_k_and_split_back():
+    handle = _FakeSearchHandle()
+    caller = ShadowCaller({CANDIDATE: handle}, window_s=0.05, max_rows=64, timeout_s=1.0)
+
+    async def main():
+        calls = [caller.call(CANDIDATE, np.zeros((n, 4)), SEARCH, (k,))
+                 for n, k in ((2, 5), (1, 5), (3, 7))]
+        return await asyncio.gather(*calls)
+
+    (a, ms), (b, _), (c, _) = asyncio.run(main())
+    assert sorted(handle.calls) == [(3, 5), (3, 7)]  # one call per k, not one per request
+    assert a.ids.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and b.ids.tolist() == [
+        [10, 11, 12, 13, 14]] and ms == 2.5
+    assert c.ids.shape == (3, 7) and c.snapshot == 3
+
+
+def test_a_failing_search_shadow_opens_its_breaker_and_leaves_predict_alone():
+    """Search shadows go through the same ShadowCaller as predict: after
+    ``breaker_failures`` failed searches in a row the breaker holds the copies
+    back (circuit_open), and predict copies to the same shadow are still sent."""
+    search = _FakeSearchHandle(error=RuntimeError("faiss is gone"))
+    predict = _FakeHandle()
+    search.predict = predict  # one deployment answers both kinds
+    caller = ShadowCaller({CANDIDATE: search}, window_s=0.0, max_rows=64, timeout_s=1.0,
+                          breaker_failures=3, breaker_cooldown_s=10.0)
+
+    async def main():
+        kinds = []
+        for _ in range(6):
+            with pytest.raises(ShadowFailure) as e:
+                await caller.call(CANDIDATE, np.zeros((1, 4)), SEARCH, (5,))
+            kinds.append(e.value.kind)
+        decisions, _ = await caller.call(CANDIDATE, np.zeros((2, 4)))
+        return kinds, decisions
+
+    kinds, decisions = asyncio.run(main())
+    assert kinds == ["exception"] * 3 + ["circuit_open"] * 3
+    assert len(search.calls) == 3  # the failing shadow saw three searches, not six
+    assert caller.breaker(CANDIDATE, SEARCH).state == "open"
+    assert caller.breaker(CANDIDATE).state == "closed" and decisions.tolist() == [0, 1]
+
+
 # A fresh interpreter, so the test process keeps its own priority: a thread that
 # exists before the call (as a Ray worker's gRPC threads do), then the call, then
 # a thread started after it; each reports its (policy, niceness).
@@ -521,9 +587,9 @@ def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path
     """A router re-sends a batch whose ingest raised part-way (router._flush_events):
     the records already made from it must not be made again."""
     core = _core(tmp_path)
-    batch = [("p", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True, None),
-             ("s", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0, None),
-             ("p", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False, None)]
+    batch = [PrimaryEvent("predict", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True),
+             ShadowEvent("predict", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0),
+             PrimaryEvent("predict", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False)]
     core.ingest(batch)
     core.ingest(batch)  # the whole batch again
     core.ingest(batch[1:2])  # and only its shadow answers
@@ -531,7 +597,7 @@ def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path
     assert core.duplicates == 7 and not core.orphans and not core.open
     assert core.report()["duplicate_events"] == 7
     cols, _ = core.take_pending()
-    assert sorted(cols["request_id"]) == ["a", "b", "c"]
+    assert sorted(cols["predict"]["request_id"]) == ["a", "b", "c"]
 
 
 # ------------------------------------------------------------- ingress

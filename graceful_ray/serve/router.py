@@ -45,14 +45,14 @@ from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.http import BodyLimit, install, parse_body
+from graceful_ray.serve.kinds import PREDICT, SEARCH, PrimaryEvent, RequestKind, ShadowEvent
 from graceful_ray.serve.metrics import RouterMetrics
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
-from graceful_ray.serve.search import SearchAnswer, SearchBackend
-from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure, _awaited, classify
+from graceful_ray.serve.search import SearchBackend
+from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
 from graceful_ray.serve.schemas import (CutoverRequest, FeedbackRequest, FractionRequest,
-                                        InputError, PredictRequest, SearchRequest, check_k,
-                                        parse_inputs)
+                                        InputError, PredictRequest, SearchRequest, parse_inputs)
 
 try:
     import orjson
@@ -128,7 +128,7 @@ class ShadowRouter:
                 self._search[role] = SearchBackend(config.gallery, config.registry, refs[role],
                                                    config.gallery_poll_s)
         self._routing = RoutingCopy(BASELINE, float(config.shadow_fraction))
-        self._events: list[tuple] = []
+        self._events: list[PrimaryEvent | ShadowEvent] = []
         self._tasks: set[asyncio.Task] = set()
         self._inflight_rows = 0
         self._failures: dict[tuple[str, str], int] = {}
@@ -216,7 +216,7 @@ class ShadowRouter:
         for backend in getattr(self, "_search", {}).values():
             backend.close()
 
-    # -------------------------------------------------------------- predict
+    # ---------------------------------------------------- predict and search
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _primary_batch(self, items: list[tuple[str, np.ndarray]]) -> list[Prediction]:
         out: list[Prediction | None] = [None] * len(items)
@@ -228,110 +228,10 @@ class ShadowRouter:
                 out[i] = p
         return out
 
-    async def _run_primary(self, role: str, x: np.ndarray) -> tuple[Prediction, float]:
-        if self._runners:
-            t0 = time.perf_counter()
-            pred = await self._primary_batch((role, x))
-            return pred, (time.perf_counter() - t0) * 1000.0
-        decisions, scores, ms = await self._handles[role].predict.remote(x, True)
-        return Prediction(decisions, scores), ms
-
     @api.post("/v1/predict")
     async def predict(self, body: PredictRequest) -> Response:
         """The primary's decision and scores per input, with a request id for feedback."""
-        await self._ready()
-        try:
-            x, single = parse_inputs(body, self._shape, self._cfg.max_inputs_per_request)
-        except InputError as e:
-            self._metrics.bad_request("predict")
-            raise HTTPException(e.status, e.message) from None
-        n = len(x)
-        ids = [uuid.uuid4().hex for _ in range(n)]
-        r = self._routing
-        primary, epoch, fraction = r.primary, r.epoch, r.shadow_fraction
-        gate: asyncio.Future | None = None
-        shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
-        if shadowed:
-            gate = asyncio.get_running_loop().create_future()
-            self._spawn(self._shadow(other(primary), x, ids, gate))
-        now_ms = int(time.time() * 1000)
-        try:
-            pred, ms = await self._run_primary(primary, x)
-        except Exception as e:  # noqa: BLE001 - answer 503 and keep serving
-            if gate is not None:
-                gate.cancel()
-            log.exception("primary %s failed", self._refs[primary])
-            raise HTTPException(503, f"the primary model {self._refs[primary]} failed: "
-                                     f"{type(e).__name__}: {e}") from None
-        self._events.append(("p", ids, now_ms, epoch, primary, pred.decisions, ms, shadowed,
-                             x if self._cfg.log_inputs else None, body.segment))
-        if gate is not None:
-            gate.set_result(None)
-        ref = self._refs[primary]
-        self._metrics.answered(ref, "primary", n, ms)
-        decisions = pred.decisions.tolist()
-        preds = [{"request_id": ids[i], "decision": decisions[i], "scores": pred.scores[i]}
-                 for i in range(n)]
-        out: dict[str, Any] = {"model": ref, "classes": self._classes[primary],
-                               "predictions": preds}
-        if single:
-            out.update(preds[0])
-        return _json(out)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _shadow(self, role: str, x: np.ndarray, ids: list[str],
-                      gate: asyncio.Future) -> None:
-        """The shadow copy: bounded in time and in flight, never raises."""
-        n, ref = len(x), self._refs[role]
-        decisions, ms, error = None, None, None
-        if self._inflight_rows + n > self._cfg.max_shadow_inflight:
-            error = "overloaded"
-        else:
-            self._inflight_rows += n
-            try:
-                decisions, ms = await self._shadow_caller.call(role, x)
-            except ShadowFailure as e:
-                error = e.kind
-                self._log_shadow_failure(ref, error, e.cause or e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any shadow failure is only counted
-                error = "exception"
-                self._log_shadow_failure(ref, error, e)
-            finally:
-                self._inflight_rows -= n
-        if error is None:
-            self._metrics.answered(ref, "shadow", n, ms)
-        else:
-            self._metrics.shadow_error(ref, error, n)
-        try:
-            await gate  # the primary's event must be buffered before ours
-        except asyncio.CancelledError:
-            return  # the primary failed: the request was not served, nothing to record
-        self._events.append(("s", ids, role, None if error else decisions, ms, error))
-
-    def _log_shadow_failure(self, ref: str, kind: str, exc: BaseException) -> None:
-        """Log the first failure of each kind, then one in a thousand: a failing
-        shadow at full traffic must not flood the logs."""
-        key = (ref, kind)
-        n = self._failures.get(key, 0) + 1
-        self._failures[key] = n
-        if n == 1 or n % 1000 == 0:
-            log.warning("shadow %s failed (%s, %d so far): %s", ref, kind, n,
-                        str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
-
-    # --------------------------------------------------------------- search
-    async def _run_primary_search(self, role: str, x: np.ndarray, k: int) -> SearchAnswer:
-        if self._runners:
-            t0 = time.perf_counter()
-            runner = self._runners[role]
-            answer = await runner.run_async(self._search[role].search, runner.embed, x, k)
-            return answer.with_ms((time.perf_counter() - t0) * 1000.0)
-        return await self._handles[role].search.remote(x, k)
+        return await self._serve(PREDICT, body)
 
     @api.post("/v1/search")
     async def search(self, body: SearchRequest) -> Response:
@@ -343,11 +243,17 @@ class ShadowRouter:
                                      "gallery. Redeploy with --gallery PATH (`graceful-ray serve "
                                      "... --gallery PATH`, or `gallery` in the config), a gallery "
                                      "built by `graceful-ray gallery build`")
+        return await self._serve(SEARCH, body)
+
+    async def _serve(self, kind: RequestKind, body: Any) -> Response:
+        """One request of any kind: the primary answers, the shadow gets a copy off the
+        critical path, and both answers become events for the comparator."""
+        await self._ready()
         try:
             x, single = parse_inputs(body, self._shape, self._cfg.max_inputs_per_request)
-            k = check_k(body.k, self._cfg.search_k, self._cfg.max_search_k)
+            params = kind.params(body, self._cfg)
         except InputError as e:
-            self._metrics.bad_request("search")
+            self._metrics.bad_request(kind.name)
             raise HTTPException(e.status, e.message) from None
         n = len(x)
         ids = [uuid.uuid4().hex for _ in range(n)]
@@ -358,84 +264,89 @@ class ShadowRouter:
         shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
         if shadowed:
             gate = asyncio.get_running_loop().create_future()
-            self._spawn(self._shadow_search(other(primary), x, k, ids, gate))
+            self._spawn(self._shadow(kind, other(primary), x, params, ids, gate))
         now_ms = int(time.time() * 1000)
         try:
-            answer = await self._run_primary_search(primary, x, k)
+            if self._runners:
+                answer, ms = await kind.run_local(self, primary, x, params)
+            else:
+                answer, ms = await kind.run_remote(self._handles[primary], x, params)
+            refused = kind.refused(answer)
+            if refused is not None:
+                raise kind.refusal(refused, ref, self._cfg)
         except Exception as e:  # noqa: BLE001 - answer and keep serving
             if gate is not None:
                 gate.cancel()
-            from graceful_ray.retrieval.errors import QueryError
-
-            if isinstance(e, QueryError):
-                self._metrics.bad_request("search")
-                raise HTTPException(422, f"the primary {ref} produced no usable query embedding "
-                                         f"for this input: {e}") from None
-            log.exception("primary search with %s failed", ref)
-            raise HTTPException(503, f"the primary model {ref} failed to search: "
+            bad = e if isinstance(e, InputError) else kind.primary_error(e, ref, self._cfg)
+            if bad is not None:
+                self._metrics.bad_request(kind.name)
+                raise HTTPException(bad.status, bad.message) from None
+            log.exception("primary %s failed on a %s request", ref, kind.name)
+            raise HTTPException(503, f"the primary model {ref} failed: "
                                      f"{type(e).__name__}: {e}") from None
-        if answer.refused is not None:
-            if gate is not None:
-                gate.cancel()
-            raise HTTPException(409, f"the primary {ref} may not search the gallery "
-                                     f"{self._cfg.gallery}: {answer.refused}. Roll back "
-                                     "(POST /v1/admin/rollback) or move the gallery into its "
-                                     "embedding space (`graceful-ray gallery backfill`)")
-        self._events.append(("q", ids, now_ms, epoch, primary, answer.k, answer.ids,
-                             answer.scores, answer.labels, answer.snapshot, answer.ms, shadowed,
-                             x if self._cfg.log_inputs else None))
+        self._events.append(PrimaryEvent(
+            kind.name, ids, now_ms, epoch, primary, kind.event_answer(answer), ms, shadowed,
+            x if self._cfg.log_inputs else None, getattr(body, "segment", None)))
         if gate is not None:
             gate.set_result(None)
-        self._metrics.answered(ref, "search-primary", n, answer.ms)
-        results = [{"request_id": ids[i], "ids": answer.ids[i].tolist(),
-                    "scores": answer.scores[i]} for i in range(n)]
-        out: dict[str, Any] = {"model": ref, "k": answer.k, "snapshot": answer.snapshot,
-                               "results": results}
+        self._metrics.answered(ref, kind.metric_prefix + "primary", n, ms)
+        out, rows = kind.respond(ids, answer, ref, self._classes[primary])
         if single:
-            out.update(results[0])
+            out.update(rows[0])
         return _json(out)
 
-    async def _shadow_search(self, role: str, x: np.ndarray, k: int, ids: list[str],
-                             gate: asyncio.Future) -> None:
-        """The shadow's search of the same rows: bounded in time and in flight, never raises.
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        A shadow the registry keeps out of the gallery's space answers at once with
-        its reason: the record says "skipped", which is not a shadow error."""
-        n, ref = len(x), self._refs[role]
-        answer, error = None, None
+    async def _shadow(self, kind: RequestKind, role: str, x: np.ndarray, params: tuple,
+                      ids: list[str], gate: asyncio.Future) -> None:
+        """The shadow copy: bounded in time and in flight, never raises.
+
+        A shadow that may not serve this kind (a model outside the gallery's
+        space) answers at once with its reason: the record says "skipped", which
+        is not a shadow error."""
+        n, ref, prefix = len(x), self._refs[role], kind.metric_prefix
+        answer, ms, error = None, None, None
         if self._inflight_rows + n > self._cfg.max_shadow_inflight:
             error = "overloaded"
         else:
             self._inflight_rows += n
-            response = None
             try:
-                response = self._handles[role].search.remote(x, k)
-                answer = await asyncio.wait_for(_awaited(response), self._cfg.shadow_timeout_s)
-            except asyncio.TimeoutError:
-                if response is not None:
-                    response.cancel()
-                error = "timeout"
-                self._log_shadow_failure(ref, "search-timeout", ShadowFailure("timeout"))
+                answer, ms = await self._shadow_caller.call(role, x, kind, params)
+            except ShadowFailure as e:
+                error = e.kind
+                self._log_shadow_failure(ref, prefix + error, e.cause or e)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any shadow failure is only counted
-                error = classify(e)
-                self._log_shadow_failure(ref, f"search-{error}", e)
+                error = "exception"
+                self._log_shadow_failure(ref, prefix + error, e)
             finally:
                 self._inflight_rows -= n
-        skipped = answer.refused if answer is not None else None
+        skipped = None if answer is None else kind.refused(answer)
         if error is not None:
-            self._metrics.shadow_error(ref, f"search-{error}", n)
+            self._metrics.shadow_error(ref, prefix + error, n)
         elif skipped is None:
-            self._metrics.answered(ref, "search-shadow", n, answer.ms)
+            self._metrics.answered(ref, prefix + "shadow", n, ms)
         try:
             await gate  # the primary's event must be buffered before ours
         except asyncio.CancelledError:
-            return  # the primary did not answer: nothing to record
-        ok = answer is not None and skipped is None
-        self._events.append(("r", ids, role, answer.ids if ok else None,
-                             answer.scores if ok else None, answer.labels if ok else None,
-                             answer.ms if ok else None, error, skipped))
+            return  # the primary failed: the request was not served, nothing to record
+        ok = error is None and skipped is None
+        self._events.append(ShadowEvent(kind.name, ids, role, answer if ok else None,
+                                        ms if ok else None, error, skipped))
+
+    def _log_shadow_failure(self, ref: str, kind: str, exc: BaseException) -> None:
+        """Log the first failure of each kind, then one in a thousand: a failing
+        shadow at full traffic must not flood the logs."""
+        key = (ref, kind)
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        if n == 1 or n % 1000 == 0:
+            log.warning("shadow %s failed (%s, %d so far): %s", ref, kind, n,
+                        str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
 
     # ------------------------------------------------------------- feedback
     @api.post("/v1/feedback")
