@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -23,8 +24,8 @@ from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.comparator import ComparatorCore
-from graceful_ray.serve.config import (BASELINE, CANDIDATE, GateConfig, Resources, ShadowConfig,
-                                       hash_token)
+from graceful_ray.serve.config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
+                                       ShadowConfig, hash_token)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.gates import evaluate, explain
 from graceful_ray.serve.kinds import SEARCH, PrimaryEvent, ShadowEvent
@@ -97,6 +98,33 @@ def test_serve_config_yaml_is_accepted_by_serve(tmp_path):
     assert app.import_path == "graceful_ray.serve.app:app_builder"
     config = ShadowConfig.from_dict(app.args)
     assert config.baseline.endswith("@production") and config.candidate.endswith("@candidate")
+    # Serve validates the args against the builder's pydantic type: the same config
+    from graceful_ray.serve.app import app_builder
+    from graceful_ray.serve.config import ShadowAppArgs
+
+    assert inspect.signature(app_builder).parameters["args"].annotation is ShadowAppArgs
+    assert ShadowAppArgs.model_validate(app.args).to_config() == config
+    router = next(d for d in app.deployments if d.name == "router")
+    assert Batching.from_user_config(router.user_config, "router") == config.primary_batching
+    with pytest.raises(ValueError, match="num_replica"):  # a typo in a nested field
+        ShadowAppArgs.model_validate({**app.args, "router": {"num_replica": 2}})
+    with pytest.raises(ValueError, match="do not put the admin token"):
+        ShadowAppArgs.model_validate({**app.args, "admin_token": "x"})
+
+
+def test_batching_is_each_deployments_user_config(tmp_path):
+    """build_app gives the router the primary's batching and each model deployment its
+    shadow batching as Serve user_config, which reconfigure applies in place."""
+    from graceful_ray.serve.router import ShadowRouter
+
+    with pytest.raises(ConfigError, match="max_batch_size must be an integer"):
+        Batching.from_user_config({"max_batch_size": 0}, "router user_config")
+    with pytest.raises(ConfigError, match="unknown router user_config field"):
+        Batching.from_user_config({"max_batch": 8}, "router user_config")
+    router = object.__new__(ShadowRouter.func_or_class)  # reconfigure alone, no replica
+    router.reconfigure({"max_batch_size": 5, "batch_wait_timeout_s": 0.03})
+    assert router._primary_batch._get_max_batch_size() == 5
+    assert router._primary_batch._get_batch_wait_timeout_s() == 0.03
 
 
 def test_kuberay_rayservice_args_are_a_valid_shadow_config():

@@ -17,19 +17,28 @@ versions, so every replica (including ones Serve restarts later) loads the same
 weights even after the ``production`` alias moves on cutover.
 
 :func:`app_builder` is the entry point a Serve config YAML names
-(``import_path: graceful_ray.serve.app:app_builder``), so ``serve deploy`` and
-``serve run`` accept the same arguments as :class:`ShadowConfig`.
+(``import_path: graceful_ray.serve.app:app_builder``), typed as Serve's
+``doc_code`` shows: Serve validates the file's ``args`` against
+:data:`~graceful_ray.serve.config.ShadowAppArgs` (the fields of
+:class:`ShadowConfig`) before it builds anything.
+
+Batching is each deployment's Serve ``user_config`` (``max_batch_size``,
+``batch_wait_timeout_s``): the router's is the primary's batch, a model
+deployment's its shadow batch. Changing it in a Serve config
+(``deployments: [{name: router, user_config: {...}}]``) reaches the running
+replicas through ``reconfigure``, without restarting them.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve reads app_builder's annotation
+# as a class to validate a config file's args with it.
+import dataclasses
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from graceful_ray.errors import ConfigError, IncompatibleModelError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig
+from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,7 @@ def build_app(config: ShadowConfig):
             **res.replica_options(),
             max_ongoing_requests=res.max_ongoing_requests,
             ray_actor_options=res.actor_options(),
+            user_config=dataclasses.asdict(config.shadow_batching),
         ).bind(config.registry, refs[role], config.shadow_batching, res.num_gpus,
                config.torch_threads,
                # shadow-only when the primary runs in the router: background priority
@@ -109,6 +119,7 @@ def build_app(config: ShadowConfig):
         name="router", **config.router.replica_options(),
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options=config.router.actor_options(),
+        user_config=dataclasses.asdict(config.primary_batching),
     ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)
     log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s%s", config.app_name,
              refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage,
@@ -116,9 +127,13 @@ def build_app(config: ShadowConfig):
     return router
 
 
-def app_builder(args: dict[str, Any]):
-    """Entry point for a Serve config file's ``import_path`` (``args`` -> ShadowConfig)."""
-    return build_app(ShadowConfig.from_dict(args))
+def app_builder(args: ShadowAppArgs):
+    """Entry point for a Serve config file's ``import_path``; Serve passes the
+    validated :data:`ShadowAppArgs` (a plain mapping is read with
+    :meth:`ShadowConfig.from_dict`)."""
+    if isinstance(args, Mapping):
+        return build_app(ShadowConfig.from_dict(args))
+    return build_app(args.to_config())
 
 
 def deploy(*configs: ShadowConfig, timeout_s: float = 600.0) -> list:

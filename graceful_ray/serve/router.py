@@ -42,7 +42,8 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from graceful_ray.serve.auth import AdminAuth
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
+from graceful_ray.serve.config import (BASELINE, CANDIDATE, ROLES, Batching, ShadowConfig,
+                                       other)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.http import BodyLimit, install, parse_body
 from graceful_ray.serve.kinds import PREDICT, SEARCH, PrimaryEvent, RequestKind, ShadowEvent
@@ -116,9 +117,6 @@ class ShadowRouter:
             for role in ROLES:
                 self._runners[role] = ModelRunner(config.registry, refs[role], device=device,
                                                   torch_threads=config.torch_threads)
-            self._primary_batch.set_max_batch_size(config.primary_batching.max_batch_size)
-            self._primary_batch.set_batch_wait_timeout_s(
-                config.primary_batching.batch_wait_timeout_s)
         # Searches: with the primary in this replica, both versions search from here too
         # (a cutover switches searches with everything else); otherwise the model
         # deployments search.
@@ -143,6 +141,13 @@ class ShadowRouter:
             self._replica_id = "local"
 
     # ----------------------------------------------------------- lifecycle
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: the primary's batching, changed in place (no restart)."""
+        batching = Batching.from_user_config(user_config, "router user_config")
+        self._primary_batch.set_max_batch_size(batching.max_batch_size)
+        self._primary_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        log.info("primary batching: %s", batching)
+
     async def _ready(self) -> None:
         """Learn the routing state once before serving (it may be after a cutover)."""
         if self._started:
@@ -405,6 +410,9 @@ class ShadowRouter:
                       "shadow_fraction": self._routing.shadow_fraction,
                       "epoch": self._routing.epoch, "revision": self._routing.revision,
                       "primary_in_ingress": bool(self._runners),
+                      "primary_batching": {
+                          "max_batch_size": self._primary_batch._get_max_batch_size(),
+                          "batch_wait_timeout_s": self._primary_batch._get_batch_wait_timeout_s()},
                       "gallery": self._cfg.gallery,
                       "search": {role: b.status() for role, b in self._search.items()}})
 
