@@ -685,3 +685,121 @@ def test_joining_a_cluster_says_which_ingress_its_nodes_run():
         True, environ={HAPROXY_ENV: "1"})
     line = cluster_ingress(environ={})
     assert "Python proxy" in line and "cluster/kuberay" in line and "\n" not in line
+
+
+# ------------------------------------------------------- comparator shards
+class _Local:
+    """A Serve handle's ``.method.remote(...)`` on an object in this process."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        class _Remote:
+            @staticmethod
+            def remote(*args):
+                return method(*args)
+
+        return _Remote
+
+
+def _same(a, b, path="report"):
+    """Equal documents; floats to 9 significant digits (sums taken in another order)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-9), path
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_two_comparator_shards_report_what_one_comparator_reports(tmp_path):
+    """The same traffic (predict and search rows, shadow errors, a re-sent batch, every
+    label) goes to one comparator and, split by request id as the router splits it, to
+    two shards. Shard 0's report over both equals the single comparator's, its gates
+    decide the same, and the one log the shards share holds every record once."""
+    from graceful_ray.serve.comparator import Comparator
+    from graceful_ray.serve.shards import shard_of, split_event
+
+    def comparator(name, shards, shard=0, *peers):
+        config = cfg(tmp_path, storage=str(tmp_path / name), comparator_shards=shards,
+                     production_alias=None, feedback_grace_s=0.0, background_nice=0,
+                     gates=GateConfig(min_labelled=50, min_latency_samples=5, max_nfr=0.5,
+                                      min_agreement=0.1, max_latency_ratio=100.0))
+        return Comparator.func_or_class(config, REFS, list(range(10)), shard, *peers)
+
+    single = comparator("one", 1)
+    peer = comparator("two", 2, 1)
+    shard0 = comparator("two", 2, 0, _Local(peer))
+    shards = [shard0, peer]
+    rng = np.random.default_rng(7)
+    events, labels, n = [], [], 0
+    for r in range(120):
+        rows = int(rng.integers(1, 4))
+        ids = [f"req{n + i}" for i in range(rows)]
+        n += rows
+        dec = rng.integers(0, 10, rows)
+        if r % 5 == 4:  # a search: top-k lists that overlap in part
+            top = rng.integers(0, 50, (rows, 4))
+            answer = SearchAnswer(ids=top, scores=np.ones((rows, 4), np.float32),
+                                  labels=top % 10, snapshot=1, k=4)
+            shadow = SearchAnswer(ids=np.where(rng.random((rows, 4)) < 0.5, top, top + 1),
+                                  scores=np.ones((rows, 4), np.float32), labels=top % 10,
+                                  snapshot=1, k=4)
+            events += [PrimaryEvent("search", ids, 0, 0, BASELINE, answer, 1.0 + r, True),
+                       ShadowEvent("search", ids, CANDIDATE, shadow, 2.0 + r)]
+        else:
+            events.append(PrimaryEvent("predict", ids, 0, 0, BASELINE, dec, 1.0 + r, True,
+                                       rng.normal(size=(rows, 40)).astype(np.float32),
+                                       "eu" if r % 2 else None))
+            events.append(ShadowEvent("predict", ids, CANDIDATE, None, None, "timeout")
+                          if r % 17 == 3 else
+                          ShadowEvent("predict", ids, CANDIDATE,
+                                      np.where(rng.random(rows) < 0.2, (dec + 1) % 10, dec),
+                                      2.0 + r))
+        labels += [(rid, int(y)) for rid, y in zip(ids, dec)]
+
+    async def scenario():
+        for at in range(0, len(events), 16):  # router flushes, one of them sent twice
+            batch = events[at:at + 16]
+            for _ in range(2 if at == 32 else 1):
+                await single.ingest(batch)
+                parts: dict[int, list] = {0: [], 1: []}
+                for ev in batch:
+                    for s, part in split_event(ev, 2).items():
+                        parts[s].append(part)
+                for s, part in parts.items():
+                    await shards[s].ingest(part)
+        assert [r["status"] for r in await single.feedback(labels)] == [200] * n
+        for s in (0, 1):
+            mine = [item for item in labels if shard_of(item[0], 2) == s]
+            assert 0 < len(mine) < n  # both shards hold part of the traffic
+            assert [r["status"] for r in await shards[s].feedback(mine)] == [200] * len(mine)
+        one, two = await single.report(), await shard0.report()
+        flushed = await shard0.flush(), await single.flush()
+        cut = await single.cutover(), await shard0.cutover()
+        for c in shards + [single]:
+            c._loop_task.cancel()
+        return one, two, flushed, cut
+
+    one, two, flushed, cut = asyncio.run(scenario())
+    assert one["requests"] == two["requests"] and one["duplicate_events"] > 0
+    assert one["retrieval"]["searches"] > 0 and one["labelled_pairs"] > 0
+    for doc in (one, two):
+        for key in ("generated_at", "storage", "comparator_shards"):
+            doc.pop(key)
+    _same(one, two)
+    assert flushed[0]["status"] == flushed[1]["status"] == 200
+    assert flushed[0]["records_written"] == flushed[1]["records_written"] == one["requests"]
+    assert (cut[0]["status"], cut[0]["gates"]) == (cut[1]["status"], cut[1]["gates"])
+    logged = read_log(str(tmp_path / "two")).column("request_id").to_pylist()
+    assert sorted(logged) == sorted(read_log(str(tmp_path / "one")).column(
+        "request_id").to_pylist()) and len(set(logged)) == len(logged)

@@ -5,7 +5,8 @@ The application graph::
     HTTP -> ShadowRouter (FastAPI ingress; primary in-process by default)
               |-- ModelReplica  <baseline version>   (shadow target when candidate is primary)
               |-- ModelReplica  <candidate version>  (shadow target when baseline is primary)
-              `-- Comparator    (records, flips, gates, routing state; one replica)
+              `-- Comparator    (records, flips, gates, routing state; one replica,
+                                 or comparator_shards of them split by request id)
 
 With ``gallery`` set, the same graph serves ``POST /v1/search``: the primary
 embeds and searches the faiss gallery in the router, the shadow does the same
@@ -110,17 +111,24 @@ def build_app(config: ShadowConfig):
                config.gallery, config.gallery_poll_s,
                sched_idle=config.shadow_sched_idle and config.primary_in_ingress)
     all_classes = sorted(set(classes[BASELINE]) | set(classes[CANDIDATE]))
-    comparator = Comparator.options(
-        name="comparator", num_replicas=1,
-        max_ongoing_requests=config.comparator.max_ongoing_requests,
-        ray_actor_options=config.comparator.actor_options(),
-    ).bind(config, refs, all_classes)
+    def comparator_shard(name: str, shard: int, *peers):
+        return Comparator.options(
+            name=name, num_replicas=1,
+            max_ongoing_requests=config.comparator.max_ongoing_requests,
+            ray_actor_options=config.comparator.actor_options(),
+        ).bind(config, refs, all_classes, shard, *peers)
+
+    # Shard 0 keeps the name "comparator": it owns the routing state (serve.shards).
+    peers = [comparator_shard(f"comparator-shard-{k}", k)
+             for k in range(1, config.comparator_shards)]
+    comparator = comparator_shard("comparator", 0, *peers)
     router = ShadowRouter.options(
         name="router", **config.router.replica_options(),
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options=config.router.actor_options(),
         user_config=dataclasses.asdict(config.primary_batching),
-    ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)
+    ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator,
+           *peers)
     log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s%s", config.app_name,
              refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage,
              f", search gallery {config.gallery}" if config.gallery else "")

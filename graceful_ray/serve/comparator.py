@@ -40,7 +40,8 @@ from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent
 from graceful_ray.serve.metrics import ComparatorMetrics
 from graceful_ray.serve.records import LABELS_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
-from graceful_ray.serve.stats import ShadowStats, compose_report
+from graceful_ray.serve.shards import shard_of
+from graceful_ray.serve.stats import ShadowStats, compose_report, merged
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,15 @@ class ComparatorCore:
     records; the code that pairs, counts, labels and writes them is the same for
     every kind (see :mod:`graceful_ray.serve.kinds`)."""
 
-    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int]) -> None:
+    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int],
+                 shard: int = 0) -> None:
         self.cfg = config
         self.refs = dict(refs)
         self.classes = set(int(c) for c in classes)
-        self.log = RecordLog(config.storage)
+        # Shard 0 owns the routing state (see serve.shards); the others only adopt it.
+        self.shard = shard
+        self.log = RecordLog(config.storage,
+                             f"s{shard}" if config.comparator_shards > 1 else "")
         self.books = {name: Book(kind, config) for name, kind in KINDS.items()}
         self.gated = self.books[PREDICT.name]
         # The watch after cutover: only records the candidate answered as primary
@@ -114,19 +119,23 @@ class ComparatorCore:
         if label_table is not None:
             labels = dict(zip(label_table.column("request_id").to_pylist(),
                               label_table.column("label").to_pylist()))
+        shards = self.cfg.comparator_shards
         for book in self.books.values():
             table = self.log.read_table(book.kind.log_dir, columns=book.kind.restore_columns)
             if table is None:
                 continue
             for row in table.to_pylist():
+                if shard_of(row["request_id"], shards) != self.shard:
+                    continue  # another shard's record
                 t = book.kind.restore(row)
                 t.label = labels.get(t.request_id, t.label)
                 self._account(book, t)
                 self._track(book, t)
-            book.written = table.num_rows
+                book.written += 1
             log.info("resumed %s log %s: %d records", book.kind.name, self.log.root.uri,
-                     table.num_rows)
-        self.log.write_state(self.state)
+                     book.written)
+        if self.shard == 0:
+            self.log.write_state(self.state)
 
     # ------------------------------------------------------------- records
     def _track(self, book: Book, t: Record) -> None:
@@ -268,28 +277,55 @@ class ComparatorCore:
                 "epoch": self.state["epoch"], "revision": self.state["revision"],
                 "incarnation": self.incarnation}
 
-    def report(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
+        """What this shard counted, for shard 0's report over every shard."""
+        return {"stats": {n: b.stats for n, b in self.books.items()}, "watch": self.watch,
+                "open": {n: len(b.open) for n, b in self.books.items()},
+                "written": {n: b.written for n, b in self.books.items()},
+                "pending": {n: len(b.pending) for n, b in self.books.items()},
+                "duplicates": self.duplicates}
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """A shard other than 0: take shard 0's routing state (a switch resets the watch)."""
+        if state["epoch"] != self.state["epoch"]:
+            self.watch = ShadowStats(self.cfg.latency_window)
+        self.state = dict(state)
+        self.gates = GateConfig.from_dict(state["gates"])
+
+    def report(self, peers: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """The report; with ``peers`` (the other shards' :meth:`snapshot`), over every shard."""
+        parts = [self.snapshot(), *peers]
+        books = {n: Book(b.kind, self.cfg) for n, b in self.books.items()}
+        for n, book in books.items():
+            book.stats = merged([p["stats"][n] for p in parts])
+            book.written = sum(p["written"][n] for p in parts)
+            # the section functions read len(open) and len(pending): stand-ins of that size
+            book.open = dict.fromkeys(range(sum(p["open"][n] for p in parts)))
+            book.pending = [None] * sum(p["pending"][n] for p in parts)
+        g = books[self.gated.kind.name]
         primary = self.state["primary"]
-        g = self.gated
         sections = {"retrieval" if b.kind is SEARCH else b.kind.name: b.kind.section(b, self)
-                    for b in self.books.values() if b is not g}
+                    for b in books.values() if b.kind is not g.kind}
         report = compose_report(
             g.stats, self.gates, self.refs, primary, app=self.cfg.app_name,
             mode="live", shadow_fraction=self.state["shadow_fraction"],
             epoch=self.state["epoch"], in_flight=len(g.open), records_written=g.written,
-            records_pending=len(g.pending), duplicate_events=self.duplicates,
+            records_pending=len(g.pending),
+            duplicate_events=sum(p["duplicates"] for p in parts),
             history=self.state["history"][-20:],
             storage=self.log.root.uri, **sections,
-            watch=self.watch_report())
+            watch=self.watch_report(merged([p["watch"] for p in parts])),
+            comparator_shards=len(parts))
         self.metrics.publish(report)
         return report
 
-    def watch_report(self) -> dict[str, Any] | None:
+    def watch_report(self, watch_stats: ShadowStats | None = None) -> dict[str, Any] | None:
         """The report's ``watch``: the comparison since the cutover and its verdict."""
-        verdict = self.watch_verdict()
+        watch_stats = self.watch if watch_stats is None else watch_stats
+        verdict = self.watch_verdict(watch_stats)
         if verdict is None:
             return None
-        w = self.watch.summary(self.gates.confidence)
+        w = watch_stats.summary(self.gates.confidence)
         return {**verdict, "since_epoch": self.state["epoch"], "compared": w["compared"],
                 "labelled_pairs": w["labelled_pairs"], "nfr": w["nfr"],
                 "disagreement": w["disagreement"], "per_class": w["per_class"],
@@ -373,24 +409,32 @@ class ComparatorCore:
         self.change_routing(primary=to, epoch=epoch, history=history)
         self.watch = ShadowStats(self.cfg.latency_window)  # the watch starts afresh
 
-    def watch_verdict(self) -> dict[str, Any] | None:
+    def watch_verdict(self, watch_stats: ShadowStats | None = None) -> dict[str, Any] | None:
         """After a cutover with ``auto_rollback``: :func:`gates.watch` on the records
         since; ``None`` when there is nothing to watch."""
         if self.state["primary"] != CANDIDATE:
             return None
-        verdict = watch(self.watch.summary(self.gates.confidence), self.gates)
+        watch_stats = self.watch if watch_stats is None else watch_stats
+        verdict = watch(watch_stats.summary(self.gates.confidence), self.gates)
         return {**verdict, "auto_rollback": self.gates.auto_rollback}
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                   max_ongoing_requests=1000)
 class Comparator:
-    """The Serve deployment around :class:`ComparatorCore` (one replica)."""
+    """The Serve deployment around :class:`ComparatorCore` (one replica per shard).
 
-    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int]) -> None:
+    ``shard`` 0 is the one routers ask for the routing state, the report and every
+    admin action; ``peers`` are the handles of the other shards (see
+    :mod:`graceful_ray.serve.shards`), whose statistics it adds to its own for the
+    report, the gates and the watch, and which it flushes and tells of a switch."""
+
+    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int],
+                 shard: int = 0, *peers) -> None:
         logging.getLogger("graceful_ray").setLevel(logging.INFO)
         lower_priority(config.background_nice)  # bookkeeping never competes with callers
-        self._core = ComparatorCore(config, refs, classes)
+        self._core = ComparatorCore(config, refs, classes, shard)
+        self._peers = list(peers)
         self._cfg = config
         self._lock: asyncio.Lock | None = None
         self._arrived: asyncio.Condition | None = None
@@ -419,16 +463,38 @@ class Comparator:
         while True:
             await asyncio.sleep(self._cfg.flush_interval_s)
             try:
-                await self.flush()
+                await self.flush_local()
             except Exception:  # noqa: BLE001 - keep flushing; the error is logged
                 log.exception("periodic flush failed; will retry")
+            if self._core.shard != 0:
+                continue  # shard 0 publishes the gauges of every shard
             try:  # the gauges stay current for Prometheus without anyone reading the report
-                self._core.report()
+                await self.report()
+                if self._peers:  # labels taken by other shards count for the watch too
+                    await self._watch()
             except Exception:  # noqa: BLE001 - metrics must never stop the flushing
                 log.exception("could not publish the gate metrics")
 
+    async def _from_peers(self, method: str, *args: Any) -> list[Any]:
+        return list(await asyncio.gather(*(getattr(p, method).remote(*args)
+                                           for p in self._peers)))
+
     async def flush(self, include_open: bool = False) -> dict[str, Any]:
-        """Write completed records (every kind) and labels to Parquet now."""
+        """Write completed records (every kind, every shard) and labels to Parquet now."""
+        results = [await self.flush_local(include_open)]
+        if self._peers:
+            try:
+                results += await self._from_peers("flush_local", include_open)
+            except Exception as e:  # noqa: BLE001 - a shard is down: say so, retry later
+                return {"status": 503, "detail": f"a comparator shard could not flush: {e}"}
+        failed = [r for r in results if r["status"] != 200]
+        if failed:
+            return failed[0]
+        keys = ("written", "records_written", "searches_written", "search_records_written")
+        return {"status": 200, **{k: sum(r[k] for r in results) for k in keys}}
+
+    async def flush_local(self, include_open: bool = False) -> dict[str, Any]:
+        """Write this shard's completed records and labels to Parquet now."""
         self._primitives()
         core = self._core
         async with self._lock:
@@ -464,7 +530,7 @@ class Comparator:
             self._arrived.notify_all()
         if sum(len(b.pending) for b in self._core.books.values()) >= self._cfg.flush_records \
                 and not self._lock.locked():
-            asyncio.get_running_loop().create_task(self.flush())
+            asyncio.get_running_loop().create_task(self.flush_local())
         return self._core.routing()
 
     async def sync(self) -> dict[str, Any]:
@@ -500,7 +566,7 @@ class Comparator:
         core = self._core
         if not core.gates.auto_rollback or core.state["primary"] != CANDIDATE:
             return  # nothing to decide: skip the summary's cost on every feedback batch
-        verdict = core.watch_verdict()
+        verdict = core.watch_verdict((await self._merged())[1] if self._peers else None)
         if not verdict or not verdict["auto_rollback"] or not verdict["rollback"]:
             return
         reason = "auto_rollback: " + "; ".join(verdict["reasons"])
@@ -513,7 +579,24 @@ class Comparator:
 
     async def report(self) -> dict[str, Any]:
         self._start()
-        return self._core.report()
+        return self._core.report(await self._from_peers("snapshot") if self._peers else ())
+
+    async def snapshot(self) -> dict[str, Any]:
+        """This shard's counts (see ComparatorCore.snapshot), for shard 0."""
+        self._start()
+        return self._core.snapshot()
+
+    async def adopt(self, state: dict[str, Any]) -> None:
+        """Shard 0's routing state after a switch (shards other than 0)."""
+        self._core.adopt(state)
+
+    async def _merged(self) -> tuple[ShadowStats, ShadowStats]:
+        """The gated statistics and the watch over every shard."""
+        parts = [self._core.snapshot()]
+        if self._peers:
+            parts += await self._from_peers("snapshot")
+        name = self._core.gated.kind.name
+        return merged([p["stats"][name] for p in parts]), merged([p["watch"] for p in parts])
 
     async def set_fraction(self, fraction: float) -> dict[str, Any]:
         self._start()
@@ -554,7 +637,8 @@ class Comparator:
             return {"status": 409, "detail": f"{action} refused: {what}", **core.routing()}
         gates = None
         if action == "cutover":
-            gates = evaluate(core.stats.summary(core.gates.confidence), core.gates)
+            gates = evaluate((await self._merged())[0].summary(core.gates.confidence),
+                             core.gates)
             if not gates["passed"] and not force:
                 return {"status": 409, "detail": f"cutover refused by the gates: "
                                                  f"{explain(gates)}", "gates": gates,
@@ -587,6 +671,11 @@ class Comparator:
                     log.exception("could not move %r back after the failed %s", alias, action)
             return {"status": 503, "detail": f"{action} aborted: could not save the routing "
                                              f"state: {e}", **core.routing()}
+        if self._peers:  # their watch restarts with the new epoch
+            try:
+                await self._from_peers("adopt", core.state)
+            except Exception:  # noqa: BLE001 - they learn it on restart from state.json
+                log.exception("a comparator shard did not take the new routing state")
         log.info("%s: %s is primary now (epoch %d)", action, core.refs[to], core.state["epoch"])
         return {"status": 200, "detail": f"{action} done: {core.refs[to]} is primary",
                 "gates": gates, **core.routing()}
@@ -606,6 +695,6 @@ class Comparator:
         if self._loop_task is not None:
             self._loop_task.cancel()
         try:
-            await self.flush(include_open=True)
+            await self.flush_local(include_open=True)
         except Exception:  # noqa: BLE001
             log.exception("final flush failed")

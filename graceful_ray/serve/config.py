@@ -261,6 +261,8 @@ class ShadowConfig:
                                                                     max_ongoing_requests=1000))
     primary_batching: Batching = field(default_factory=Batching)
     shadow_batching: Batching = field(default_factory=lambda: Batching(64, 0.005))
+    comparator_shards: int = 1           # comparator deployments, records split by request
+                                         # id (see serve.shards); shard 0 owns the routing
     flush_records: int = 5000            # write a Parquet file every this many records...
     flush_interval_s: float = 10.0       # ...or this often, whichever comes first
     feedback_grace_s: float = 1.0        # how long feedback waits for a record in flight
@@ -356,8 +358,13 @@ class ShadowConfig:
             getattr(self, name).validate(name)
         if self.comparator.num_replicas != 1 or self.comparator.autoscaling_config is not None:
             raise ConfigError("comparator.num_replicas must be 1, without autoscaling_config: "
-                              "the comparator holds the records and the routing state; scale "
-                              "the router instead")
+                              "a comparator holds its records and the routing state; scale "
+                              "the router, and past one comparator's ceiling set "
+                              "comparator_shards")
+        if isinstance(self.comparator_shards, bool) or not isinstance(self.comparator_shards, int) \
+                or not 1 <= self.comparator_shards <= 64:
+            raise ConfigError(f"comparator_shards must be an integer in [1, 64], got "
+                              f"{self.comparator_shards!r}")
         self.primary_batching.validate("primary_batching")
         self.shadow_batching.validate("shadow_batching")
         if self.admin_token_sha256 is not None and (

@@ -142,6 +142,10 @@ class RequestKind:
         """Why the model did not answer (it may not serve this kind), or None."""
         return None
 
+    def take(self, answer: Any, idx: np.ndarray) -> Any:
+        """An event's answer for the rows ``idx`` only (events split across shards)."""
+        raise NotImplementedError
+
     def event_answer(self, answer: Any) -> Any:
         """What of the primary's answer the comparator needs."""
         return answer
@@ -271,7 +275,10 @@ class PredictKind(RequestKind):
 
     def split(self, answer, sizes):
         bounds = np.cumsum([0] + sizes)
-        return [answer[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.take(answer, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def take(self, answer, idx):
+        return answer[idx]
 
     def event_answer(self, answer: Prediction):
         return answer.decisions
@@ -378,16 +385,19 @@ class SearchKind(RequestKind):
         return result, result.ms
 
     def split(self, answer: SearchAnswer, sizes):
-        if answer.refused is not None:
-            return [answer] * len(sizes)
         bounds = np.cumsum([0] + sizes)
-        return [SearchAnswer(ids=answer.ids[a:b], scores=answer.scores[a:b],
-                             labels=None if answer.labels is None else answer.labels[a:b],
-                             snapshot=answer.snapshot, k=answer.k, ms=answer.ms)
-                for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.take(answer, slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def refused(self, answer: SearchAnswer):
         return answer.refused
+
+    def take(self, answer: SearchAnswer, idx):
+        if answer.ids is None:
+            return answer
+        return SearchAnswer(ids=answer.ids[idx], scores=answer.scores[idx],
+                            labels=None if answer.labels is None else answer.labels[idx],
+                            snapshot=answer.snapshot, k=answer.k, ms=answer.ms,
+                            refused=answer.refused)
 
     def respond(self, ids, answer, ref, classes):
         rows = [{"request_id": ids[i], "ids": answer.ids[i].tolist(), "scores": answer.scores[i]}

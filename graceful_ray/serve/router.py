@@ -52,6 +52,7 @@ from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
 from graceful_ray.serve.search import SearchBackend
 from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
+from graceful_ray.serve.shards import shard_of, split_event
 from graceful_ray.serve.schemas import (CutoverRequest, FeedbackRequest, FractionRequest,
                                         InputError, PredictRequest, SearchRequest, parse_inputs)
 
@@ -95,7 +96,8 @@ class ShadowRouter:
     """HTTP ingress: predict, feedback, report, dashboard, admin."""
 
     def __init__(self, config: ShadowConfig, refs: dict[str, str], input_shape: list[int],
-                 classes: dict[str, list[int]], baseline, candidate, comparator) -> None:
+                 classes: dict[str, list[int]], baseline, candidate, comparator,
+                 *shards) -> None:
         logging.getLogger("graceful_ray").setLevel(logging.INFO)
         BodyLimit.max_bytes = config.max_request_bytes
         self._cfg = config
@@ -108,7 +110,8 @@ class ShadowRouter:
             max_rows=config.shadow_coalesce_rows, timeout_s=config.shadow_timeout_s,
             breaker_failures=config.shadow_breaker_failures,
             breaker_cooldown_s=config.shadow_breaker_cooldown_s)
-        self._comparator = comparator
+        self._comparator = comparator  # shard 0: routing state, report, admin
+        self._comparators = [comparator, *shards]  # events go to their id's shard
         self._auth = AdminAuth.from_config(config)
         self._metrics = RouterMetrics(config.app_name)
         self._runners: dict[str, ModelRunner] = {}
@@ -126,7 +129,7 @@ class ShadowRouter:
                 self._search[role] = SearchBackend(config.gallery, config.registry, refs[role],
                                                    config.gallery_poll_s)
         self._routing = RoutingCopy(BASELINE, float(config.shadow_fraction))
-        self._events: list[PrimaryEvent | ShadowEvent] = []
+        self._events: list[list[PrimaryEvent | ShadowEvent]] = [[] for _ in self._comparators]
         self._tasks: set[asyncio.Task] = set()
         self._inflight_rows = 0
         self._failures: dict[tuple[str, str], int] = {}
@@ -178,30 +181,47 @@ class ShadowRouter:
         last = 0.0
         while True:
             await asyncio.sleep(EVENT_FLUSH_S)
-            if self._events or time.monotonic() - last >= STATE_SYNC_S:
+            if any(self._events) or time.monotonic() - last >= STATE_SYNC_S:
                 try:
                     await self._flush_events()
                 except Exception:  # noqa: BLE001 - keep syncing; the cause is logged
                     log.exception("event flush failed")
                 last = time.monotonic()
 
+    def _record(self, ev: PrimaryEvent | ShadowEvent) -> None:
+        """Buffer an event for the comparator shard(s) that own its request ids."""
+        if len(self._events) == 1:
+            self._events[0].append(ev)
+            return
+        for shard, part in split_event(ev, len(self._events)).items():
+            self._events[shard].append(part)
+
     async def _flush_events(self) -> bool:
-        """Send buffered events to the comparator; keeps them for a retry on failure."""
+        """Send buffered events to their comparator shards (shard 0 always: its answer
+        is the routing state); a shard's events are kept for a retry when it fails."""
         async with self._flush_lock:
-            events, self._events = self._events, []
-            try:
-                routing = await self._comparator.ingest.remote(events)
-            except Exception as e:  # noqa: BLE001 - the comparator may be restarting
-                self._events = events + self._events
-                if len(self._events) > MAX_BUFFERED_EVENTS:
-                    dropped = len(self._events) - MAX_BUFFERED_EVENTS
-                    self._events = self._events[dropped:]
-                    log.error("comparator unreachable; dropped %d oldest events", dropped)
-                log.warning("comparator unreachable (%s); %d events kept for retry",
-                            type(e).__name__, len(self._events))
-                return False
-            self._apply(routing)
-            return True
+            batches = self._events
+            self._events = [[] for _ in batches]
+            sent = {s: self._comparators[s].ingest.remote(events)
+                    for s, events in enumerate(batches) if events or s == 0}
+            ok = True
+            for s, response in sent.items():
+                try:
+                    answer = await response
+                except Exception as e:  # noqa: BLE001 - the comparator may be restarting
+                    ok = False
+                    kept = self._events[s] = batches[s] + self._events[s]
+                    if len(kept) > MAX_BUFFERED_EVENTS:
+                        dropped = len(kept) - MAX_BUFFERED_EVENTS
+                        self._events[s] = kept[dropped:]
+                        log.error("comparator shard %d unreachable; dropped %d oldest events",
+                                  s, dropped)
+                    log.warning("comparator shard %d unreachable (%s); %d events kept for retry",
+                                s, type(e).__name__, len(self._events[s]))
+                    continue
+                if s == 0:
+                    self._apply(answer)
+            return ok
 
     async def __del__(self) -> None:
         """Graceful shutdown: let shadow calls finish (bounded), then send the events."""
@@ -211,11 +231,12 @@ class ShadowRouter:
         tasks = getattr(self, "_tasks", None)
         if tasks:
             await asyncio.wait(list(tasks), timeout=self._cfg.shadow_timeout_s + 0.5)
-        if getattr(self, "_started", False) and self._events:
+        if getattr(self, "_started", False) and any(self._events):
             try:
                 await asyncio.wait_for(self._flush_events(), 5.0)
             except Exception:  # noqa: BLE001
-                log.warning("could not send the last %d events at shutdown", len(self._events))
+                log.warning("could not send the last %d events at shutdown",
+                            sum(map(len, self._events)))
         for runner in getattr(self, "_runners", {}).values():
             runner.close()
         for backend in getattr(self, "_search", {}).values():
@@ -289,7 +310,7 @@ class ShadowRouter:
             log.exception("primary %s failed on a %s request", ref, kind.name)
             raise HTTPException(503, f"the primary model {ref} failed: "
                                      f"{type(e).__name__}: {e}") from None
-        self._events.append(PrimaryEvent(
+        self._record(PrimaryEvent(
             kind.name, ids, now_ms, epoch, primary, kind.event_answer(answer), ms, shadowed,
             x if self._cfg.log_inputs else None, getattr(body, "segment", None)))
         if gate is not None:
@@ -340,8 +361,8 @@ class ShadowRouter:
         except asyncio.CancelledError:
             return  # the primary failed: the request was not served, nothing to record
         ok = error is None and skipped is None
-        self._events.append(ShadowEvent(kind.name, ids, role, answer if ok else None,
-                                        ms if ok else None, error, skipped))
+        self._record(ShadowEvent(kind.name, ids, role, answer if ok else None,
+                                 ms if ok else None, error, skipped))
 
     def _log_shadow_failure(self, ref: str, kind: str, exc: BaseException) -> None:
         """Log the first failure of each kind, then one in a thousand: a failing
@@ -371,7 +392,7 @@ class ShadowRouter:
             self._metrics.bad_request("feedback")
             raise HTTPException(422, "give 'request_id' and 'label' (or 'labels': a list of them)")
         await self._flush_events()
-        results = await self._call("feedback", items)
+        results = await self._feedback(items)
         if body.labels is None:
             result = results[0]
             if result["status"] != 200:
@@ -483,9 +504,24 @@ class ShadowRouter:
         result = await self._call("flush")
         return _json(result, result["status"])
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _feedback(self, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Labels, each sent to the shard that owns its request id; answers in order."""
+        if len(self._comparators) == 1:
+            return await self._call("feedback", items)
+        where: dict[int, list[int]] = {}
+        for i, (rid, _) in enumerate(items):
+            where.setdefault(shard_of(rid, len(self._comparators)), []).append(i)
+        answers = await asyncio.gather(*(
+            self._call("feedback", [items[i] for i in idx], shard=s) for s, idx in where.items()))
+        results: list[Any] = [None] * len(items)
+        for idx, answer in zip(where.values(), answers):
+            for i, r in zip(idx, answer):
+                results[i] = r
+        return results
+
+    async def _call(self, method: str, *args: Any, shard: int = 0) -> Any:
         try:
-            return await getattr(self._comparator, method).remote(*args)
+            return await getattr(self._comparators[shard], method).remote(*args)
         except Exception as e:  # noqa: BLE001
             log.error("comparator call %s failed: %s", method, e)
             raise HTTPException(503, f"the comparator is unavailable ({type(e).__name__}); "
