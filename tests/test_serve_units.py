@@ -386,8 +386,10 @@ def test_cli_builds_config_from_flags_and_file(tmp_path):
     file.write_text(yaml.safe_dump({"shadow_fraction": 0.3, "gates": {"max_nfr": 0.1}}))
     args = parser.parse_args(["--old", "m@production", "--new", "m@candidate", "--registry", "R",
                               "--config", str(file), "--gate", "min_labelled=12",
-                              "--model-cpus", "0.2", "--router-replicas", "2"])
+                              "--model-cpus", "0.2", "--router-replicas", "2",
+                              "--comparator-shards", "3"])
     c = config_from_args(args)
+    assert c.comparator_shards == 3
     assert (c.registry, c.shadow_fraction, c.gates.max_nfr, c.gates.min_labelled) == \
         ("R", 0.3, 0.1, 12)
     assert c.candidate_resources.num_cpus == 0.2 and c.router.num_replicas == 2
