@@ -481,20 +481,23 @@ def test_circuit_breaker_opens_probes_and_closes():
     assert not any(never.record(False) for _ in range(100)) and never.allow()
 
 
+async def _failure_kinds(caller: ShadowCaller, n: int, *kind_and_params) -> list[str]:
+    """The failure kind of each of ``n`` one-row calls, all of which must fail."""
+    kinds = []
+    for _ in range(n):
+        with pytest.raises(ShadowFailure) as e:
+            await caller.call(CANDIDATE, np.zeros((1, 4)), *kind_and_params)
+        kinds.append(e.value.kind)
+    return kinds
+
+
 def test_a_failing_shadow_stops_receiving_calls_but_every_copy_is_counted():
     handle = _FakeHandle(error=RuntimeError("boom"))
     caller = ShadowCaller({CANDIDATE: handle}, window_s=0.0, max_rows=64, timeout_s=1.0,
                           breaker_failures=3, breaker_cooldown_s=10.0)
 
-    async def main():
-        kinds = []
-        for _ in range(10):
-            with pytest.raises(ShadowFailure) as e:
-                await caller.call(CANDIDATE, np.zeros((1, 4)))
-            kinds.append(e.value.kind)
-        return kinds
-
-    assert asyncio.run(main()) == ["exception"] * 3 + ["circuit_open"] * 7
+    kinds = asyncio.run(_failure_kinds(caller, 10))
+    assert kinds == ["exception"] * 3 + ["circuit_open"] * 7
     assert handle.calls == [1, 1, 1]  # the shadow saw three calls, not ten
 
 
@@ -545,11 +548,7 @@ def test_a_failing_search_shadow_opens_its_breaker_and_leaves_predict_alone():
                           breaker_failures=3, breaker_cooldown_s=10.0)
 
     async def main():
-        kinds = []
-        for _ in range(6):
-            with pytest.raises(ShadowFailure) as e:
-                await caller.call(CANDIDATE, np.zeros((1, 4)), SEARCH, (5,))
-            kinds.append(e.value.kind)
+        kinds = await _failure_kinds(caller, 6, SEARCH, (5,))
         decisions, _ = await caller.call(CANDIDATE, np.zeros((2, 4)))
         return kinds, decisions
 
