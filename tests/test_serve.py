@@ -604,7 +604,11 @@ def test_batching_changes_live_through_user_config(service, registry, tmp_path):
     """The path `serve deploy deploy/serve_config.yaml` takes: a declarative config whose
     args Serve validates against the builder's pydantic type. Changing the router's
     user_config then reaches the running replica through reconfigure: the same
-    process (no restart, no redeploy) serves with the new batching."""
+    process (no restart, no redeploy) serves with the new batching.
+
+    Slow (about 90 s on the loaded 2-core machine): it builds and starts its own app,
+    because only a declarative deploy lets Serve update a deployment in place; a
+    `serve.run` of the same app always restarts its replicas."""
     from ray import serve
     from ray.serve.context import _get_global_client  # what `serve deploy` calls
     from ray.serve.schema import ServeDeploySchema
