@@ -9,8 +9,9 @@ Three applications share one Serve instance on the session's Ray:
 * ``iso`` (``/iso``): the candidate sleeps 1 s per batch; then its replica is
   killed. The primary must not notice either.
 * ``fail`` (``/fail``): the candidate always raises.
-* ``scale`` (``/scale``): two router replicas under concurrent clients, a cutover
-  and a rollback mid-traffic; every record must be counted and logged once.
+* ``scale`` (``/scale``): two router replicas and two comparator shards under
+  concurrent clients, a cutover and a rollback mid-traffic; every record must be
+  counted and logged once, and shard 0's report covers both shards.
 
 Tests check behaviour, not speed (that is benchmarks/serve_shadow.py): the only
 timing bound is the generous isolation check (primary answers in well under the
@@ -115,10 +116,11 @@ def service(ray_module, registry, tmp_path_factory):
                        shadow_timeout_s=SHADOW_SLEEP_S + 2, production_alias=None),
         # only its exceptions count; one call per copy, and a breaker that stays open
         # for the longest cool-down the config allows
-        # scale-out: two router replicas, its own log, no registry alias to move
+        # scale-out: two router replicas, two comparator shards, its own log, no
+        # registry alias to move
         "scale": _config(registry, str(logs / "scale"), "scale", "/scale", "m@candidate",
                          router=Resources(num_replicas=2, num_cpus=0.2), shadow_timeout_s=30.0,
-                         production_alias=None),
+                         production_alias=None, comparator_shards=2),
         "fail": _config(registry, str(logs / "fail"), "fail", "/fail", "m@v4",
                         shadow_timeout_s=30.0, production_alias=None, shadow_coalesce_s=0.0,
                         shadow_breaker_failures=3, shadow_breaker_cooldown_s=30.0),
@@ -528,7 +530,9 @@ def test_two_routers_under_concurrent_traffic_count_and_log_every_request_once(s
     """Scale-out: the ``scale`` app's two router replicas take four concurrent clients
     while it cuts over and rolls back; every answered row is labelled. Then N rows
     served = N records in the report = N compared pairs = N labelled pairs = N rows in
-    the Parquet log, and every request id is there exactly once."""
+    the Parquet log, and every request id is there exactly once. Its records are
+    split over two comparator shards by request id: the report (shard 0's) and the
+    log cover both."""
     from graceful_ray.serve.records import read_log
 
     app, per_client, clients = "scale", 30, 4
@@ -590,13 +594,15 @@ def test_two_routers_under_concurrent_traffic_count_and_log_every_request_once(s
                               and r["compared"] == n, timeout=120)
     assert (rep["requests"], rep["compared"], rep["labelled"], rep["labelled_pairs"]) == \
         (n, n, n, n), rep
-    assert rep["duplicate_events"] == 0
+    assert rep["duplicate_events"] == 0 and rep["comparator_shards"] == 2
     assert [h["action"] for h in rep["history"]][-2:] == ["cutover", "rollback"]
     assert service.client.post(service.url(app, "/v1/admin/flush"),
                                headers=AUTH).status_code == 200
     table = read_log(service.configs[app].storage, ["request_id", "label", "primary"])
     logged = table.column("request_id").to_pylist()
     assert len(logged) == n and sorted(logged) == ids  # each request id exactly once
+    assert len(glob.glob(os.path.join(service.configs[app].storage, "records",
+                                      "part-*-s1-*.parquet"))) > 0  # shard 1 wrote its part
     assert dict(zip(logged, table.column("label").to_pylist())) == labels
 
 
