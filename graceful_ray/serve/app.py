@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import re
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 from graceful_ray.errors import ConfigError, IncompatibleModelError
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
