@@ -140,7 +140,10 @@ def test_kuberay_rayservice_args_are_a_valid_shadow_config():
     app = ServeDeploySchema.model_validate(serve_config).applications[0]
     module, _, attr = app.import_path.partition(":")
     assert module == "graceful_ray.serve.app" and attr == app_builder.__name__
-    ShadowConfig.from_dict(app.args)
+    from graceful_ray.serve.config import ShadowAppArgs
+
+    # what Serve does with the args before building: the builder's typed config
+    assert ShadowAppArgs.model_validate(app.args).to_config() == ShadowConfig.from_dict(app.args)
 
 
 # ------------------------------------------------------------------ input
