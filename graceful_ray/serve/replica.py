@@ -9,6 +9,7 @@ here too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -37,6 +38,11 @@ class ModelReplica:
         # registry keeps out of the gallery's space answers "refused" (see serve.search).
         self._search = (SearchBackend(gallery, registry_root, self._runner.ref, gallery_poll_s)
                         if gallery else None)
+        self.reconfigure(dataclasses.asdict(batching))
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config``: this version's batching, changed in place (no restart)."""
+        batching = Batching.from_user_config(user_config, "model user_config")
         self._batch.set_max_batch_size(batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
