@@ -36,6 +36,7 @@ from ray import serve
 from graceful_ray.errors import ConfigError, GracefulRayError
 from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig
 from graceful_ray.serve.gates import evaluate, explain, watch
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.metrics import ComparatorMetrics
 from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, SEARCHES_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
@@ -647,7 +648,7 @@ class Comparator:
     """The Serve deployment around :class:`ComparatorCore` (one replica)."""
 
     def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int]) -> None:
-        logging.getLogger("graceful_ray").setLevel(logging.INFO)
+        to_serve_logs()
         lower_priority(config.background_nice)  # bookkeeping never competes with callers
         self._core = ComparatorCore(config, refs, classes)
         self._cfg = config
