@@ -90,12 +90,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from graceful_ray.raycluster import ensure_ray
     from graceful_ray.train.checks import check_upgrade
-    from graceful_ray.train.trainer import run_upgrade
 
     cfg = config_from_args(args).resolved()
     check_upgrade(cfg)  # every argument, before Ray starts
+    # Ray and torch only now: importing them takes seconds, and bad arguments are refused before.
+    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.train.trainer import run_upgrade
+
     ensure_ray(args.address)
     print(f"run {cfg.run_name}: {cfg.method} on {cfg.data} ({cfg.workers} worker(s), "
           f"{'GPU' if cfg.use_gpu else 'CPU'})")
