@@ -51,10 +51,6 @@ def _quiet_logging() -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     except ImportError:  # pragma: no cover - optuna is a dependency
         pass
-    # The C++ core worker's warnings (e.g. "actor restart will fail" when Serve
-    # shuts down) go to the driver's stderr; for the processes this Ray starts the
-    # level is an environment variable read at start-up. Their log files keep errors.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     # Ray Data configures its own loggers (from RAY_DATA_LOG_LEVEL) when it is
     # first used, which would undo a level set here; set the variable and re-apply.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -66,6 +62,8 @@ def _quiet_logging() -> None:
         configure_logging()
     except ImportError:  # pragma: no cover - a Ray without this private module
         pass
+    # Ray Data warns, once per process, that the progress bars are off: the demo turned them off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
