@@ -63,8 +63,9 @@ def test_workers_on_two_nodes_agree(two_node_cluster, mnist1d_small, tmp_path):
 HANG_S = 420
 
 
-def _readme_tune_job() -> list[str]:
-    """The README cluster section's `jobs/tune_tradeoff.py` arguments, as written."""
+def readme_tune_job(**replace: str) -> list[str]:
+    """The README cluster section's `jobs/tune_tradeoff.py` arguments, as written,
+    with the values of the flags in ``replace`` (``{"--epochs": "1"}``) replaced."""
     import re
     import shlex
     from pathlib import Path
@@ -72,7 +73,9 @@ def _readme_tune_job() -> list[str]:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     joined = re.sub(r"\\\n\s*", "", readme)
     (line,) = [ln for ln in joined.splitlines() if ln.startswith("ray job submit -- python $PWD/jobs/tune_tradeoff.py")]
-    return shlex.split(line.split(" -- ", 1)[1])[2:]
+    argv = shlex.split(line.split(" -- ", 1)[1])[2:]
+    assert all(a.startswith("--") for a in argv[::2]), argv  # flag/value pairs only
+    return [a if i % 2 == 0 else replace.get(argv[i - 1], a) for i, a in enumerate(argv)]
 
 
 @pytest.mark.slow
@@ -90,16 +93,15 @@ def test_readme_tune_job_finishes_on_the_local_cluster_layout(two_node_cluster, 
 
     from graceful_ray.tune.tuner import SearchSettings, default_max_concurrent
 
-    argv = _readme_tune_job()
-    opts = dict(zip(argv[::2], argv[1::2]))
+    opts = dict(zip(*[iter(readme_tune_job())] * 2))
     assert opts["--old"] == "digits@production" and "--workers-per-trial" not in opts  # resource flags: defaults
     registry, runs, tune = (str(tmp_path / d) for d in ("registry", "runs", "tune"))
     v1 = run_upgrade(UpgradeConfig(data=mnist1d_small, registry=registry, storage=runs, epochs=1, name="digits",
                                    model_kwargs={"channels": 8}, train_split="old_train", run_name="v1", workers=0))
     Registry(registry).set_alias("digits", "production", v1.model_ref)
     # Only the paths and the run's length change: fewer epochs and trials, both trials at once.
-    sub = {"--data": mnist1d_small, "--registry": registry, "--storage": tune, "--epochs": "1", "--trials": "2"}
-    args = [a if i % 2 == 0 else sub.get(argv[i - 1], a) for i, a in enumerate(argv)]
+    args = readme_tune_job(**{"--data": mnist1d_small, "--registry": registry, "--storage": tune,
+                              "--epochs": "1", "--trials": "2"})
     settings = SearchSettings(base={"workers": 1, "cpus_per_worker": 1.0}, trials=2)
     assert default_max_concurrent(settings) == 2  # the two trials run at once, as the README's 8 would
     env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address}
