@@ -426,16 +426,27 @@ def test_the_job_takes_the_token_hash_so_the_token_stays_off_the_job_listing(mon
 
 # ------------------------------------------------------------ shadow calls
 class _FakeHandle:
-    """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``."""
+    """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``.
 
-    def __init__(self, delay: float = 0.0, error: BaseException | None = None) -> None:
+    ``replicas``: the running replicas its router knows of, laid out as Serve 2.60's
+    handle holds them (``_router._asyncio_router.request_router.curr_replicas``);
+    None: no such router (then a timeout cannot be told from a dead replica)."""
+
+    def __init__(self, delay: float = 0.0, error: BaseException | None = None,
+                 replicas: int | None = None) -> None:
+        from types import SimpleNamespace
+
         self.calls: list[int] = []
+        self.cancelled = 0
         self.delay, self.error = delay, error
         self.predict = self
+        if replicas is not None:
+            self._router = SimpleNamespace(_asyncio_router=SimpleNamespace(request_router=SimpleNamespace(
+                curr_replicas={f"r{i}": object() for i in range(replicas)})))
 
     def remote(self, x, with_scores):
         self.calls.append(len(x))
-        return self._answer(x)
+        return _FakeResponse(self, self._answer(x))
 
     async def _answer(self, x):
         await asyncio.sleep(self.delay)
@@ -443,8 +454,19 @@ class _FakeHandle:
             raise self.error
         return np.arange(len(x)), None, 1.5
 
-    def cancel(self) -> None:  # pragma: no cover - coroutines have no cancel()
-        pass
+
+class _FakeResponse:
+    """A DeploymentResponse: awaitable once, cancellable."""
+
+    def __init__(self, handle: _FakeHandle, answer) -> None:
+        self.handle, self.answer = handle, answer
+
+    def __await__(self):
+        return self.answer.__await__()
+
+    def cancel(self) -> None:
+        self.handle.cancelled += 1
+        self.answer.close()
 
 
 def test_shadow_caller_coalesces_and_splits():
@@ -613,6 +635,23 @@ def test_shadow_caller_classifies_failures():
     from ray.exceptions import ActorDiedError
 
     assert asyncio.run(run(_FakeHandle(error=ActorDiedError()))) == "unavailable"
+
+
+def test_a_call_that_waits_for_a_dead_replica_is_unavailable_not_a_timeout():
+    """Serve routes a call whose replica died to another one, and waits for one while
+    none runs: the call never raises, it times out with no running replica. Before,
+    every such call was counted ``timeout``."""
+    async def run(handle):
+        caller = ShadowCaller({CANDIDATE: handle}, window_s=0.01, max_rows=64, timeout_s=0.05)
+        with pytest.raises(ShadowFailure) as e:
+            await caller.call(CANDIDATE, np.zeros((1, 4)))
+        return e.value.kind
+
+    dead = _FakeHandle(delay=30.0, replicas=0)
+    assert asyncio.run(run(dead)) == "unavailable" and dead.cancelled == 1
+    # a replica that runs but does not answer in time is a timeout, as is a handle whose router we cannot read
+    assert asyncio.run(run(_FakeHandle(delay=30.0, replicas=1))) == "timeout"
+    assert asyncio.run(run(_FakeHandle(delay=30.0))) == "timeout"
 
 
 def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path):

@@ -37,6 +37,7 @@ from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowCon
 from graceful_ray.serve.gates import evaluate, explain, watch
 from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
                                       ShadowEvent)
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.metrics import ComparatorMetrics
 from graceful_ray.serve.records import LABELS_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
@@ -431,7 +432,7 @@ class Comparator:
 
     def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int],
                  shard: int = 0, *peers) -> None:
-        logging.getLogger("graceful_ray").setLevel(logging.INFO)
+        to_serve_logs()
         lower_priority(config.background_nice)  # bookkeeping never competes with callers
         self._core = ComparatorCore(config, refs, classes, shard)
         self._peers = list(peers)

@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from graceful_ray.serve.config import Batching
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
                                        split_rows)
 from graceful_ray.serve.search import SearchAnswer, SearchBackend
@@ -31,6 +32,7 @@ class ModelReplica:
     def __init__(self, registry_root: str, ref: str, batching: Batching, num_gpus: float = 0.0,
                  torch_threads: int = 1, nice: int = 0, gallery: str | None = None,
                  gallery_poll_s: float = 2.0, sched_idle: bool = False) -> None:
+        to_serve_logs()
         lower_priority(nice, idle=sched_idle)
         self._runner = ModelRunner(registry_root, ref, device=pick_device(num_gpus),
                                    torch_threads=torch_threads)

@@ -47,6 +47,7 @@ from graceful_ray.serve.config import (BASELINE, CANDIDATE, ROLES, Batching, Sha
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.http import BodyLimit, install, parse_body
 from graceful_ray.serve.kinds import PREDICT, SEARCH, PrimaryEvent, RequestKind, ShadowEvent
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.metrics import RouterMetrics
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
@@ -98,7 +99,7 @@ class ShadowRouter:
     def __init__(self, config: ShadowConfig, refs: dict[str, str], input_shape: list[int],
                  classes: dict[str, list[int]], baseline, candidate, comparator,
                  *shards) -> None:
-        logging.getLogger("graceful_ray").setLevel(logging.INFO)
+        to_serve_logs()
         BodyLimit.max_bytes = config.max_request_bytes
         self._cfg = config
         self._refs = dict(refs)

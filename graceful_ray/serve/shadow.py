@@ -19,6 +19,12 @@ Failures are classified for the report: ``timeout`` (no answer in time),
 ``exception`` (the model raised), ``unavailable`` (the replica is dead or
 unreachable), ``overloaded`` (back-pressure, from Serve or our in-flight cap),
 ``circuit_open`` (not sent: the breaker is open after repeated failures).
+
+A dead replica rarely raises: Serve's router takes a replica whose call fails
+with ``ActorDiedError`` out of rotation and routes the call again, to a replica
+that may not exist yet, so the call just waits. A call that times out while
+the handle's router knows no running replica is therefore ``unavailable``, not
+``timeout`` (:func:`timeout_kind`).
 """
 
 from __future__ import annotations
@@ -57,6 +63,24 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, RayActorError):
         return "unavailable"
     return "exception"
+
+
+def running_replicas(handle: Any) -> int | None:
+    """How many running replicas the handle's router knows of, or None when it cannot tell.
+
+    Serve has no public API for this on a handle (``serve.status()`` is a
+    blocking call to the controller, not for a router's event loop); this reads
+    the router's own replica set and gives up on any other Serve layout.
+    """
+    try:
+        return len(handle._router._asyncio_router.request_router.curr_replicas)
+    except AttributeError:
+        return None
+
+
+def timeout_kind(handle: Any) -> str:
+    """The kind of a call to ``handle`` that did not answer in time (see the module docstring)."""
+    return "unavailable" if running_replicas(handle) == 0 else "timeout"
 
 
 class CircuitBreaker:
@@ -160,7 +184,9 @@ class ShadowCaller:
         elif key not in self._timers:
             self._timers[key] = loop.call_later(self._window_s, self._fire, key)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)
+            # _send settles fut (answer, timeout, failure) within window + timeout; this
+            # bound is only a backstop, later than _send's, so _send's kind is the one counted.
+            return await asyncio.wait_for(asyncio.shield(fut), self._window_s + 2 * self._timeout_s)
         except asyncio.TimeoutError:
             raise ShadowFailure("timeout") from None
 
@@ -187,7 +213,7 @@ class ShadowCaller:
         except asyncio.TimeoutError:
             if response is not None:
                 response.cancel()  # free the replica's queue
-            self._call_failed(role, breaker, items, ShadowFailure("timeout"))
+            self._call_failed(role, breaker, items, ShadowFailure(timeout_kind(self._handles[role])))
             return
         except asyncio.CancelledError:
             self._fail(items, ShadowFailure("incomplete"))  # shutdown: not the shadow's fault
