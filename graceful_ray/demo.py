@@ -295,7 +295,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
 
     from ray import serve
 
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
 

@@ -21,7 +21,7 @@ import torch
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import resolve
-from graceful_ray.train.batches import inputs_from_arrow
+from graceful_ray.data import load_split
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,6 @@ def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048)
     emb, lg = np.concatenate(embs), np.concatenate(logits)
     return Predictions(f"{manifest.name}@v{manifest.version}", emb, lg, classes[lg.argmax(1)],
                        manifest.embedding_space)
-
-
-def load_split(data: str, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    from graceful_ray.data import read_info, read_split
-
-    info = read_info(data)
-    if split not in info.splits:
-        raise ConfigError(f"dataset {data} has no split {split!r}; it has {sorted(info.splits)}")
-    table = read_split(data, split)
-    return inputs_from_arrow(table, info.feature_shape), table.column("label").to_numpy(), info
 
 
 def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: str, split: str = "test",

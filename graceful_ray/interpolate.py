@@ -107,7 +107,7 @@ def interpolate(data: str, old_ref: str, new_ref: str, *, registry_root: str, sp
                 grid: tuple[float, ...] = DEFAULT_GRID, max_accuracy_drop: float = 0.0,
                 name: str | None = None, publish: bool = True) -> Interpolation:
     """Evaluate ``(1 - a) old + a new`` on ``split`` for every ``a`` in ``grid``, choose one, publish it."""
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.models import build_model
     from graceful_ray.registry import Registry
 

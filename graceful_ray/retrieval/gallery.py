@@ -57,7 +57,7 @@ from graceful_ray.errors import StorageError
 from graceful_ray.retrieval.errors import ConcurrentUpdateError, GalleryError
 from graceful_ray.retrieval.index import IndexConfig, IndexReport, build_index, deserialize, serialize
 from graceful_ray.storage import Location, resolve
-from graceful_ray.train.batches import fixed_size_list
+from graceful_ray.data.tensors import fixed_size_list
 
 log = logging.getLogger(__name__)
 
