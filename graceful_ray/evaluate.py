@@ -168,11 +168,10 @@ def format_generations(result: dict[str, Any]) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from graceful_ray.train.config import default_root
-    import os
+    from graceful_ray.paths import registry_root, under_root
 
-    registry = args.registry or os.path.join(default_root(), "registry")
-    out = args.out or (os.path.join(default_root(), "reports", args.run_name) if args.run_name else None)
+    registry = registry_root(args.registry)
+    out = args.out or (under_root("reports", args.run_name) if args.run_name else None)
     if args.generations:
         if args.old or args.new:
             raise ConfigError("give either --old and --new, or --generations, not both")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,9 +179,9 @@ def _grid_arg(text: str) -> tuple[float, ...]:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    from graceful_ray.train.config import default_root
+    from graceful_ray.paths import registry_root
 
-    registry = args.registry or os.path.join(default_root(), "registry")
+    registry = registry_root(args.registry)
     result = interpolate(args.data, args.old, args.new, registry_root=registry, split=args.split,
                          grid=args.grid, max_accuracy_drop=args.max_accuracy_drop, name=args.name,
                          publish=not args.no_publish)

@@ -105,12 +105,11 @@ class BackfillConfig:
             raise ConfigError("num_cpus must be > 0 and batch_size >= 1")
 
     def resolved(self) -> "BackfillConfig":
-        import os
 
-        from graceful_ray.train.config import default_root
+        from graceful_ray.paths import registry_root
 
         d = asdict(self)
-        d["registry"] = self.registry or os.path.join(default_root(), "registry")
+        d["registry"] = registry_root(self.registry)
         d["run_name"] = self.run_name or f"backfill-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         d["index"] = self.index
         return BackfillConfig(**d)

@@ -11,9 +11,9 @@ import numpy as np
 
 
 def _registry(args: argparse.Namespace) -> str:
-    from graceful_ray.train.config import default_root
+    from graceful_ray.paths import registry_root
 
-    return args.registry or os.path.join(default_root(), "registry")
+    return registry_root(args.registry)
 
 
 def _index_config(args: argparse.Namespace):
