@@ -64,7 +64,7 @@ SCENARIOS = {
 
 def load_data(root: str, samples: int, scenario: str):
     from graceful_ray.data import make_mnist1d, read_split
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
 
     if not os.path.exists(os.path.join(root, "dataset.json")):
         make_mnist1d(root, samples=samples, seed=0, scenario=scenario, **SCENARIOS[scenario])

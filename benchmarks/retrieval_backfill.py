@@ -75,7 +75,8 @@ def _train_local(work: str, run_name: str, *, name: str, model_kwargs: dict, met
     """
     import torch
 
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
     from graceful_ray.methods import UpgradeContext, build_method
     from graceful_ray.models import ModelSpec, build_model
     from graceful_ray.train.step import train_step
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     models = train_models(args.work, args.samples)
 
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
     from graceful_ray.metrics import compatibility_matrix, m_score
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval import (BackfillConfig, Gallery, GallerySearcher, TransformConfig,

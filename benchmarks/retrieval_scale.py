@@ -128,7 +128,7 @@ def bench_wait(args) -> dict:
     import torch
 
     from graceful_ray.data import dataset_exists, read_info, read_split, write_dataset
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.retrieval import (BackfillConfig, Gallery, GallerySearcher, IndexConfig, build_gallery,
                                         run_backfill)
 
@@ -171,7 +171,7 @@ def bench_wait(args) -> dict:
 
     # No backfill: the BCT model serves as soon as a searcher with it is up.
     q_inputs = read_split(big, "gallery").slice(0, 16)
-    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.data.tensors import inputs_from_arrow
 
     xq = inputs_from_arrow(q_inputs, read_info(big).feature_shape)
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ def plain_pytorch_epochs(data, epochs, batch_size, lr, threads, model_kwargs, se
     from graceful_ray.methods import UpgradeContext, build_method
     from graceful_ray.train.step import train_step
     from graceful_ray.models import ModelSpec, build_model
-    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.data.tensors import inputs_from_arrow
 
     torch.set_num_threads(threads)
     info = read_info(data)

@@ -25,7 +25,7 @@ def main() -> None:
 
     from graceful_ray.data import make_mnist1d, read_info, read_split
     from graceful_ray.models import ModelSpec, build_model, model_cost
-    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.data.tensors import inputs_from_arrow
 
     root = os.path.join(tempfile.gettempdir(), f"zoo-sanity-{args.samples}")
     if not os.path.exists(os.path.join(root, "dataset.json")):

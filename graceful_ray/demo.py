@@ -20,6 +20,7 @@ import os
 import time
 from typing import Any
 
+from graceful_ray.keyvalue import parse_gates
 from graceful_ray.serve.report_text import format_shadow_report
 
 logger = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
 
     from ray import serve
 
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
 
@@ -321,7 +322,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     port = args.port or _free_port()
     base = f"http://127.0.0.1:{port}"
     storage = os.path.join(root, "shadow", time.strftime("%Y%m%d-%H%M%S"))
-    gates = GateConfig(**{**_demo_gates(args.flip_budget), **_parse_gates(args.gate)})
+    gates = GateConfig(**{**_demo_gates(args.flip_budget), **parse_gates(args.gate)})
     config = ShadowConfig(
         registry=registry_root, baseline=f"{MODEL_NAME}@production", candidate=candidate, storage=storage,
         app_name="demo", shadow_fraction=1.0, shadow_timeout_s=10.0, gates=gates,
@@ -475,21 +476,6 @@ def relaxed_gates(gates) -> list[str]:
             why = _RELAXED_BECAUSE.get(name, "set with --gate")
             lines.append(f"relaxed: {name}={value:g} (production default {default:g}): {why}")
     return lines
-
-
-def _parse_gates(items: list[str] | None) -> dict[str, Any]:
-    from graceful_ray.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE, e.g. max_nfr=0.02")
-        try:
-            out[name.strip()] = json.loads(value)
-        except ValueError:
-            raise ConfigError(f"--gate {item!r}: {value!r} is not a number") from None
-    return out
 
 
 def _wait_while_serving(base: str, token: str) -> None:

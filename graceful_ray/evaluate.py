@@ -21,7 +21,7 @@ import torch
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import resolve
-from graceful_ray.train.batches import inputs_from_arrow
+from graceful_ray.data import load_split
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +51,6 @@ def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048)
     emb, lg = np.concatenate(embs), np.concatenate(logits)
     return Predictions(f"{manifest.name}@v{manifest.version}", emb, lg, classes[lg.argmax(1)],
                        manifest.embedding_space)
-
-
-def load_split(data: str, split: str) -> tuple[np.ndarray, np.ndarray, Any]:
-    from graceful_ray.data import read_info, read_split
-
-    info = read_info(data)
-    if split not in info.splits:
-        raise ConfigError(f"dataset {data} has no split {split!r}; it has {sorted(info.splits)}")
-    table = read_split(data, split)
-    return inputs_from_arrow(table, info.feature_shape), table.column("label").to_numpy(), info
 
 
 def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: str, split: str = "test",
@@ -178,11 +168,10 @@ def format_generations(result: dict[str, Any]) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from graceful_ray.train.config import default_root
-    import os
+    from graceful_ray.paths import registry_root, under_root
 
-    registry = args.registry or os.path.join(default_root(), "registry")
-    out = args.out or (os.path.join(default_root(), "reports", args.run_name) if args.run_name else None)
+    registry = registry_root(args.registry)
+    out = args.out or (under_root("reports", args.run_name) if args.run_name else None)
     if args.generations:
         if args.old or args.new:
             raise ConfigError("give either --old and --new, or --generations, not both")

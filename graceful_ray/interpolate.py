@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +106,7 @@ def interpolate(data: str, old_ref: str, new_ref: str, *, registry_root: str, sp
                 grid: tuple[float, ...] = DEFAULT_GRID, max_accuracy_drop: float = 0.0,
                 name: str | None = None, publish: bool = True) -> Interpolation:
     """Evaluate ``(1 - a) old + a new`` on ``split`` for every ``a`` in ``grid``, choose one, publish it."""
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.models import build_model
     from graceful_ray.registry import Registry
 
@@ -180,9 +179,9 @@ def _grid_arg(text: str) -> tuple[float, ...]:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    from graceful_ray.train.config import default_root
+    from graceful_ray.paths import registry_root
 
-    registry = args.registry or os.path.join(default_root(), "registry")
+    registry = registry_root(args.registry)
     result = interpolate(args.data, args.old, args.new, registry_root=registry, split=args.split,
                          grid=args.grid, max_accuracy_drop=args.max_accuracy_drop, name=args.name,
                          publish=not args.no_publish)

@@ -76,15 +76,18 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write a whole object. On object stores a PUT is atomic; locally we
-        write a temporary sibling and rename it, so readers never see half."""
+        write a temporary sibling, fsync it and rename it, so readers never see
+        half and a commit made after it (:class:`Staged`) never names lost bytes."""
         try:
             parent = posixpath.dirname(self.path)
             if parent:
                 self.fs.create_dir(parent, recursive=True)
             if self.is_local:
                 tmp = f"{self.path}.tmp-{uuid.uuid4().hex}"
-                with self.fs.open_output_stream(tmp) as f:
+                with open(tmp, "wb") as f:
                     f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
                 os.replace(tmp, self.path)
             else:
                 with self.fs.open_output_stream(self.path) as f:
@@ -113,16 +116,17 @@ class Location:
             raise StorageError(f"cannot delete {self.uri}: {e}") from e
 
     def create_exclusive(self, data: bytes) -> bool:
-        """Create this file only if nothing is there yet; ``True`` when we created it.
+        """Create this file whole, only if nothing is there yet; ``True`` when we created it.
 
         The one primitive that lets several writers race for a name without a
-        lock service: locally ``O_CREAT | O_EXCL``; on S3 a conditional PUT
-        (``If-None-Match: *``, answered 412 when the key exists); on GCS an
-        upload with ``if_generation_match=0`` (needs ``google-cloud-storage``).
-        pyarrow.fs has no such call, hence the SDKs. Other filesystems raise
-        :class:`StorageError` rather than silently losing the race. Locally a
-        reader may see the file empty while it is being written; the object
-        stores make it appear whole.
+        lock service, and that every commit in graceful-ray rests on (see
+        :class:`Staged`): locally a complete temporary file hard-linked into
+        place (``link`` fails with EEXIST), so a reader never sees it
+        half-written; on S3 a conditional PUT (``If-None-Match: *``, answered
+        412 when the key exists); on GCS an upload with ``if_generation_match=0``
+        (needs ``google-cloud-storage``). pyarrow.fs has no such call, hence the
+        SDKs. Other filesystems raise :class:`StorageError` rather than silently
+        losing the race.
         """
         if self.is_local:
             return _create_exclusive_local(self.path, data)
@@ -144,21 +148,94 @@ class Location:
 
 
 def _create_exclusive_local(path: str, data: bytes) -> bool:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    except OSError as e:
-        raise StorageError(f"cannot create {path}: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
     except OSError as e:
-        raise StorageError(f"cannot write {path}: {e}") from e
-    return True
+        raise StorageError(f"cannot create {path}: {e}") from e
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+class Staged:
+    """Files written under one prefix that no other writer uses, committed by
+    creating a pointer only if it is absent: the one way graceful-ray commits
+    (registry versions, gallery snapshots, backfill plans, the comparator's
+    saved state).
+
+    Readers follow pointers, so until the pointer exists nothing written here is
+    visible. :meth:`commit` returns ``False`` when another writer created the
+    pointer first; then, and when the ``with`` block raises before a commit, the
+    files written here are removed again (best effort: what a crash leaves behind is never
+    referenced, so it is debris, not data)::
+
+        with Staged(root.join(f"snapshots/{seq}-{uuid4().hex}")) as staged:
+            staged.write("snapshot.json", body)
+            if not staged.commit(root.join(f"commits/{seq}.json"), pointer):
+                raise ConcurrentUpdateError(...)
+    """
+
+    def __init__(self, prefix: Location) -> None:
+        self.prefix = prefix
+        self.written: list[Location] = []
+        self.committed = False
+
+    def write(self, rel: str, data: bytes) -> Location:
+        loc = self.prefix.join(rel)
+        loc.write_bytes(data)
+        self.written.append(loc)
+        return loc
+
+    def adopt(self, loc: Location) -> None:
+        """Count a file already written (a claim) as this staging's: removed with it."""
+        self.written.append(loc)
+
+    def commit(self, pointer: Location, body: bytes, *, keep_if_taken: bool = False) -> bool:
+        """Create ``pointer`` with ``body`` only if absent. ``False`` if it was taken:
+        the files written here are removed, or, with ``keep_if_taken`` (a prefix
+        that should have been ours alone, on a store that broke the exclusive
+        create), left alone, since the same names may now hold the other writer's data."""
+        if pointer.create_exclusive(body):
+            self.committed = True
+            return True
+        if keep_if_taken:
+            self.written = []
+        else:
+            self.discard()
+        return False
+
+    def discard(self) -> None:
+        for loc in self.written:
+            try:
+                loc.delete_file()
+            except StorageError:  # pragma: no cover - network trouble during cleanup
+                pass
+        self.written = []
+        if self.prefix.is_local:  # empty directories left under the prefix (object stores have none)
+            for parent, _, _ in sorted(os.walk(self.prefix.path), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(parent)  # only when empty: what others wrote there stays
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "Staged":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.committed:
+            self.discard()
 
 
 _S3_CLIENTS: dict[tuple, object] = {}

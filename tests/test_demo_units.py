@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from graceful_ray.demo import _demo_gates, _finished_search, _parse_gates
+from graceful_ray.demo import _demo_gates, _finished_search
+from graceful_ray.keyvalue import parse_gates
 from graceful_ray.serve.report_text import format_shadow_report
 from graceful_ray.errors import ConfigError
 from graceful_ray.serve.config import GateConfig
@@ -32,12 +33,12 @@ def test_only_a_search_whose_every_trial_ended_is_reused(tmp_path):
 
 
 def test_demo_gates_are_valid_and_overridable():
-    gates = GateConfig(**{**_demo_gates(0.05), **_parse_gates(["min_agreement=0.7", "min_labelled=500"])})
+    gates = GateConfig(**{**_demo_gates(0.05), **parse_gates(["min_agreement=0.7", "min_labelled=500"])})
     gates.validate()
     assert (gates.max_nfr, gates.min_agreement, gates.min_labelled) == (0.05, 0.7, 500)
     for bad in (["max_nfr"], ["=1"], ["max_nfr=abc"]):
         with pytest.raises(ConfigError):
-            _parse_gates(bad)
+            parse_gates(bad)
 
 
 def test_shadow_report_lines_show_counts_intervals_and_every_gate():
@@ -89,7 +90,7 @@ def test_the_demo_says_which_gates_it_relaxed_and_why():
                                                  "relaxed: max_latency_ratio"]
     assert "max_nfr=0.05 (production default 0.02)" in lines[0] and "--flip-budget" in lines[0]
     assert relaxed_gates(GateConfig()) == []  # the defaults relax nothing
-    assert relaxed_gates(GateConfig(**_parse_gates(["min_labelled=50"]))) == [
+    assert relaxed_gates(GateConfig(**parse_gates(["min_labelled=50"]))) == [
         "relaxed: min_labelled=50 (production default 200): set with --gate"]
 
 

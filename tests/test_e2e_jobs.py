@@ -142,7 +142,7 @@ def _quote(arg: str) -> str:
 
 
 def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.registry import Registry
 
     root = Path(cluster["root"])

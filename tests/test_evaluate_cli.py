@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from graceful_ray.cli import main
-from graceful_ray.evaluate import load_split, predict
+from graceful_ray.data import load_split
+from graceful_ray.evaluate import predict
 from graceful_ray.metrics import compatibility_matrix, flip_report
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry

@@ -344,9 +344,9 @@ def test_segment_is_logged_and_restored(tmp_path):
 
 
 def test_readme_gate_flags_parse():
-    from graceful_ray.serve.cli import _parse_gates
+    from graceful_ray.keyvalue import parse_gates
 
-    g = GateConfig.from_dict(_parse_gates(["auto_rollback=true", "max_slice_nfr=0.05",
+    g = GateConfig.from_dict(parse_gates(["auto_rollback=true", "max_slice_nfr=0.05",
                                            "max_disagreement=null", "min_compared=500"]))
     assert g.auto_rollback and g.max_slice_nfr == 0.05 and g.max_disagreement is None
     assert g.min_compared == 500

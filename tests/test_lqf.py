@@ -610,7 +610,8 @@ def test_lqf_runs_on_ray_train_and_publishes_the_linearized_model(ray_module, mn
     for n, w in parent.state_dict().items():
         assert torch.equal(child.w0_parameters()[n], w)
     # evaluation uses the linearized function: its accuracy is the run's last validation accuracy
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
 
     x, y, _ = load_split(mnist1d_small, "val")
     acc = float((predict(registry, run.model_ref, x).pred == y).mean())

@@ -123,7 +123,7 @@ def guide_ray(monkeypatch):
 
 def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     from graceful_ray.data import read_info, read_split
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.registry import Registry
 
     # The team's script is plain PyTorch: graceful-ray is nowhere in it.

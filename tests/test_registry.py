@@ -17,7 +17,7 @@ from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, Stor
                                  VersionNotFoundError)
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Manifest, Registry
-from graceful_ray.storage import resolve
+from graceful_ray.storage import Staged, resolve
 
 SPEC = ModelSpec("mlp", (6,), 3, {"width": 8, "depth": 1, "embedding_dim": 4})
 CLASSES = [0, 1, 2]
@@ -252,6 +252,43 @@ def test_stale_listing_collides_and_retries(root, monkeypatch):
     assert reg.get("toy@2").embedding_space == "toy@v2"  # manifest rewritten for the new number
 
 
+def test_a_version_committed_without_a_claim_is_never_written_over(root, monkeypatch):
+    """Registries from before claims (locally: a staging directory renamed to v<N>)
+    have versions with a manifest and no ``.claim``: a publisher that claims such a
+    number must withdraw and take the next, leaving the version as it was."""
+    reg = Registry(root)
+    reg.publish("toy", tiny(0), spec=SPEC, classes=CLASSES)
+    resolve(root).join("toy", "v1", ".claim").delete_file(missing_ok=False)
+    monkeypatch.setattr(reg, "_scan", lambda name: ([], set()))  # a listing that predates v1
+    second = reg.publish("toy", tiny(1), spec=SPEC, classes=CLASSES)
+    monkeypatch.undo()
+    assert second.version == 2
+    fresh = Registry(root)
+    assert same_weights(fresh.load_state_dict("toy@1")[1], tiny(0).state_dict())
+    assert not resolve(root).join("toy", "v1", ".claim").exists()
+
+
+def test_staged_files_are_invisible_until_the_pointer_and_removed_if_it_is_taken(storage_root):
+    """The one commit primitive, on a local path and on S3: write under a prefix,
+    then create the pointer only if absent; the loser's files are gone."""
+    root = resolve(storage_root)
+    pointer = root.join("commits", "1.json")
+    with Staged(root.join("a")) as first:
+        first.write("data/x.bin", b"first")
+        assert not pointer.exists()  # nothing points at it yet
+        assert first.commit(pointer, b"a")
+    with Staged(root.join("b")) as second:
+        second.write("data/x.bin", b"second")
+        assert not second.commit(pointer, b"b")
+    assert pointer.read_bytes() == b"a" and root.join("a", "data", "x.bin").read_bytes() == b"first"
+    assert not root.join("b", "data", "x.bin").exists()
+    with pytest.raises(RuntimeError):
+        with Staged(root.join("c")) as third:
+            third.write("y.bin", b"third")
+            raise RuntimeError("killed before the commit")
+    assert not root.join("c", "y.bin").exists()
+
+
 def test_create_exclusive_is_honoured(storage_root):
     """The object-store claim rests on If-None-Match: check the server honours it."""
     loc = resolve(storage_root).join("x", ".claim")
@@ -297,14 +334,13 @@ def test_hard_crash_debris_is_invisible_and_skipped(root, monkeypatch):
     reg.publish("toy", tiny(0), spec=SPEC, classes=CLASSES)
     with monkeypatch.context() as mp:
         _crash_on_manifest(mp)
-        mp.setattr(Registry, "_discard_local", lambda self, *a: None)
-        mp.setattr(Registry, "_discard_object_store", lambda self, *a: None)
+        mp.setattr(Staged, "discard", lambda self: None)  # killed: nothing is cleaned up
         with pytest.raises(Crash):
             reg.publish("toy", tiny(1), spec=SPEC, classes=CLASSES)
 
     toy = resolve(root).join("toy")
     debris = [i for i in toy.list() if i.base_name not in ("v1", "aliases")]
-    assert debris, "the simulated crash should have left a staging or claimed directory"
+    assert debris, "the simulated crash should have left a claimed directory"
     leftovers = toy.fs.get_file_info(
         pafs.FileSelector(debris[0].path, recursive=True))
     assert any(i.path.endswith("model.safetensors") for i in leftovers)
@@ -312,10 +348,9 @@ def test_hard_crash_debris_is_invisible_and_skipped(root, monkeypatch):
     fresh = Registry(root)
     assert [m.version for m in fresh.versions("toy")] == [1]
     with pytest.raises(VersionNotFoundError):
-        fresh.get("toy@v2" if not toy.is_local else "toy@v9")
+        fresh.get("toy@v2")
     m = fresh.publish("toy", tiny(2), spec=SPEC, classes=CLASSES)
-    # object stores skip the claimed number; locally the staging dir never took one
-    assert m.version == (2 if toy.is_local else 3)
+    assert m.version == 3  # the crashed publisher's claimed number is skipped
     assert [v.version for v in fresh.versions("toy")] == [1, m.version]
     assert same_weights(fresh.load_state_dict("toy")[1], tiny(2).state_dict())
 

@@ -9,7 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from graceful_ray.evaluate import load_split, predict
+from graceful_ray.data import load_split
+from graceful_ray.evaluate import predict
 from graceful_ray.metrics import m_score
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry

@@ -239,12 +239,12 @@ def test_an_uncommitted_publish_is_invisible_and_concurrent_writers_conflict(tmp
     g = Gallery(root)
     rows = g.read_rows(snap)
     # A writer that dies right before its commit leaves files nobody references.
-    import graceful_ray.retrieval.gallery as gal
+    from graceful_ray.storage import Staged
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed before the commit")
 
-    monkeypatch.setattr(gal, "_create_exclusive", crash)
+    monkeypatch.setattr(Staged, "commit", crash)
     seg = g.write_segment(rows)
     with pytest.raises(KeyboardInterrupt):
         g.publish(rows, parent=snap, segments=[seg], index_config=IndexConfig(kind="hnsw"))

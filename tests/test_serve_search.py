@@ -46,7 +46,7 @@ def _free_port() -> int:
 def world(tmp_path_factory, mnist1d_small):
     """emb@v1 (old data), emb@v2 (BCT child: v1's space), plain@v1 (its own space),
     and a gallery of the test split embedded by v1 (with its labels)."""
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
     from graceful_ray.retrieval import build_gallery
 
     root = tmp_path_factory.mktemp("serve-search")

@@ -75,7 +75,8 @@ def test_old_output_cache_is_reused_and_correct(v1, workspace, caplog):
                                     old_ref=v1.model_ref)
     assert again.files == first.files and "reused from cache" in caplog.text
     # The cached decisions are the old model's own.
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
 
     x, y, _ = load_split(workspace["data"], "val")
     table = first.read()
@@ -91,7 +92,7 @@ def test_old_output_cache_is_reused_and_correct(v1, workspace, caplog):
 def test_cached_outputs_reach_the_loop_through_ray_datas_default_reader(v1, workspace, ray_data_v2_reader):
     """The old-output cache as a worker reads it, through Ray Data's default (V2) Parquet reader."""
     from graceful_ray.data import read_info
-    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.data.tensors import inputs_from_arrow
     from graceful_ray.train.pipeline import INPUT, collect, decoded
     from graceful_ray.train.trainer import _read_split
 

@@ -1,4 +1,4 @@
-"""Parquet datasets: the data contract, validation, I/O, built-in datasets.
+"""Parquet datasets: the data contract, validation, reading, writing, importing, built-in datasets.
 
 See :mod:`graceful_ray.data.contract` for what a dataset is.
 """
@@ -8,11 +8,13 @@ from graceful_ray.data.contract import (
     features_type,
 )
 from graceful_ray.data.images import decode_image, decode_images, encode_png
-from graceful_ray.data.io import (
-    batch_to_numpy, conform, dataset_exists, import_dataset, ray_dataset, read_file, read_info, read_split,
-    split_paths, to_numpy, verify_split, write_dataset,
+from graceful_ray.data.read import (
+    batch_to_numpy, dataset_exists, load_split, ray_dataset, read_file, read_info, read_split, split_paths,
+    to_numpy, validate_dataset, verify_split,
 )
-from graceful_ray.data.validate import validate_dataset, validate_table
+from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
+from graceful_ray.data.validate import validate_table
+from graceful_ray.data.write import conform, import_dataset, write_dataset
 
 # Imported on first use: the importer brings pandas (about 1 s), and reading a
 # dataset's dataset.json, which every command's argument checks do, needs neither.
@@ -30,7 +32,7 @@ def __getattr__(name: str):
 __all__ = [
     "DATASET_JSON", "KINDS", "SCENARIOS", "DatasetInfo", "Expectations", "SplitInfo",
     "batch_to_numpy", "conform", "dataset_checksum", "dataset_exists", "decode_image", "decode_images",
-    "encode_png", "features_type", "ImportOptions", "import_dataset", "import_source", "make_digits", "make_mnist1d",
-    "ray_dataset", "read_file", "read_info", "read_split", "split_paths", "to_numpy",
+    "encode_png", "features_type", "fixed_size_list", "ImportOptions", "import_dataset", "import_source",
+    "inputs_from_arrow", "load_split", "make_digits", "make_mnist1d", "ray_dataset", "read_file", "read_info", "read_split", "split_paths", "to_numpy",
     "validate_dataset", "validate_table", "verify_split", "write_dataset",
 ]

@@ -30,7 +30,8 @@ import pyarrow as pa
 
 from graceful_ray.data.contract import SCENARIOS, DatasetInfo, features_type
 from graceful_ray.data.images import encode_png
-from graceful_ray.data.io import PathLike, check_target, write_dataset
+from graceful_ray.data.read import PathLike
+from graceful_ray.data.write import check_target, write_dataset
 
 BUILTIN_SPLITS = ("train", "val", "test", "old_train")
 from graceful_ray.errors import ConfigError

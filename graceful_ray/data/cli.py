@@ -51,7 +51,7 @@ def _make(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from graceful_ray.data.validate import validate_dataset
+    from graceful_ray.data.read import validate_dataset
 
     info = validate_dataset(args.dir)
     print(f"OK: every split follows the data contract and matches its checksums\n"

@@ -14,7 +14,7 @@ Every problem is one :class:`~graceful_ray.errors.DatasetError` naming the
 source file, its row (counted from 0 within that file, the header not
 counted) and the source column. Locally everything is written to a staging
 directory that is renamed into place only when the whole import succeeded
-(:func:`graceful_ray.data.io.publish`); on object stores the second pass runs
+(:func:`graceful_ray.data.write.publish`); on object stores the second pass runs
 once as a check before anything is written, so bad input writes nothing there
 either.
 """
@@ -37,7 +37,7 @@ from graceful_ray.data.contract import (
     SplitInfo, dataset_checksum, features_type, now_iso,
 )
 from graceful_ray.data.images import ImageDecodeError, natural_shape, open_image
-from graceful_ray.data.io import DEFAULT_ROWS_PER_FILE, _check_target, publish
+from graceful_ray.data.write import DEFAULT_ROWS_PER_FILE, publish, target_entries
 from graceful_ray.data.sources import FORMATS, IMAGE_PATH, Part, open_parts
 from graceful_ray.data.validate import validate_table
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
@@ -825,7 +825,7 @@ def import_source(source: str, out: str, options: ImportOptions | None = None,
     m = _resolve_mapping(parts, opts, fmt)
     keys = _keys(parts, m, opts)
     split_names = [*keys.split_names, *([OLD_TRAIN] if keys.old is not None else [])]
-    existing = _check_target(out_loc, set(split_names), opts.overwrite)
+    existing = target_entries(out_loc, set(split_names), opts.overwrite)
     subsets = {OLD_TRAIN: TRAIN} if keys.old is not None else {}
     id_type = "string" if isinstance(keys.ids, pa.ChunkedArray) else "int64"
     state: dict[str, Any] = {}

@@ -64,7 +64,6 @@ initialization of the new network.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -75,6 +74,7 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.methods.base import (MethodBatch, UpgradeContext, UpgradeMethod, check_nonnegative,
                                        check_positive, upcast)
 from graceful_ray.methods.registry import register_method
+from graceful_ray.paths import registry_root
 
 EXPORT_FORMATS = ("linearized", "network")
 
@@ -207,9 +207,7 @@ class LQF(UpgradeMethod):
         ref = ctx.old_ref if self.init == "parent" else self.init
         root = self.registry or ctx.registry
         if not root:
-            from graceful_ray.train.config import default_root
-
-            root = os.path.join(default_root(), "registry")
+            root = registry_root()
         assert ref is not None
         return root, ref
 

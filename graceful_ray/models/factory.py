@@ -8,13 +8,13 @@ manifest, so it must stay JSON-serialisable.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from graceful_ray.errors import ModelError
 from graceful_ray.models import zoo
 from graceful_ray.models.base import EmbeddingClassifier
+from graceful_ray.models.locate import locate
 from graceful_ray.models.wrapped import wrapped
 
 ZOO: dict[str, Callable[..., EmbeddingClassifier]] = {
@@ -60,15 +60,7 @@ def resolve_factory(name: str) -> Callable[..., EmbeddingClassifier]:
             f"unknown model {name!r}: use one of {sorted(ZOO)} or an import path "
             "'package.module:factory'"
         )
-    module_name, attr = name.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ModelError(f"cannot import model module {module_name!r} for {name!r}: {e}") from e
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ModelError(f"module {module_name!r} has no attribute {attr!r} (model {name!r})") from None
+    return locate(name)
 
 
 def build_model(spec: ModelSpec) -> EmbeddingClassifier:

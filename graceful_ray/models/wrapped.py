@@ -29,6 +29,7 @@ from torch import nn
 
 from graceful_ray.errors import ModelError
 from graceful_ray.models.base import EmbeddingClassifier
+from graceful_ray.models.locate import locate
 
 #: Keyword arguments of :func:`wrapped` that are its own, not the user factory's.
 OWN_KWARGS = ("factory", "head_module")
@@ -36,12 +37,11 @@ OWN_KWARGS = ("factory", "head_module")
 
 def user_factory(path: str) -> Callable[..., nn.Module]:
     """``package.module:callable`` -> the callable (one-line error otherwise)."""
-    from graceful_ray.models.factory import ZOO, resolve_factory
-
-    if not isinstance(path, str) or ":" not in path or path in ZOO:
+    # zoo names have no ':'; a zoo model needs no wrapping
+    if not isinstance(path, str) or ":" not in path:
         raise ModelError(f"factory {path!r}: give the import path of your model's factory, "
                          "'package.module:callable'")
-    return resolve_factory(path)
+    return locate(path)
 
 
 def build_user_model(factory: str, model_args: dict[str, Any] | None = None) -> nn.Module:

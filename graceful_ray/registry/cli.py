@@ -4,24 +4,16 @@ model trained elsewhere, export a version for the team's own stack."""
 from __future__ import annotations
 
 import argparse
-import os
+
+from graceful_ray.paths import registry_root
 
 DEFAULT_ROOT = "$GRACEFUL_RAY_ROOT/registry"
-
-
-def default_root() -> str:
-    """The registry every command shares: ``$GRACEFUL_RAY_ROOT/registry`` (the
-    project root defaults to ``./.graceful-ray``), the same place ``train`` and
-    ``tune`` publish to."""
-    from graceful_ray.train.config import default_root as project_root
-
-    return os.path.join(project_root(), "registry")
 
 
 def _registry(args: argparse.Namespace):
     from graceful_ray.registry.store import Registry
 
-    return Registry(args.registry or default_root())
+    return Registry(registry_root(args.registry))
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -56,10 +48,10 @@ def _cmd_alias(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from graceful_ray.registry.importer import import_model
-    from graceful_ray.train.cli import parse_kv
+    from graceful_ray.keyvalue import parse_kv
 
     r = import_model(args.name, factory=args.factory, weights=args.weights,
-                     registry=args.registry or default_root(), classes=args.classes,
+                     registry=registry_root(args.registry), classes=args.classes,
                      input_shape=args.input_shape, model_args=parse_kv(args.model_arg),
                      head_module=args.head_module, alias=args.alias, evaluate=args.evaluate)
     print(f"imported {r.ref}: {len(r.classes)} classes, embedding dim {r.embedding_dim}, "
@@ -73,7 +65,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from graceful_ray.registry.exporter import export_model
 
-    r = export_model(args.ref, args.out, registry=args.registry or default_root())
+    r = export_model(args.ref, args.out, registry=registry_root(args.registry))
     print(f"exported {r.ref} to {r.out}: model.safetensors (loads into {r.factory} with strict=True)")
     if r.torchscript:
         print(f"model.torchscript.pt: {r.torchscript}" + (f" ({r.torchscript_note})" if r.torchscript_note else ""))

@@ -249,7 +249,7 @@ def prepare_import(factory: str, weights: str, *, input_shape: tuple[int, ...], 
 def split_accuracy(model: nn.Module, data: str, classes: list[int], input_shape: tuple[int, ...],
                   split: str = "test") -> float:
     """Accuracy of ``model`` on a split of a graceful-ray dataset (labels are global ids)."""
-    from graceful_ray.evaluate import load_split
+    from graceful_ray.data import load_split
 
     x, y, info = load_split(data, split)
     if math.prod(info.feature_shape) != math.prod(input_shape):

@@ -11,28 +11,20 @@ Layout under ``root`` (a local directory, ``s3://...`` or ``gs://...``)::
 every backend; listing and resolving ignore anything else, so readers never see
 a half-written version.
 
-How a version becomes visible differs by backend, because the backends offer
-different atomic primitives:
-
-* Local filesystem (the DESIGN's rule): everything, manifest included, is
-  written to ``<root>/<name>/.staging-<uuid>/`` and published by one
-  ``os.rename`` to ``v<N>``. Renaming a directory onto an existing *non-empty*
-  directory fails (``ENOTEMPTY``/``EEXIST``), so two publishers racing for the
-  same ``N`` cannot both win: the loser rewrites its manifest for ``N+1`` and
-  renames again. (Linux lets a rename replace an *empty* directory, which is why
-  the registry never creates empty ``v<N>`` directories.)
-* Object stores (S3, GCS) have no rename: a "directory" is a key prefix and
-  moving one copies every object, non-atomically. There the publisher first
-  *claims* ``v<N>`` by an exclusive create of ``v<N>/.claim`` (S3 ``PUT`` with
-  ``If-None-Match: *``, answered 412 when the key exists; GCS
-  ``if_generation_match=0``); a failed claim means another publisher owns
-  ``N``, so it tries ``N+1``. It then uploads the files and writes
-  ``manifest.json`` last, itself with an exclusive create, so a committed
-  version can never be overwritten. A claimed directory without a manifest is
-  either in progress or left by a publisher that crashed; it stays invisible,
-  and later publishers skip its number. A single object ``PUT`` is atomic, so
-  the manifest appearing is the commit point, playing the role the rename plays
-  locally.
+Every backend commits the same way, through :class:`graceful_ray.storage.Staged`
+(write under a prefix no other writer uses, then create the pointer only if it
+is absent). The publisher first *claims* ``v<N>`` by an exclusive create of
+``v<N>/.claim`` (locally a hard link, which fails when the name exists; S3
+``PUT`` with ``If-None-Match: *``, answered 412 when the key exists; GCS
+``if_generation_match=0``); a failed claim means another publisher owns ``N``,
+so it tries ``N+1``. It then writes the files and creates ``manifest.json``
+last, itself exclusively, so a committed version can never be overwritten. A
+claimed directory without a manifest is either in progress or left by a
+publisher that crashed; it stays invisible, and later publishers skip its
+number. The manifest appearing whole is the commit point. (Registries written
+before this rule, locally by renaming a staging directory to ``v<N>``, read the
+same: their versions have manifests and no claims, and a claim that lands in a
+committed version is withdrawn.)
 
 Loading re-computes the sha256 of every file it reads and compares it to the
 manifest before the bytes are used, so a truncated upload, a tampered file or a
@@ -49,14 +41,12 @@ deliberate operations.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import operator
 import os
 import re
-import shutil
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
@@ -69,7 +59,7 @@ from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, Stor
 from graceful_ray.models.factory import ModelSpec, build_model
 from graceful_ray.registry.manifest import (FORMATS, RESERVED_FILES, Manifest, utc_now,
                                             valid_name, valid_relpath)
-from graceful_ray.storage import Location, resolve
+from graceful_ray.storage import Location, Staged, resolve
 
 log = logging.getLogger(__name__)
 
@@ -394,90 +384,44 @@ class Registry:
                             **common)
 
         make_manifest(1)  # validate everything before writing anything
-        if self.root.is_local:
-            manifest = self._publish_local(name, blobs, make_manifest)
-        else:
-            manifest = self._publish_object_store(name, blobs, make_manifest)
+        manifest = self._commit(name, blobs, make_manifest)
         self._manifests[(name, manifest.version)] = manifest
         log.info("published %s (%s) in %s", manifest.ref, manifest.embedding_space, self.uri)
         return manifest
 
-    def _publish_local(self, name: str, blobs: dict[str, bytes], make_manifest) -> Manifest:
-        model_dir = self._model_dir(name).path
-        staging = os.path.join(model_dir, f".staging-{uuid.uuid4().hex}")
-        try:
-            os.makedirs(staging)
-            for rel, data in blobs.items():
-                _write_local(os.path.join(staging, *rel.split("/")), data)
-            version = max(self._scan(name)[1], default=0) + 1
-            for _ in range(_MAX_ATTEMPTS):
-                manifest = make_manifest(version)
-                _write_local(os.path.join(staging, MANIFEST_FILE), manifest.to_json().encode())
-                target = os.path.join(model_dir, f"v{version}")
-                try:
-                    os.rename(staging, target)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        raise
-                    # Another publisher took this number: take the next free one.
-                    log.debug("%s@v%d taken by another publisher; trying the next", name, version)
-                    version = max(version, max(self._scan(name)[1], default=0)) + 1
-                    continue
-                _fsync_dir(model_dir)
-                return manifest
-            raise RegistryError(f"could not find a free version number for {name!r} in "
-                                f"{_MAX_ATTEMPTS} attempts")
-        except BaseException as e:
-            self._discard_local(staging)
-            if isinstance(e, OSError) and not isinstance(e, StorageError):
-                raise StorageError(f"cannot publish {name!r} to {self.uri}: {e}") from e
-            raise
-
-    def _discard_local(self, staging: str) -> None:
-        """Remove an unpublished staging directory (a crash leaves it; it is never visible)."""
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def _publish_object_store(self, name: str, blobs: dict[str, bytes],
-                              make_manifest) -> Manifest:
+    def _claim(self, name: str) -> tuple[int, Location]:
+        """A version number of our own: ``v<N>/.claim`` created exclusively."""
         token = uuid.uuid4().hex
         claim_body = json.dumps({"token": token, "host": socket.gethostname(),
                                  "pid": os.getpid(), "claimed_at": utc_now()}).encode()
         version = max(self._scan(name)[1], default=0) + 1
         for _ in range(_MAX_ATTEMPTS):
-            claim = self._version_dir(name, version).join(CLAIM_FILE)
+            vdir = self._version_dir(name, version)
+            claim = vdir.join(CLAIM_FILE)
             if claim.create_exclusive(claim_body) and _claim_is_ours(claim, token):
-                break
-            log.debug("%s@v%d claimed by another publisher; trying the next", name, version)
+                if not vdir.join(MANIFEST_FILE).exists():
+                    return version, claim
+                claim.delete_file()  # a version committed before claims existed: not ours
+            log.debug("%s@v%d taken by another publisher; trying the next", name, version)
             version = max(version, max(self._scan(name)[1], default=0)) + 1
-        else:
-            raise RegistryError(f"could not claim a version number for {name!r} in "
-                                f"{_MAX_ATTEMPTS} attempts")
+        raise RegistryError(f"could not claim a version number for {name!r} in "
+                            f"{_MAX_ATTEMPTS} attempts")
+
+    def _commit(self, name: str, blobs: dict[str, bytes], make_manifest) -> Manifest:
+        version, claim = self._claim(name)
         vdir = self._version_dir(name, version)
-        written: list[Location] = []
-        try:
+        with Staged(vdir) as staged:
+            staged.adopt(claim)  # an uncommitted number is given back with the files
             for rel, data in blobs.items():
-                loc = vdir.join(rel)
-                loc.write_bytes(data)
-                written.append(loc)
+                staged.write(rel, data)
             manifest = make_manifest(version)
-            if not vdir.join(MANIFEST_FILE).create_exclusive(manifest.to_json().encode()):
-                claim, written = None, []  # someone else's version now: leave it alone
+            if not staged.commit(vdir.join(MANIFEST_FILE), manifest.to_json().encode(),
+                                 keep_if_taken=True):
                 raise RegistryError(
                     f"{name}@v{version} was committed by another publisher although this one "
-                    f"claimed it: the object store at {self.uri} does not honour conditional "
-                    "writes (If-None-Match); publish from one writer at a time there")
+                    f"claimed it: the store at {self.uri} does not honour exclusive creates "
+                    "(If-None-Match); publish from one writer at a time there")
             return manifest
-        except BaseException:
-            self._discard_object_store(claim, written)
-            raise
-
-    def _discard_object_store(self, claim: Location | None, written: list[Location]) -> None:
-        """Best-effort removal of an uncommitted version; what a crash leaves stays invisible."""
-        for loc in [*written, *([claim] if claim is not None else [])]:
-            try:
-                loc.delete_file()
-            except StorageError as e:  # pragma: no cover - network trouble during cleanup
-                log.warning("could not clean up %s: %s", loc.uri, e)
 
     # ---------------------------------------------------------------- aliases
     def _read_alias(self, name: str, alias: str) -> dict | None:
@@ -671,27 +615,6 @@ def _jsonable(value: Any, what: str) -> Any:
         return json.loads(json.dumps(dict(value), default=default))
     except (TypeError, ValueError) as e:
         raise RegistryError(f"{what} must be JSON-serialisable: {e}") from None
-
-
-def _write_local(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _claim_is_ours(claim: Location, token: str) -> bool:

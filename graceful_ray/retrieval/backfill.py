@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.retrieval.errors import BackfillError, EmbeddingSpaceError, SimulatedCrash
-from graceful_ray.retrieval.gallery import (Gallery, Snapshot, _create_exclusive, _read_optional,
+from graceful_ray.retrieval.gallery import (Gallery, Snapshot, _read_optional,
                                             embeddings_array, make_rows, merge_rows, update_rows,
                                             utc_now)
 from graceful_ray.retrieval.index import IndexConfig
@@ -105,12 +105,11 @@ class BackfillConfig:
             raise ConfigError("num_cpus must be > 0 and batch_size >= 1")
 
     def resolved(self) -> "BackfillConfig":
-        import os
 
-        from graceful_ray.train.config import default_root
+        from graceful_ray.paths import registry_root
 
         d = asdict(self)
-        d["registry"] = self.registry or os.path.join(default_root(), "registry")
+        d["registry"] = registry_root(self.registry)
         d["run_name"] = self.run_name or f"backfill-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         d["index"] = self.index
         return BackfillConfig(**d)
@@ -227,7 +226,7 @@ def _make_plan(g: Gallery, cfg: BackfillConfig, head: Snapshot, new: Any, mode: 
             "chunk_rows": np.diff(bounds).astype(int).tolist(), "rows_total": int(n),
             "base_snapshot": head.seq, "base_space": head.embedding_space, "data": data,
             "split": split, "order_file": order_file, "created_at": utc_now()}
-    if not _create_exclusive(pdir.join(PLAN_FILE), json.dumps(plan, indent=1).encode()):
+    if not pdir.join(PLAN_FILE).create_exclusive(json.dumps(plan, indent=1).encode()):
         pdir.join(order_file).delete_file()  # another process planned this run first: use theirs
         loaded = load_plan(g, cfg.run_name)
         assert loaded is not None

@@ -11,9 +11,9 @@ import numpy as np
 
 
 def _registry(args: argparse.Namespace) -> str:
-    from graceful_ray.train.config import default_root
+    from graceful_ray.paths import registry_root
 
-    return args.registry or os.path.join(default_root(), "registry")
+    return registry_root(args.registry)
 
 
 def _index_config(args: argparse.Namespace):
@@ -67,7 +67,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from graceful_ray.data import read_info, read_split
     from graceful_ray.retrieval.searcher import GallerySearcher
-    from graceful_ray.train.batches import inputs_from_arrow
+    from graceful_ray.data.tensors import inputs_from_arrow
 
     searcher = GallerySearcher(args.gallery, registry=_registry(args), query_model=args.model, reload="off")
     info = read_info(args.data)

@@ -50,7 +50,8 @@ class GenerationsReport:
 def generations_report(data: str, split: str, refs: Sequence[str], *, registry: str,
                        metric: str = "top1") -> GenerationsReport:
     """Embed ``split`` with every generation and fill the full matrix."""
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
     from graceful_ray.metrics import compatibility_matrix
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.errors import EmbeddingSpaceError

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from graceful_ray.train.batches import fixed_size_list, inputs_from_arrow
+from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
 
 log = logging.getLogger(__name__)
 

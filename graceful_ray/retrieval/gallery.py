@@ -17,7 +17,7 @@ Layout under the gallery URI (local path, ``s3://``, ``gs://``)::
 
 **Publication.** A writer writes the new segments, the index and
 ``snapshot.json`` first, then commits by *creating* ``commits/<parent>.json``
-exclusively (an ``O_EXCL``-style link locally, an ``If-None-Match: *`` PUT on
+exclusively (``graceful_ray.storage.Staged``: a hard link locally, an ``If-None-Match: *`` PUT on
 S3): the pointer is written last, and it can be written once. A reader finds
 the current snapshot by starting at ``HEAD.json`` and following
 ``commits/<seq>.json`` until there is none, so it only ever opens snapshots
@@ -39,7 +39,6 @@ its snapshot in memory, so deleting the files does not disturb it).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -56,8 +55,8 @@ import pyarrow.parquet as pq
 from graceful_ray.errors import StorageError
 from graceful_ray.retrieval.errors import ConcurrentUpdateError, GalleryError
 from graceful_ray.retrieval.index import IndexConfig, IndexReport, build_index, deserialize, serialize
-from graceful_ray.storage import Location, resolve
-from graceful_ray.train.batches import fixed_size_list
+from graceful_ray.storage import Location, Staged, resolve
+from graceful_ray.data.tensors import fixed_size_list
 
 log = logging.getLogger(__name__)
 
@@ -269,33 +268,6 @@ def _read_optional_buffer(loc: Location) -> pa.Buffer | None:
         raise StorageError(f"cannot read {loc.uri}: {e}") from e
 
 
-def _create_exclusive(loc: Location, data: bytes) -> bool:
-    """Create ``loc`` whole, only if it does not exist. Locally a hard link of a
-    complete temporary file (``link`` fails with EEXIST), so a reader never sees
-    it half-written; elsewhere the storage layer's conditional create."""
-    if not loc.is_local:
-        return loc.create_exclusive(data)
-    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-    tmp = f"{loc.path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, loc.path)
-        except OSError as e:
-            if e.errno == errno.EEXIST:
-                return False
-            raise StorageError(f"cannot create {loc.uri}: {e}") from e
-        return True
-    finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-
-
 class Gallery:
     """One gallery on storage: read snapshots, write segments, publish atomically."""
 
@@ -474,13 +446,12 @@ class Gallery:
                           "config": (index_config or IndexConfig()).to_dict()}
         seq = 1 if parent is None else parent.seq + 1
         snap_dir = f"snapshots/{seq:010d}-{uuid.uuid4().hex[:12]}"
-        written: list[Location] = []
-        try:
+        # Staged: the snapshot's files under its own prefix, then the commit
+        # record only if no other writer committed on top of the same parent
+        with Staged(self.loc.join(snap_dir)) as staged:
             if not reuse_index and index_info["report"]["kind"] != "flat":
                 data = serialize(index)
-                loc = self.loc.join(snap_dir, INDEX_FILE)
-                loc.write_bytes(data)
-                written.append(loc)
+                staged.write(INDEX_FILE, data)
                 index_info.update(path=f"{snap_dir}/{INDEX_FILE}", sha256=_sha256(data))
             id_type = "int64" if pa.types.is_integer(rows.column("id").type) else "string"
             mv = rows.column("model_version").value_counts().to_pylist()
@@ -494,13 +465,11 @@ class Gallery:
                 backfills=dict(backfills if backfills is not None else (parent.backfills if parent else {})),
                 pending=pending, note=note)
             body = snap.to_json().encode()
-            loc = self.loc.join(snap_dir, SNAPSHOT_FILE)
-            loc.write_bytes(body)
-            written.append(loc)
+            staged.write(SNAPSHOT_FILE, body)
             commit = {"seq": seq, "snapshot": snap_dir, "sha256": _sha256(body),
                       "parent": None if parent is None else parent.seq, "committed_at": utc_now()}
-            if not _create_exclusive(self._commit_loc(0 if parent is None else parent.seq),
-                                     json.dumps(commit).encode()):
+            if not staged.commit(self._commit_loc(0 if parent is None else parent.seq),
+                                 json.dumps(commit).encode()):
                 theirs = self.head_commit()
                 raise ConcurrentUpdateError(
                     f"gallery {self.uri} moved on while this writer worked: snapshot "
@@ -510,15 +479,6 @@ class Gallery:
                     "running it again with the same run name)" if parent is not None else
                     f"a gallery already exists at {self.uri}; use another location or publish "
                     "on top of its head")
-        except BaseException:
-            # Remove what this call wrote; the caller's segments are the caller's to clean.
-            for w in written:
-                w.delete_file()
-            try:
-                self.loc.join(snap_dir).delete_dir()
-            except (OSError, StorageError):  # pragma: no cover - best effort
-                pass
-            raise
         self._snapshots[snap_dir] = snap
         try:
             self.loc.join(HEAD_FILE).write_bytes(json.dumps(commit).encode())

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.paths import project_root
 from graceful_ray.retrieval.errors import EmbeddingSpaceError, GalleryError
 from graceful_ray.retrieval.gallery import Gallery, Snapshot, embeddings_array, make_rows, utc_now
 from graceful_ray.storage import resolve
@@ -106,9 +107,7 @@ class TransformConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
     def resolved(self) -> "TransformConfig":
-        from graceful_ray.train.config import default_root
-
-        root = default_root()
+        root = project_root()
         tid = self.run_name or f"transform-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         d = asdict(self)
         d.update(registry=self.registry or os.path.join(root, "registry"),

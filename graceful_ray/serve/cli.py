@@ -17,6 +17,9 @@ import signal
 import threading
 from typing import Any
 
+from graceful_ray.keyvalue import parse_gates
+from graceful_ray.paths import registry_root, under_root
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "$GRACEFUL_RAY_ROOT/shadow"
@@ -48,22 +51,6 @@ def _load_config_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of ShadowConfig fields")
     return data
-
-
-def _parse_gates(items: list[str]) -> dict[str, Any]:
-    """``["max_nfr=0.02", ...]`` -> ``{"max_nfr": 0.02}``, or a ConfigError naming the item."""
-    from graceful_ray.errors import ConfigError
-
-    gates: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE, e.g. max_nfr=0.02")
-        try:
-            gates[name.strip()] = json.loads(value)
-        except ValueError:
-            raise ConfigError(f"--gate {item!r}: {value!r} is not a number") from None
-    return gates
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,7 +107,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """A validated :class:`ShadowConfig` from a config file plus command-line options."""
     from graceful_ray.errors import ConfigError
-    from graceful_ray.registry.cli import default_root
     from graceful_ray.serve.config import ShadowConfig
 
     data: dict[str, Any] = _load_config_file(args.config) if args.config else {}
@@ -132,7 +118,7 @@ def config_from_args(args: argparse.Namespace):
     set_if("baseline", args.old)
     set_if("candidate", args.new)
     set_if("registry", args.registry)
-    data.setdefault("registry", default_root())
+    data.setdefault("registry", registry_root())
     set_if("storage", args.storage)
     set_if("shadow_fraction", args.shadow_fraction)
     set_if("shadow_timeout_s", args.shadow_timeout)
@@ -159,11 +145,9 @@ def config_from_args(args: argparse.Namespace):
                               "reference) or set it in --config")
     if "storage" not in data:
         safe = lambda r: r.replace("@", "-").replace("/", "-")  # noqa: E731
-        from graceful_ray.train.config import default_root as project_root
-
-        data["storage"] = os.path.join(project_root(), "shadow",
+        data["storage"] = under_root("shadow",
                                        f"{safe(data['baseline'])}__{safe(data['candidate'])}")
-    gates = {**(data.get("gates") or {}), **_parse_gates(args.gate)}
+    gates = {**(data.get("gates") or {}), **parse_gates(args.gate)}
     if gates:
         data["gates"] = gates
     if args.comparator_shards is not None:
@@ -228,12 +212,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from graceful_ray.registry.cli import default_root
     from graceful_ray.serve.replay import replay
     from graceful_ray.serve.report_text import format_shadow_report
 
-    gates = _parse_gates(args.gate)  # on top of the gates the service used
-    report = replay(args.log, args.registry or default_root(), candidate=args.candidate,
+    gates = parse_gates(args.gate)  # on top of the gates the service used
+    report = replay(args.log, registry_root(args.registry), candidate=args.candidate,
                     baseline=args.baseline, gates=gates)
     if args.out:  # the whole report as JSON for tools; the terminal gets the table
         with open(args.out, "w") as f:

@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from typing import Any
 
-from graceful_ray.errors import ConfigError
+from graceful_ray.keyvalue import parse_kv
 from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig
 
 logger = logging.getLogger(__name__)
-
-
-def parse_kv(items: list[str] | None) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}`` (values parsed as JSON when they can be)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

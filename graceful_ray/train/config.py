@@ -7,7 +7,6 @@ stored with the run and in the registry manifest).
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -15,13 +14,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.paths import registry_root, under_root
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def default_root() -> str:
-    """Where graceful-ray keeps its registry and runs unless told otherwise."""
-    return os.environ.get("GRACEFUL_RAY_ROOT", os.path.abspath(".graceful-ray"))
 
 
 def generate_run_name(prefix: str = "upgrade") -> str:
@@ -146,11 +141,10 @@ class UpgradeConfig:
 
     def resolved(self) -> "UpgradeConfig":
         """A copy with defaults filled in (run name, registry and storage roots)."""
-        root = default_root()
         return UpgradeConfig(**{
             **asdict(self),
-            "registry": self.registry or os.path.join(root, "registry"),
-            "storage": self.storage or os.path.join(root, "runs"),
+            "registry": registry_root(self.registry),
+            "storage": self.storage or under_root("runs"),
             "run_name": self.run_name or generate_run_name(self.name),
         })
 

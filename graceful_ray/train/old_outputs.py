@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from graceful_ray.storage import Location, resolve
-from graceful_ray.train.batches import fixed_size_list, inputs_from_arrow
+from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from graceful_ray.train.batches import inputs_from_arrow
+from graceful_ray.data.tensors import inputs_from_arrow
 
 INPUT = "x"
 ROW_KEY = "row_key"  # an int64 per row that partitions the validation set over workers

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.train.config import LR_SCHEDULES
@@ -91,8 +90,9 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     """:class:`SearchSettings` for a new search (``--resume`` loads them from the run instead)."""
     from graceful_ray.models.factory import ZOO
-    from graceful_ray.train.cli import parse_kv
-    from graceful_ray.train.config import UpgradeConfig, default_root, generate_run_name
+    from graceful_ray.keyvalue import parse_kv
+    from graceful_ray.paths import registry_root, under_root
+    from graceful_ray.train.config import UpgradeConfig, generate_run_name
     from graceful_ray.tune import space as sp
     from graceful_ray.tune.trainable import absolute
     from graceful_ray.tune.tuner import SearchSettings, absolutize_base
@@ -110,9 +110,8 @@ def settings_from_args(args: argparse.Namespace):
         raise ConfigError("--methods is for the default search across methods; drop --method to use it")
     method = args.method or ("bct" if args.search == "edge" else sp.PLAIN)
     schedule = args.lr_schedule or "cosine"
-    root = default_root()
-    registry = absolute(args.registry or os.path.join(root, "registry"))
-    storage = absolute(args.storage or os.path.join(root, "tune"))
+    registry = absolute(registry_root(args.registry))
+    storage = absolute(args.storage or under_root("tune"))
     run_name = args.run_name or generate_run_name("tune-methods" if across else f"tune-{method.replace('+', '-')}")
     hparams = parse_kv(args.hp)
     model_kwargs = parse_kv(args.model_arg)
@@ -172,14 +171,15 @@ def rule_from_args(args: argparse.Namespace):
 def run_tune(args: argparse.Namespace) -> int:
     from graceful_ray.raycluster import ensure_ray
     from graceful_ray.train.checks import check_upgrade
-    from graceful_ray.train.config import UpgradeConfig, default_root
+    from graceful_ray.paths import under_root
+    from graceful_ray.train.config import UpgradeConfig
     from graceful_ray.tune.runner import finish, resume_search, start_search
     from graceful_ray.tune.trainable import absolute
     from graceful_ray.tune.tuner import SearchSettings
 
     rule = rule_from_args(args)
     if args.resume:
-        storage = absolute(args.storage or os.path.join(default_root(), "tune"))
+        storage = absolute(args.storage or under_root("tune"))
         settings = SearchSettings.load(storage, args.resume)
     else:
         settings = settings_from_args(args)

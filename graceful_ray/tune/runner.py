@@ -125,7 +125,8 @@ def _console(verbose: int):
 
 def edge_reference(settings: SearchSettings) -> dict[str, Any]:
     """M(large, large) and the cloud model's cost: the bar the small models are held to."""
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
     from graceful_ray.metrics import m_score
     from graceful_ray.registry import Registry
 

@@ -134,7 +134,8 @@ def edge_metrics(cfg, spec, state_dict: dict) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from graceful_ray.evaluate import load_split, predict
+    from graceful_ray.data import load_split
+    from graceful_ray.evaluate import predict
     from graceful_ray.metrics import m_score
     from graceful_ray.models import build_model
     from graceful_ray.train.trainer import export_for_registry

@@ -1,17 +1,16 @@
-"""Turning dataset rows into model inputs, in one place.
+"""Dataset rows as model inputs (and vectors back as Arrow), in one place.
 
-Used by the old-output cache (Ray Data batches), the training workers and
-evaluation, so a feature vector or an image becomes the same tensor everywhere.
+Used by training (the pipeline, the old-output cache), evaluation, retrieval and
+serving, so a feature vector or an image becomes the same array everywhere.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 
 def inputs_from_arrow(table: pa.Table, feature_shape: Sequence[int]) -> np.ndarray:
@@ -38,7 +37,3 @@ def fixed_size_list(array: np.ndarray, value_type: pa.DataType = pa.float32()) -
     array = np.ascontiguousarray(array)
     n, d = array.shape[0], int(np.prod(array.shape[1:])) if array.ndim > 1 else 1
     return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1), type=value_type), d)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,11 +1,10 @@
-"""Write, read, import and check datasets on any ``pyarrow.fs`` filesystem.
+"""Write and publish datasets on any ``pyarrow.fs`` filesystem.
 
 Writing validates every split first, so a bad input writes nothing. Publishing
 is all-or-nothing for readers: locally the dataset is assembled in a staging
 directory beside the target and renamed into place; on object stores the split
 files are written first and ``dataset.json`` last, since it is the commit
-marker (a prefix without it is not a dataset). Reading verifies every file
-against the sha256 recorded in ``dataset.json``.
+marker (a prefix without it is not a dataset).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import posixpath
 import re
 import shutil
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +24,23 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from graceful_ray.data.contract import (
-    DATASET_JSON, FEATURES, ID, IMAGE, LABEL, OLD_TRAIN, SCENARIOS, TRAIN, DatasetInfo,
-    Expectations, SplitInfo, dataset_checksum, features_type, now_iso, sha256_hex,
+    DATASET_JSON,
+    FEATURES,
+    ID,
+    IMAGE,
+    LABEL,
+    OLD_TRAIN,
+    SCENARIOS,
+    TRAIN,
+    DatasetInfo,
+    Expectations,
+    SplitInfo,
+    dataset_checksum,
+    features_type,
+    now_iso,
+    sha256_hex,
 )
-from graceful_ray.data.images import decode_images
+from graceful_ray.data.read import PathLike, as_location, read_info
 from graceful_ray.data.validate import IdIndex, check_subset, validate_table
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
 from graceful_ray.storage import Location, resolve
@@ -42,160 +54,7 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGING = ".staging-"
 _TRASH = ".trash-"
 
-PathLike = Union[str, "os.PathLike[str]"]
 
-
-# --------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------
-def _loc(root: PathLike | Location) -> Location:
-    return root if isinstance(root, Location) else resolve(root)
-
-
-def dataset_exists(root: PathLike) -> bool:
-    """True when ``root`` holds a published dataset (its ``dataset.json``)."""
-    return _loc(root).join(DATASET_JSON).exists()
-
-
-def read_info(root: PathLike) -> DatasetInfo:
-    """Read ``dataset.json``; a directory without one is not a dataset."""
-    loc = _loc(root)
-    meta = loc.join(DATASET_JSON)
-    try:
-        data = meta.read_bytes()
-    except StorageError:
-        if not meta.exists():
-            raise DatasetError(
-                f"no dataset at {loc.uri}: dataset.json is missing (a directory without it "
-                f"is not a dataset; create one with `graceful-ray data make` or "
-                f"import_dataset)", file=meta.uri) from None
-        raise
-    return DatasetInfo.from_json(data)
-
-
-def check_info_checksums(info: DatasetInfo) -> None:
-    """The recorded split and dataset checksums must follow from the file hashes."""
-    for name, si in info.splits.items():
-        missing = [f for f in si.files if f not in si.sha256]
-        if missing:
-            raise DatasetError(f"split {name!r} lists {missing[0]} without a sha256",
-                               file=DATASET_JSON)
-        if SplitInfo.compute_checksum(si.rows, si.files, si.sha256) != si.checksum:
-            raise DatasetError(f"checksum of split {name!r} does not match its files' "
-                               f"sha256: dataset.json was edited; re-create the dataset",
-                               file=DATASET_JSON)
-    if dataset_checksum(info.splits) != info.checksum:
-        raise DatasetError("dataset checksum does not match the split checksums: "
-                           "dataset.json was edited; re-create the dataset", file=DATASET_JSON)
-
-
-def read_file(root: PathLike, rel: str, sha256: str | None = None) -> pa.Table:
-    """Read one Parquet file of a dataset, verifying its sha256 when given."""
-    loc = _loc(root).join(rel)
-    try:
-        data = loc.read_buffer()  # Arrow-owned memory: see Location.read_buffer
-    except StorageError as e:
-        raise DatasetError(f"cannot read a file dataset.json lists: {e}", file=rel) from None
-    if sha256 is not None and sha256_hex(data) != sha256:
-        raise DatasetError("sha256 mismatch: the file changed after dataset.json was "
-                           "written; re-create or re-import the dataset", file=rel)
-    try:
-        return pq.read_table(pa.BufferReader(data))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DatasetError(f"not a readable Parquet file: {e}", file=rel) from None
-
-
-def read_split(root: PathLike, split: str, *, columns: Sequence[str] | None = None,
-               verify: bool = True) -> pa.Table:
-    """One split as a single table, every file checked against ``dataset.json``."""
-    info = read_info(root)
-    si = info.split(split)
-    tables = [read_file(root, rel, si.sha256.get(rel) if verify else None) for rel in si.files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if columns is not None:
-        table = table.select(list(columns))
-    return table
-
-
-def split_paths(root: PathLike, split: str) -> tuple[pafs.FileSystem, list[str]]:
-    """(filesystem, paths) of a split's files, for readers such as Ray Data."""
-    loc = _loc(root)
-    si = read_info(loc).split(split)
-    return loc.fs, [loc.join(rel).path for rel in si.files]
-
-
-def verify_split(root: PathLike, split: str) -> None:
-    """Check every file of a split against its recorded sha256 (reads the bytes)."""
-    loc = _loc(root)
-    si = read_info(loc).split(split)
-    for rel in si.files:
-        try:
-            data = loc.join(rel).read_bytes()
-        except StorageError as e:
-            raise DatasetError(f"cannot read a file dataset.json lists: {e}", file=rel) from None
-        if sha256_hex(data) != si.sha256.get(rel):
-            raise DatasetError("sha256 mismatch: the file changed after dataset.json was "
-                               "written; re-create or re-import the dataset", file=rel)
-
-
-def to_numpy(table: pa.Table, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids, X, y)``: X float32 shaped ``(N, *feature_shape)``, y int64.
-
-    Images are decoded to float32 CHW in [0, 1]; string ids come back as a
-    numpy unicode array.
-    """
-    from graceful_ray.data.validate import ids_to_numpy
-
-    n = table.num_rows
-    ids = ids_to_numpy(table.column(ID).combine_chunks())
-    y = table.column(LABEL).to_numpy().astype(np.int64, copy=False)
-    if info.kind == "features":
-        arr = table.column(FEATURES).combine_chunks()
-        flat = arr.flatten().to_numpy(zero_copy_only=False)
-        X = flat.astype(np.float32, copy=False).reshape((n, *info.feature_shape))
-    else:
-        X = decode_images(table.column(IMAGE).to_pylist(), info.feature_shape)
-    return ids, X, y
-
-
-def batch_to_numpy(batch: pa.Table | Mapping[str, Any],
-                   info: DatasetInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`to_numpy` for a Ray Data batch (``"pyarrow"`` or ``"numpy"`` format).
-
-    Ray's numpy batches hold a fixed-size list column as an object array of
-    rows; this stacks it into ``(N, *feature_shape)`` float32.
-    """
-    if isinstance(batch, pa.Table):
-        return to_numpy(batch, info)
-    ids = np.asarray(batch[ID])
-    y = np.asarray(batch[LABEL]).astype(np.int64, copy=False)
-    if info.kind == "features":
-        col = batch[FEATURES]
-        X = np.stack(list(col)) if getattr(col, "dtype", None) == object else np.asarray(col)
-        X = X.astype(np.float32, copy=False).reshape((len(y), *info.feature_shape))
-    else:
-        X = decode_images(list(batch[IMAGE]), info.feature_shape)
-    return ids, X, y
-
-
-def ray_dataset(root: PathLike, split: str, *, verify: bool = True, **read_kwargs: Any):
-    """A ``ray.data.Dataset`` over one split (``ray.data.read_parquet``).
-
-    ``verify`` first checks the files' sha256 on the driver (one extra read of
-    the split); pass ``verify=False`` for very large datasets already checked
-    with ``graceful-ray data check``.
-    """
-    from graceful_ray.data.reader import read_parquet
-
-    if verify:
-        verify_split(root, split)
-    fs, paths = split_paths(root, split)
-    return read_parquet(paths, filesystem=fs, **read_kwargs)
-
-
-# --------------------------------------------------------------------------
-# writing
-# --------------------------------------------------------------------------
 def _normalize_scenario(scenario: str | Mapping[str, Any] | None) -> dict[str, Any]:
     if scenario is None:
         return {"kind": "none"}
@@ -251,7 +110,7 @@ def _is_ours(name: str, split_names: set[str]) -> bool:
             or name.startswith(_TRASH))
 
 
-def _check_target(loc: Location, split_names: set[str], overwrite: bool) -> list[str]:
+def target_entries(loc: Location, split_names: set[str], overwrite: bool) -> list[str]:
     """Refuse to write over a dataset (unless ``overwrite``) or over foreign files.
 
     Returns the names of existing entries to remove on overwrite.
@@ -293,7 +152,7 @@ def check_target(root: PathLike, split_names: Iterable[str], overwrite: bool = F
 
     Lets slow producers (dataset generators) fail before doing the work.
     """
-    _check_target(_loc(root), set(split_names), overwrite)
+    target_entries(as_location(root), set(split_names), overwrite)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -337,7 +196,7 @@ def publish(loc: Location, write_splits: Callable[[Location], dict[str, SplitInf
     Locally ``dest`` is a staging directory renamed into place (removed if
     ``write_splits`` raises); on object stores it is ``loc`` itself and the old
     dataset is un-committed first, so callers there should have checked their
-    input before calling. ``existing`` comes from :func:`_check_target`.
+    input before calling. ``existing`` comes from :func:`target_entries`.
     """
     if loc.is_local:
         parent, base = os.path.split(loc.path.rstrip(os.sep))
@@ -448,8 +307,8 @@ def write_dataset(root: PathLike, splits: Mapping[str, pa.Table], *, name: str,
         raise ConfigError("write_dataset needs num_classes")
     scen = _normalize_scenario(scenario)
     subs = _default_subsets(splits, subsets)
-    loc = _loc(root)
-    existing = _check_target(loc, set(splits), overwrite)
+    loc = as_location(root)
+    existing = target_entries(loc, set(splits), overwrite)
     exp = Expectations(kind=kind, num_classes=int(num_classes), feature_shape=shape)
     exp = _validate_splits({s: [(f"{s} (input table)", t)] for s, t in splits.items()},
                            exp, subs)
@@ -458,8 +317,9 @@ def write_dataset(root: PathLike, splits: Mapping[str, pa.Table], *, name: str,
                             extra=extra, existing=existing, rows_per_file=rows_per_file)
 
 
+
 # --------------------------------------------------------------------------
-# importing a user's own Parquet
+# a directory of the user's own Parquet, already in the contract's columns
 # --------------------------------------------------------------------------
 def conform(table: pa.Table) -> pa.Table:
     """Lossless-in-practice casts toward the contract, for imported Parquet.
@@ -547,7 +407,7 @@ def import_dataset(src: Any, out: PathLike, *, name: str | None = None,
     the user's file and row. ``num_classes`` defaults to the largest label + 1;
     ``cast`` applies :func:`conform` first.
     """
-    out_loc = _loc(out)
+    out_loc = as_location(out)
     name = name or posixpath.basename(out_loc.path.rstrip("/")) or "dataset"
     shape = _check_args(name, num_classes, class_names, feature_shape, kind, rows_per_file)
     scen = _normalize_scenario(scenario)
@@ -556,7 +416,7 @@ def import_dataset(src: Any, out: PathLike, *, name: str | None = None,
         if not files:
             raise DatasetError(f"split {s!r}: no Parquet files found", file=str(s))
     subs = _default_subsets(sources, subsets)
-    existing = _check_target(out_loc, set(sources), overwrite)
+    existing = target_entries(out_loc, set(sources), overwrite)
     loaded: dict[str, list[tuple[str, pa.Table]]] = {}
     for s, files in sources.items():
         for f in files:
