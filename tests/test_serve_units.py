@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from graceful_ray.errors import ConfigError, IncompatibleModelError
+from graceful_ray.errors import ConfigError, IncompatibleModelError, StorageError
 from graceful_ray.metrics import flip_metrics, wilson_interval
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
@@ -326,10 +326,26 @@ def test_a_state_saved_before_revisions_existed_resumes_at_its_epoch(tmp_path):
     core.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
     saved = dict(core.state)
     del saved["revision"]
-    core.log.write_state(saved)
+    # an earlier release's log: one state.json, rewritten in place, and no state/ revisions
+    from graceful_ray.serve.records import LEGACY_STATE_FILE, STATE_DIR
+
+    core.log.root.join(STATE_DIR).delete_dir()
+    core.log.root.join(LEGACY_STATE_FILE).write_bytes(json.dumps(saved).encode())
     resumed = _core(tmp_path)
     assert resumed.routing()["revision"] == resumed.routing()["epoch"] == 1
     assert resumed.routing()["primary"] == CANDIDATE
+
+
+def test_two_comparators_on_one_storage_cannot_overwrite_each_others_routing(tmp_path):
+    """Each routing revision is created once: a second comparator that saves the same
+    revision is refused (and changes nothing) instead of silently replacing the first's."""
+    first, second = _core(tmp_path), _core(tmp_path)
+    first.switch(CANDIDATE, action="cutover", forced=True, reason="", gates=None)
+    before = dict(second.state)
+    with pytest.raises(StorageError, match="another comparator"):
+        second.change_routing(shadow_fraction=0.5)
+    assert second.state == before
+    assert _core(tmp_path).routing()["primary"] == CANDIDATE  # the first's cutover stands
 
 
 def test_a_router_never_goes_back_to_an_older_routing_state():

@@ -32,7 +32,7 @@ from typing import Any
 
 from ray import serve
 
-from graceful_ray.errors import ConfigError, GracefulRayError
+from graceful_ray.errors import ConfigError, GracefulRayError, StorageError
 from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig, other
 from graceful_ray.serve.gates import evaluate, explain, watch
 from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
@@ -136,7 +136,7 @@ class ComparatorCore:
             log.info("resumed %s log %s: %d records", book.kind.name, self.log.root.uri,
                      book.written)
         if self.shard == 0:
-            self.log.write_state(self.state)
+            self.log.write_state(self.state)  # False: this revision is saved already
 
     # ------------------------------------------------------------- records
     def _track(self, book: Book, t: Record) -> None:
@@ -396,7 +396,11 @@ class ComparatorCore:
         changes nothing.
         """
         state = {**self.state, **changes, "revision": self.state["revision"] + 1}
-        self.log.write_state(state)
+        if not self.log.write_state(state):
+            raise StorageError(
+                f"revision {state['revision']} of the routing state in {self.log.root.uri} was "
+                "saved by another comparator first: two services share this storage path; give "
+                "each its own (--storage)")
         self.state = state
 
     def switch(self, to: str, *, action: str, forced: bool, reason: str,
@@ -615,9 +619,8 @@ class Comparator:
             gates = GateConfig.from_dict({**self._core.gates.to_dict(), **changes})
         except GracefulRayError as e:
             return {"status": 422, "detail": str(e)}
+        await asyncio.to_thread(self._core.change_routing, gates=gates.to_dict())
         self._core.gates = gates
-        self._core.state["gates"] = gates.to_dict()
-        await asyncio.to_thread(self._core.log.write_state, self._core.state)
         log.info("gates set to %s", gates)
         return {"status": 200, "gates": gates.to_dict()}
 
@@ -675,7 +678,7 @@ class Comparator:
         if self._peers:  # their watch restarts with the new epoch
             try:
                 await self._from_peers("adopt", core.state)
-            except Exception:  # noqa: BLE001 - they learn it on restart from state.json
+            except Exception:  # noqa: BLE001 - they learn it on restart from the saved state
                 log.exception("a comparator shard did not take the new routing state")
         log.info("%s: %s is primary now (epoch %d)", action, core.refs[to], core.state["epoch"])
         return {"status": 200, "detail": f"{action} done: {core.refs[to]} is primary",

@@ -6,7 +6,8 @@ Layout under ``storage`` (local, ``s3://``, ``gs://``)::
     searches/part-<ms>-<seq>.parquet  one row per searched input (see search_schema)
     labels/part-<ms>-<seq>.parquet    every feedback label (request_id, label, time),
                                       for predict and search request ids alike
-    state.json                        which model is primary, fraction, gates, history
+    state/<revision>.json             which model is primary, fraction, gates, history:
+                                      each routing revision, created once (never rewritten)
 
 A record's ``label`` column holds the label if it was known when the record was
 written; labels that arrive later are only in ``labels/``. Readers join the two
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 RECORDS_DIR = "records"
 SEARCHES_DIR = "searches"
 LABELS_DIR = "labels"
-STATE_FILE = "state.json"
+STATE_DIR = "state"
+LEGACY_STATE_FILE = "state.json"  # one file, rewritten in place, before revisions were committed
 
 RECORD_FIELDS = [
     pa.field("request_id", pa.string(), nullable=False),
@@ -148,12 +150,20 @@ class RecordLog:
         log.debug("wrote %d rows to %s", table.num_rows, loc.uri)
         return loc.uri
 
-    def write_state(self, state: dict[str, Any]) -> None:
-        self.root.join(STATE_FILE).write_bytes(json.dumps(state, indent=2).encode())
+    def write_state(self, state: dict[str, Any]) -> bool:
+        """Save ``state`` as its revision, created whole and only if absent (the
+        storage layer's one commit primitive). ``False``: that revision is already
+        saved, so another writer (a second comparator on this storage, or an
+        earlier start restoring it) got there first."""
+        loc = self.root.join(STATE_DIR, f"{int(state['revision']):010d}.json")
+        return loc.create_exclusive(json.dumps(state, indent=2).encode())
 
     # ---------------------------------------------------------------- read
     def read_state(self) -> dict[str, Any] | None:
-        loc = self.root.join(STATE_FILE)
+        """The newest saved revision, else a log's single ``state.json`` of an earlier release."""
+        saved = sorted(info.base_name for info in self.root.join(STATE_DIR).list()
+                       if info.base_name.endswith(".json") and info.base_name[:-5].isdigit())
+        loc = self.root.join(STATE_DIR, saved[-1]) if saved else self.root.join(LEGACY_STATE_FILE)
         if not loc.exists():
             return None
         try:

@@ -148,7 +148,7 @@ def without_latency_gate(report: dict[str, Any]) -> dict[str, Any]:
 
 def _required(state: dict, key: str, where: str) -> str:
     if key not in state:
-        raise ConfigError(f"{where}/state.json does not name the {key}; pass it explicitly")
+        raise ConfigError(f"{where}/state/ does not name the {key}; pass it explicitly")
     return state[key]
 
 
