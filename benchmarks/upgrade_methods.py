@@ -27,7 +27,8 @@ measurement. Every method's front (test error vs NFR) over the fixed search FRON
 before the part's first run), with BCWI interpolation between v1 and v2 as fronts of their own,
 on MNIST-1D at 6k and 20k samples, digits and a generated 30-class problem, PCT's data-growth
 regime (v1 on half of train); NFR read off each front at plain's error + 0.5 points, beside the
-setting chosen on validation. No Ray: trained in this process through the product's own
+setting chosen on validation, and a control (FRONT_CONTROLS: plain at twice the epochs, in no
+front). No Ray: trained in this process through the product's own
 ``graceful_ray.train.step.run_epoch``. Seeds are the outer loop, so a run stopped early has every
 dataset for the seeds it finished.
 
@@ -472,6 +473,10 @@ FRONT_SEARCH = {
     "warm": [("plain", {}, {"warm": True})],
     "warm+fd": [("fd", {"fd_kind": "lm-std", "fd_lambda": 0.1}, {"warm": True})],
 }
+# Added after the search's first two seeds, as a control and not a candidate (it is in no front):
+# plain with twice the epochs. A warm-started v2 has had v1's training as well as its own, so
+# part of what warm start buys may be training time that plain, at one budget, did not get.
+FRONT_CONTROLS = {"plain-2x": [("plain", {}, {"epochs_factor": 2})]}
 # BCWI (graceful_ray.interpolate.interpolate_state) along a = 0, 0.1, ..., 1 of these rows' v2s:
 # each a is a point of the row "<label>+interp" (a = 1 is the row itself, a = 0 is v1)
 FRONT_INTERPOLATE = ("plain", "warm", "warm+fd")
@@ -622,9 +627,10 @@ def run_fronts(args) -> None:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
+    search = {**FRONT_SEARCH, **FRONT_CONTROLS}
     for seed in [] if args.report else args.seeds:  # seeds outermost: a stopped run has every dataset
         for ds in args.datasets:
-            if all(f"{ds}/{label}/{i}/s{seed}" in results["points"] for label, g in FRONT_SEARCH.items()
+            if all(f"{ds}/{label}/{i}/s{seed}" in results["points"] for label, g in search.items()
                    for i in range(len(g))):
                 continue
             info, xy = _tensors(_front_data(args.root, ds))
@@ -632,17 +638,21 @@ def run_fronts(args) -> None:
                           epochs=FRONT_DATASETS[ds][2])
             t0 = time.perf_counter()
             v1 = train_in_process(xy["old_train"], seed=seed, **common)
-            refs = [v1] + [train_in_process(xy["old_train"], seed=seed + 1000 * j, **common) for j in (1, 2)]
-            for label, grid in FRONT_SEARCH.items():
+            refs: list = []  # ELODI's ensemble, trained when a setting first needs it
+            for label, grid in search.items():
                 for i, (method, hp, extra) in enumerate(grid):
                     key = f"{ds}/{label}/{i}/s{seed}"
                     if key in results["points"]:
                         continue
                     t1 = time.perf_counter()
+                    if extra.get("refs") and not refs:
+                        refs = [v1] + [train_in_process(xy["old_train"], seed=seed + 1000 * j, **common)
+                                       for j in (1, 2)]
                     v2 = train_in_process(xy["train"], seed=seed + 100, method=method, hparams=hp, old=v1,
                                           warm=extra.get("warm", False),
                                           schedule=extra.get("schedule", "cosine"),
-                                          refs=refs[:extra.get("refs", 0)], **common)
+                                          refs=refs[:extra.get("refs", 0)],
+                                          **{**common, "epochs": common["epochs"] * extra.get("epochs_factor", 1)})
                     results["points"][key] = {"setting": _short({**hp, **extra}), "seconds": time.perf_counter() - t1,
                                               "val": _flip_stats(v2, v1, xy["val"]),
                                               "test": _flip_stats(v2, v1, xy["test"])}
@@ -694,7 +704,7 @@ def write_fronts(results, args) -> None:
     for ds in datasets:
         rows = rows_all[ds]
         seeds = sorted(s for s in rows["plain"]["0"] if all(
-            s in by_seed for lab in rows.values() for by_seed in lab.values()))
+            s in by_seed for label, lab in rows.items() if label in labels for by_seed in lab.values()))
         if not seeds:
             continue
         plain = [rows["plain"]["0"][s]["test"] for s in seeds]
@@ -739,6 +749,12 @@ def write_fronts(results, args) -> None:
                 f"{fmt(per_seed) if per_seed else '-'} (n={len(per_seed)}) | "
                 f"{fmt([c['error'] for c in chosen])}{'*' if starred else ''} | {fmt([c['nfr'] for c in chosen])} | "
                 f"{100 * (ch_nfr / plain_nfr - 1):+.0f}% |")
+        for label in FRONT_CONTROLS:
+            ctl = [by[s]["test"] for by in rows.get(label, {}).values() for s in seeds if s in by]
+            if ctl:
+                lines.append(f"| *control: {label}* | - | - | - | - | {fmt([c['error'] for c in ctl])} | "
+                             f"{fmt([c['nfr'] for c in ctl])} (n={len(ctl)}) | "
+                             f"{100 * (statistics.fmean(c['nfr'] for c in ctl) / plain_nfr - 1):+.0f}% |")
         best = min(((v, k) for k, v in summary[ds]["at"].items() if v is not None and k != "plain"), default=None)
         if best:
             lines += ["", f"Best at the target: **{best[1]}**, NFR {100 * best[0]:.2f}% against plain's "
