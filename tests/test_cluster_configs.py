@@ -351,7 +351,7 @@ def test_readme_job_on_the_raycluster_parses_with_the_jobs_parser():
     parser.add_argument("--alias")
     add_root_argument(parser)
     args = parser.parse_args(argv[2:])
-    assert args.gpu and args.run_name == "v2-bct-fd"
+    assert args.gpu and args.run_name == "v2-bct"
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies_and_nothing_else():

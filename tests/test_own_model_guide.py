@@ -189,7 +189,7 @@ def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     assert v1.method == "imported" and v1.architecture["kwargs"]["head_module"] == "fc"
     # v2 trained against it in its embedding space; tune published the candidate.
     v2 = reg.get("shop@v2")
-    assert v2.parent == "shop@v1" and v2.embedding_space == "shop@v1" and v2.method == "bct+fd"
+    assert v2.parent == "shop@v1" and v2.embedding_space == "shop@v1" and v2.method == "bct"
     candidate = reg.get("shop@candidate")
     assert candidate.version > 2 and candidate.parent == "shop@v1"
     assert (work / "reports" / "shop" / "report.json").exists()
