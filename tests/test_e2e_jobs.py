@@ -21,6 +21,7 @@ storage here because every node runs on this machine. The jobs use no
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -34,8 +35,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.test_multinode import readme_tune_job
 
 httpx = pytest.importorskip("httpx")
 
@@ -51,6 +50,16 @@ NAME = "digits"
 # user started by hand can run at the same time.
 WORKER_PORT_BASE = 22000
 
+
+def readme_tune_job(**replace: str) -> list[str]:
+    """The README cluster section's `jobs/tune_tradeoff.py` arguments, as written,
+    with the values of the flags in ``replace`` (``{"--epochs": "1"}``) replaced."""
+    readme = (REPO / "README.md").read_text()
+    joined = re.sub(r"\\\n\s*", "", readme)
+    (line,) = [ln for ln in joined.splitlines() if ln.startswith("ray job submit -- python $PWD/jobs/tune_tradeoff.py")]
+    argv = shlex.split(line.split(" -- ", 1)[1])[2:]
+    assert all(a.startswith("--") for a in argv[::2]), argv  # flag/value pairs only
+    return [a if i % 2 == 0 else replace.get(argv[i - 1], a) for i, a in enumerate(argv)]
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -174,6 +183,11 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
     assert candidate.extra["run_name"].startswith("e2e-tune-"), candidate.extra
     assert [m.ref for m in reg.versions(NAME)] == [f"{NAME}@v1", f"{NAME}@v2", candidate.ref]
     assert (root / "tune" / "e2e-tune" / "pareto.png").exists()
+    # both trials ran at once on 2 nodes x 2 CPUs and finished: before reads and decoding
+    # asked for a quarter CPU, the two trials held 1.25 CPUs each and the 1-CPU Data
+    # tasks pended forever (``Pending Demands: {'CPU': 1.0}``)
+    trials = json.loads((root / "tune" / "e2e-tune" / "pareto.json").read_text())["trials"]
+    assert [t["status"] for t in trials] == ["complete", "complete"], trials
 
     # Lenient gates, so the cutover depends only on the service's arithmetic: enough
     # labels (min_labelled) is the one gate this test makes fail first.
