@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from graceful_ray.serve.comparator import ComparatorCore  # noqa: E402
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ShadowConfig  # noqa: E402
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ShadowConfig  # noqa: E402
 from graceful_ray.serve.kinds import PrimaryEvent, ShadowEvent  # noqa: E402
 
 REFS = {BASELINE: "m@v1", CANDIDATE: "m@v2"}

@@ -3,7 +3,7 @@
 The comparison row of ``benchmarks/serve_shadow.py``: a FastAPI ingress that runs
 the model itself behind ``@serve.batch``, with the shadow router's resources
 (0.5 CPU, one torch thread), its batching (64 requests, 2 ms) and the same
-compute path (:class:`graceful_ray.serve.runner.ModelRunner`), so the gap to the
+compute path (:class:`graceful_ray.serve.model_runner.ModelRunner`), so the gap to the
 shadow app is what shadow mode adds (recording, copies, routing state), not a
 different model server. Importable by Serve's replicas through ``PYTHONPATH``
 (``serve_shadow.py`` puts this folder there).
@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from ray import serve
 
-from graceful_ray.serve.runner import ModelRunner, cut, split_rows
+from graceful_ray.serve.model_runner import ModelRunner, cut, split_rows
 
 api = FastAPI()
 

@@ -337,7 +337,7 @@ def _publish(root: str) -> None:
 
 
 def _apps(root: str, logs: str, primary_in_ingress: bool = True) -> dict[str, Any]:
-    from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
+    from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
 
     common = dict(registry=root, baseline="bench@production", shadow_fraction=0.0,
                   shadow_timeout_s=2.0, router=Resources(num_cpus=0.5),

@@ -44,7 +44,7 @@ def main() -> None:
     args = p.parse_args()
 
     from graceful_ray.registry import Registry
-    from graceful_ray.tune.records import TrialRecord
+    from graceful_ray.tune.trials import TrialRecord
 
     data, registry, runs, tune = (os.path.join(args.root, d) for d in ("data", "registry", "runs", "tune"))
     commands: list[str] = []

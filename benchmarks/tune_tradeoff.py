@@ -108,7 +108,7 @@ def main() -> None:
                                                  "tune_tradeoff"))
     args = p.parse_args()
 
-    from graceful_ray.tune.records import TrialRecord
+    from graceful_ray.tune.trials import TrialRecord
     from graceful_ray.tune.selection import most_accurate_under_budget
 
     data, registry, runs, tune = (os.path.join(args.root, d) for d in ("data", "registry", "runs", "tune"))

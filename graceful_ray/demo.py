@@ -222,8 +222,8 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
 
     from graceful_ray.registry import Registry
     from graceful_ray.tune.cli import add_tune_arguments, rule_from_args, search_summary, settings_from_args
-    from graceful_ray.tune.records import TrialRecord
-    from graceful_ray.tune.runner import (SelectionRule, load_report, report_from_records, resume_search,
+    from graceful_ray.tune.trials import TrialRecord
+    from graceful_ray.tune.sweep import (SelectionRule, load_report, report_from_records, resume_search,
                                          start_search, write_outputs)
     from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, records_from_results
 
@@ -316,7 +316,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
 
     from graceful_ray.data import load_split
     from graceful_ray.serve.app import deploy
-    from graceful_ray.serve.config import GateConfig, Resources, ShadowConfig
+    from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
 
     if not args.ray_output:  # importing Serve set its driver-side logger back to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -467,7 +467,7 @@ def relaxed_gates(gates) -> list[str]:
     """One line per gate looser than GateConfig's default (the README's), with why."""
     from dataclasses import fields
 
-    from graceful_ray.serve.config import GateConfig
+    from graceful_ray.serve.shadow_config import GateConfig
 
     defaults = {f.name: f.default for f in fields(GateConfig)}
     lines = []

@@ -645,7 +645,7 @@ def _serve_configs():
 
 @pytest.mark.parametrize("name", list(_serve_configs()))
 def test_serve_config_passes_serve_schema_and_the_shadow_config(name):
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     serve = check_serve_config(_serve_configs()[name])
     (app,) = serve.applications
@@ -665,7 +665,7 @@ def test_serve_config_passes_serve_schema_and_the_shadow_config(name):
 
 
 def test_serve_configs_scale_the_same():
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     configs = [ShadowConfig.from_dict(c["applications"][0]["args"])
                for c in _serve_configs().values()]
@@ -680,7 +680,7 @@ def _cpus(quantity) -> float:
 
 
 def test_rayservice_workers_hold_what_serve_scales_to():
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     doc = _load(KUBERAY / "rayservice-shadow.yaml")
     cluster = doc["spec"]["rayClusterConfig"]
@@ -713,7 +713,7 @@ def test_rayservice_workers_hold_what_serve_scales_to():
 
 def test_serve_check_fails_on_a_broken_field():
     from graceful_ray.errors import ConfigError
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     serve = _serve_configs()["rayservice-shadow.yaml"]
     bad = copy.deepcopy(serve)
@@ -743,7 +743,7 @@ def test_serve_check_fails_on_a_broken_field():
 
 
 def test_autoscaling_reaches_serve_deployment_options():
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
     from graceful_ray.serve.router import ShadowRouter
 
     args = _serve_configs()["deploy/serve_config.yaml"]["applications"][0]["args"]

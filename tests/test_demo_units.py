@@ -10,9 +10,9 @@ from graceful_ray.demo import _demo_gates, _finished_search
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.serve.report_text import format_shadow_report
 from graceful_ray.errors import ConfigError
-from graceful_ray.serve.config import GateConfig
+from graceful_ray.serve.shadow_config import GateConfig
 from graceful_ray.serve.stats import ShadowStats, compose_report
-from graceful_ray.tune.runner import load_report
+from graceful_ray.tune.sweep import load_report
 
 
 def _write(run_dir, statuses) -> None:

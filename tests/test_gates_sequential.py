@@ -21,7 +21,7 @@ from graceful_ray.metrics.sequential import (
     rejects_above,
     upper_bound,
 )
-from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
 from graceful_ray.serve.gates import evaluate, slice_verdicts, watch
 from graceful_ray.serve.kinds import PrimaryEvent, ShadowEvent
 from graceful_ray.serve.stats import ShadowStats
@@ -247,8 +247,8 @@ def test_auto_rollback_after_a_cutover_that_regresses_on_one_class(tmp_path):
     import asyncio
 
     from graceful_ray.serve.comparator import Comparator
-    from graceful_ray.serve.config import ShadowConfig
-    from graceful_ray.serve.records import RECORDS_DIR, RecordLog
+    from graceful_ray.serve.shadow_config import ShadowConfig
+    from graceful_ray.serve.comparison_log import RECORDS_DIR, RecordLog
 
     gates = GateConfig(**GATES, auto_rollback=True, max_slice_nfr=0.05, min_slice_labelled=50)
     config = ShadowConfig(registry=str(tmp_path / "reg"), baseline="m@v1", candidate="m@v2",
@@ -320,7 +320,7 @@ def test_segment_is_validated_at_the_edge():
 
 def test_segment_is_logged_and_restored(tmp_path):
     from graceful_ray.serve.comparator import ComparatorCore
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     config = ShadowConfig(registry=str(tmp_path / "reg"), baseline="m@v1", candidate="m@v2",
                           storage=str(tmp_path / "log"))

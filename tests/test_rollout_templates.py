@@ -70,8 +70,8 @@ def test_templates_name_fields_the_report_has_and_metrics_we_export():
     """The web provider's jsonPath and the Prometheus query's labels exist."""
     import numpy as np
 
-    from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig
-    from graceful_ray.serve.metrics import GATE_RATES, ComparatorMetrics
+    from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
+    from graceful_ray.serve.prometheus import GATE_RATES, ComparatorMetrics
     from graceful_ray.serve.stats import ShadowStats, compose_report
 
     stats = ShadowStats()

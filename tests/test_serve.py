@@ -39,7 +39,7 @@ import torch
 from graceful_ray.metrics import wilson_interval
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
-from graceful_ray.serve.config import Batching, GateConfig, Resources, ShadowConfig
+from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
 from graceful_ray.serve.ingress import haproxy_binary, haproxy_enabled
 
 httpx = pytest.importorskip("httpx")
@@ -533,7 +533,7 @@ def test_two_routers_under_concurrent_traffic_count_and_log_every_request_once(s
     the Parquet log, and every request id is there exactly once. Its records are
     split over two comparator shards by request id: the report (shard 0's) and the
     log cover both."""
-    from graceful_ray.serve.records import read_log
+    from graceful_ray.serve.comparison_log import read_log
 
     app, per_client, clients = "scale", 30, 4
     total = per_client * clients  # requests; 1 or 3 rows each
@@ -835,7 +835,7 @@ def test_dashboard_in_headless_chromium_matches_the_report(service, tmp_path):
 def test_records_are_all_in_parquet_after_shutdown_and_replay_agrees(service, registry):
     from ray import serve
 
-    from graceful_ray.serve.records import read_log
+    from graceful_ray.serve.comparison_log import read_log
     from graceful_ray.serve.replay import replay
 
     live = service.wait_report("main", lambda r: r["requests"] == service.served["main"]

@@ -36,7 +36,7 @@ def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
     import ray
     from ray import serve
 
-    from graceful_ray.serve.records import read_log
+    from graceful_ray.serve.comparison_log import read_log
 
     serve.shutdown()  # the command starts Serve with its own HTTP port
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from graceful_ray.errors import ConfigError
-from graceful_ray.serve.config import ShadowConfig
+from graceful_ray.serve.shadow_config import ShadowConfig
 from graceful_ray.serve.http import BodyLimit, install, parse_body
 from graceful_ray.serve.schemas import CutoverRequest, FractionRequest, PredictRequest
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from graceful_ray.registry import Registry
-from graceful_ray.serve.config import Batching, GateConfig, Resources, ShadowConfig
+from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
 from tests.test_retrieval_backfill import _fit
 
 httpx = pytest.importorskip("httpx")
@@ -257,7 +257,7 @@ def test_without_a_gallery_search_says_how_to_enable_it():
 
     from fastapi import HTTPException
 
-    from graceful_ray.serve.metrics import RouterMetrics
+    from graceful_ray.serve.prometheus import RouterMetrics
     from graceful_ray.serve.router import ShadowRouter
     from graceful_ray.serve.schemas import SearchRequest
 
@@ -279,9 +279,9 @@ def test_a_model_outside_the_gallery_space(world, tmp_path):
     from graceful_ray.retrieval import EmbeddingSpaceError
     from graceful_ray.serve.app import build_app
     from graceful_ray.serve.comparator import ComparatorCore
-    from graceful_ray.serve.config import BASELINE, CANDIDATE
+    from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE
     from graceful_ray.serve.kinds import PrimaryEvent, ShadowEvent
-    from graceful_ray.serve.search import SearchAnswer, SearchBackend
+    from graceful_ray.serve.gallery_search import SearchAnswer, SearchBackend
 
     # as the primary: refused at deploy time, before anything starts
     with pytest.raises(EmbeddingSpaceError, match="may not search"):
@@ -329,7 +329,7 @@ def test_cutover_makes_the_candidate_answer_searches_and_rollback_undoes_it(serv
 
 
 def test_search_records_are_in_parquet(service, world):
-    from graceful_ray.serve.records import SEARCHES_DIR, RecordLog
+    from graceful_ray.serve.comparison_log import SEARCHES_DIR, RecordLog
 
     rep = service.settled("search")
     r = service.client.post(service.url("search", "/v1/admin/flush"), headers=AUTH)

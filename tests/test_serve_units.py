@@ -24,15 +24,15 @@ from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.comparator import ComparatorCore
-from graceful_ray.serve.config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
+from graceful_ray.serve.shadow_config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
                                        ShadowConfig, hash_token)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.gates import evaluate, explain
 from graceful_ray.serve.kinds import SEARCH, PrimaryEvent, ShadowEvent
-from graceful_ray.serve.records import read_log
+from graceful_ray.serve.comparison_log import read_log
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
-from graceful_ray.serve.search import SearchAnswer
+from graceful_ray.serve.gallery_search import SearchAnswer
 from graceful_ray.serve.shadow import CircuitBreaker, ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
 
@@ -100,7 +100,7 @@ def test_serve_config_yaml_is_accepted_by_serve(tmp_path):
     assert config.baseline.endswith("@production") and config.candidate.endswith("@candidate")
     # Serve validates the args against the builder's pydantic type: the same config
     from graceful_ray.serve.app import app_builder
-    from graceful_ray.serve.config import ShadowAppArgs
+    from graceful_ray.serve.shadow_config import ShadowAppArgs
 
     assert inspect.signature(app_builder).parameters["args"].annotation is ShadowAppArgs
     assert ShadowAppArgs.model_validate(app.args).to_config() == config
@@ -140,7 +140,7 @@ def test_kuberay_rayservice_args_are_a_valid_shadow_config():
     app = ServeDeploySchema.model_validate(serve_config).applications[0]
     module, _, attr = app.import_path.partition(":")
     assert module == "graceful_ray.serve.app" and attr == app_builder.__name__
-    from graceful_ray.serve.config import ShadowAppArgs
+    from graceful_ray.serve.shadow_config import ShadowAppArgs
 
     # what Serve does with the args before building: the builder's typed config
     assert ShadowAppArgs.model_validate(app.args).to_config() == ShadowConfig.from_dict(app.args)
@@ -327,7 +327,7 @@ def test_a_state_saved_before_revisions_existed_resumes_at_its_epoch(tmp_path):
     saved = dict(core.state)
     del saved["revision"]
     # an earlier release's log: one state.json, rewritten in place, and no state/ revisions
-    from graceful_ray.serve.records import LEGACY_STATE_FILE, STATE_DIR
+    from graceful_ray.serve.comparison_log import LEGACY_STATE_FILE, STATE_DIR
 
     core.log.root.join(STATE_DIR).delete_dir()
     core.log.root.join(LEGACY_STATE_FILE).write_bytes(json.dumps(saved).encode())
@@ -605,7 +605,7 @@ def test_a_failing_search_shadow_opens_its_breaker_and_leaves_predict_alone():
 # a thread started after it; each reports its (policy, niceness).
 _PRIORITY_PROBE = """
 import json, os, threading
-from graceful_ray.serve.runner import lower_priority
+from graceful_ray.serve.model_runner import lower_priority
 
 def state(tid):
     return [os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)]

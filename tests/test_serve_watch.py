@@ -20,7 +20,7 @@ import torch
 
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
-from graceful_ray.serve.config import Batching, GateConfig, Resources, ShadowConfig
+from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

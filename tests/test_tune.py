@@ -53,7 +53,7 @@ def _tune_cmd(ws, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def resumed(ws, ray_module):
     """Start the search in a separate driver process, SIGKILL it once one trial has finished, resume it here."""
-    from graceful_ray.tune.runner import SelectionRule, finish, resume_search
+    from graceful_ray.tune.sweep import SelectionRule, finish, resume_search
     from graceful_ray.tune.tuner import SearchSettings
 
     address = ray_module.get_runtime_context().gcs_address
@@ -169,7 +169,7 @@ def test_selected_trial_is_published_as_candidate_with_lineage(resumed, ws):
 @pytest.mark.timeout(1500)
 def test_no_trial_within_budget_publishes_nothing(resumed, ws, capsys):
     from graceful_ray.cli import main
-    from graceful_ray.tune.runner import SelectionRule, report_from_records
+    from graceful_ray.tune.sweep import SelectionRule, report_from_records
 
     reg = Registry(ws["registry"])
     versions = [m.version for m in reg.versions("model")]
@@ -190,7 +190,7 @@ def test_new_search_refuses_an_existing_run_name(ws, tmp_path):
 
     from graceful_ray.errors import ConfigError
     from graceful_ray.tune.cli import add_tune_arguments, settings_from_args
-    from graceful_ray.tune.runner import start_search
+    from graceful_ray.tune.sweep import start_search
     from graceful_ray.tune.tuner import SETTINGS_FILE
 
     p = argparse.ArgumentParser()
@@ -215,7 +215,7 @@ def test_edge_settings_pin_the_cloud_embedding_and_measure_cross_retrieval(ws, t
     from graceful_ray.errors import ConfigError
     from graceful_ray.models import ModelSpec
     from graceful_ray.tune.cli import add_tune_arguments, settings_from_args
-    from graceful_ray.tune.runner import edge_reference
+    from graceful_ray.tune.sweep import edge_reference
     from graceful_ray.tune.trainable import edge_metrics, model_cost_metrics
 
     p = argparse.ArgumentParser()
@@ -271,7 +271,7 @@ def test_default_search_runs_plain_first_and_publishes_only_what_beats_it(ws, tm
     The first trial is plain, as given; the exit status and the message follow the
     beats-plain rule (0 and a published candidate, or 3 and nothing published)."""
     from graceful_ray.cli import main
-    from graceful_ray.tune.runner import load_report
+    from graceful_ray.tune.sweep import load_report
 
     storage = str(tmp_path / "tune")
     code = main(["tune", "--data", ws["data"], "--old", ws["v1"], "--methods", "fd", "--model-arg", "channels=8",

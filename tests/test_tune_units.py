@@ -10,9 +10,9 @@ import pytest
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.train.config import UpgradeConfig
-from graceful_ray.tune import space as sp
+from graceful_ray.tune import search_space as sp
 from graceful_ray.tune.pareto import dominates, format_table, pareto_front
-from graceful_ray.tune.records import (COMPLETE, COMPLETE_FLAG, EARLY_STOPPED, EDGE_OBJECTIVES, ERROR, RUNNING,
+from graceful_ray.tune.trials import (COMPLETE, COMPLETE_FLAG, EARLY_STOPPED, EDGE_OBJECTIVES, ERROR, RUNNING,
                                        TRADEOFF_OBJECTIVES, TrialRecord)
 from graceful_ray.tune.selection import (lowest_nfr_at_accuracy, most_accurate_under_budget, nfr_rate,
                                          smallest_within)
@@ -174,7 +174,7 @@ def test_space_round_trips_and_converts_to_tune():
 # -- early stopping and Optuna ---------------------------------------------------
 
 def test_stopper_stops_only_trials_beaten_on_every_objective():
-    from graceful_ray.tune.search import ParetoStopper
+    from graceful_ray.tune.search_algorithm import ParetoStopper
 
     stop = ParetoStopper(TRADEOFF_OBJECTIVES, grace_epochs=2, margins=(0.01, 0.005))
     r = lambda acc, nfr, epoch, **kw: {"val_accuracy": acc, "val_nfr": nfr, "epoch": epoch, **kw}  # noqa: E731
@@ -191,7 +191,7 @@ def test_stopper_stops_only_trials_beaten_on_every_objective():
 def _searcher(tmp_path):
     from ray import tune
 
-    from graceful_ray.tune.search import make_searcher
+    from graceful_ray.tune.search_algorithm import make_searcher
 
     s = make_searcher(TRADEOFF_OBJECTIVES, study_url=f"sqlite:///{tmp_path}/optuna.db", study_name="unit",
                       trials=8, seed=0)
@@ -216,7 +216,7 @@ def test_only_final_reports_complete_an_optuna_trial(tmp_path):
 
 
 def test_population_keeps_several_generations():
-    from graceful_ray.tune.search import default_population
+    from graceful_ray.tune.search_algorithm import default_population
 
     assert default_population(16) == 4 and default_population(400) == 50 and default_population(3) == 4
 
@@ -261,7 +261,7 @@ def test_settings_round_trip_and_checks(tmp_path):
 
 def test_plot_marks_trials_front_and_old_model():
     from graceful_ray.tune.plot import plot_trials
-    from graceful_ray.tune.records import ACCURACY, NFR
+    from graceful_ray.tune.trials import ACCURACY, NFR
 
     records = [rec("a", 0.9, 0.03, fd_lambda=0.1), rec("b", 0.85, 0.01, fd_lambda=3.0),
                rec("c", 0.8, 0.02), rec("s", 0.95, 0.0, status=EARLY_STOPPED)]
@@ -291,7 +291,7 @@ def test_nan_metrics_are_not_numbers():
 
 
 def test_interrupted_search_writes_outputs_but_selects_nothing(tmp_path):
-    from graceful_ray.tune.runner import SelectionRule, report_from_records
+    from graceful_ray.tune.sweep import SelectionRule, report_from_records
     from graceful_ray.tune.tuner import SearchSettings, records_from_results
 
     results = [SimpleNamespace(metrics={"trial_id": "t1", COMPLETE_FLAG: 1, "val_accuracy": 0.9, "val_nfr": 0.001,

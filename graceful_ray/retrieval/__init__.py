@@ -3,7 +3,7 @@
 - :mod:`~graceful_ray.retrieval.gallery`: Parquet rows + faiss index, published as atomic
   snapshots (:class:`Gallery`, :func:`build_gallery`, :func:`publish_embeddings`);
 - :mod:`~graceful_ray.retrieval.index`: exact / IVF / HNSW by size, recall vs exact at build;
-- :mod:`~graceful_ray.retrieval.space`: may this model search that gallery (registry lineage);
+- :mod:`~graceful_ray.retrieval.embedding_space`: may this model search that gallery (registry lineage);
 - :mod:`~graceful_ray.retrieval.searcher`: :class:`GallerySearcher` for serving, reloads on publish;
 - :mod:`~graceful_ray.retrieval.backfill`: progressive / staged re-embedding, resumable;
 - :mod:`~graceful_ray.retrieval.transform`: learned old -> new map trained on Ray Train;
@@ -21,7 +21,7 @@ from graceful_ray.retrieval.gallery import (Gallery, Snapshot, build_gallery, ma
                                             publish_embeddings)
 from graceful_ray.retrieval.index import IndexConfig, IndexReport, build_index
 from graceful_ray.retrieval.searcher import GallerySearcher, SearchResult, retrieval_hits, topk_overlap
-from graceful_ray.retrieval.space import SpaceCheck, check_query_model, check_snapshot
+from graceful_ray.retrieval.embedding_space import SpaceCheck, check_query_model, check_snapshot
 from graceful_ray.retrieval.transform import (Transform, TransformConfig, apply_transform, load_transform,
                                               train_transform)
 

@@ -253,7 +253,7 @@ def run_backfill(cfg: BackfillConfig,
     """Run (or resume) a backfill until every planned chunk is committed."""
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.embed import embed_split
-    from graceful_ray.retrieval.space import check_snapshot
+    from graceful_ray.retrieval.embedding_space import check_snapshot
 
     t_start = time.perf_counter()
     cfg = cfg.resolved()

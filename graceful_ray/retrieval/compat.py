@@ -55,7 +55,7 @@ def generations_report(data: str, split: str, refs: Sequence[str], *, registry: 
     from graceful_ray.metrics import compatibility_matrix
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.errors import EmbeddingSpaceError
-    from graceful_ray.retrieval.space import check_query_model
+    from graceful_ray.retrieval.embedding_space import check_query_model
 
     reg = Registry(registry)
     manifests = [reg.get(r) for r in refs]

@@ -342,7 +342,7 @@ class GallerySearcher:
     def _check(self, ref: str, snap: Snapshot) -> None:
         if self.registry is None:
             raise GalleryError("checking a query model needs the registry (registry=...)")
-        from graceful_ray.retrieval.space import check_snapshot
+        from graceful_ray.retrieval.embedding_space import check_snapshot
 
         check_snapshot(self.registry, ref, snap, self.gallery.uri)
 

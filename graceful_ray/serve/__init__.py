@@ -8,7 +8,7 @@ replica. See :mod:`graceful_ray.serve.router` for the request path and
 :mod:`graceful_ray.serve.comparator` for the state behind it.
 """
 
-from graceful_ray.serve.config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
+from graceful_ray.serve.shadow_config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
                                        ShadowConfig, hash_token)
 
 __all__ = ["BASELINE", "CANDIDATE", "Batching", "GateConfig", "Resources", "ShadowConfig",

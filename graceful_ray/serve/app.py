@@ -11,7 +11,7 @@ The application graph::
 With ``gallery`` set, the same graph serves ``POST /v1/search``: the primary
 embeds and searches the faiss gallery in the router, the shadow does the same
 in its own deployment, and the comparator records the top-k overlap (see
-:mod:`graceful_ray.serve.search` for which models may search).
+:mod:`graceful_ray.serve.gallery_search` for which models may search).
 
 References are resolved against the registry *here*, once, and pinned to exact
 versions, so every replica (including ones Serve restarts later) loads the same
@@ -20,7 +20,7 @@ weights even after the ``production`` alias moves on cutover.
 :func:`app_builder` is the entry point a Serve config YAML names
 (``import_path: graceful_ray.serve.app:app_builder``), typed as Serve's
 ``doc_code`` shows: Serve validates the file's ``args`` against
-:data:`~graceful_ray.serve.config.ShadowAppArgs` (the fields of
+:data:`~graceful_ray.serve.shadow_config.ShadowAppArgs` (the fields of
 :class:`ShadowConfig`) before it builds anything.
 
 Batching is each deployment's Serve ``user_config`` (``max_batch_size``,
@@ -39,7 +39,7 @@ import time
 from typing import Mapping
 
 from graceful_ray.errors import ConfigError, IncompatibleModelError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def build_app(config: ShadowConfig):
 
     refs, shape, classes = pin_refs(config)
     if config.gallery is not None:
-        from graceful_ray.serve.search import check_gallery
+        from graceful_ray.serve.gallery_search import check_gallery
 
         check_gallery(config, refs)  # raises when the primary may not search the gallery
     models = {}

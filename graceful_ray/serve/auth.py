@@ -13,7 +13,7 @@ import hmac
 import logging
 import os
 
-from graceful_ray.serve.config import ShadowConfig
+from graceful_ray.serve.shadow_config import ShadowConfig
 
 log = logging.getLogger(__name__)
 

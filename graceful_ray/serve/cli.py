@@ -107,7 +107,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """A validated :class:`ShadowConfig` from a config file plus command-line options."""
     from graceful_ray.errors import ConfigError
-    from graceful_ray.serve.config import ShadowConfig
+    from graceful_ray.serve.shadow_config import ShadowConfig
 
     data: dict[str, Any] = _load_config_file(args.config) if args.config else {}
 

@@ -33,14 +33,14 @@ from typing import Any
 from ray import serve
 
 from graceful_ray.errors import ConfigError, GracefulRayError, StorageError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig, other
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig, ShadowConfig, other
 from graceful_ray.serve.gates import evaluate, explain, watch
 from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
                                       ShadowEvent)
 from graceful_ray.serve.logs import to_serve_logs
-from graceful_ray.serve.metrics import ComparatorMetrics
-from graceful_ray.serve.records import LABELS_DIR, RecordLog
-from graceful_ray.serve.runner import lower_priority
+from graceful_ray.serve.prometheus import ComparatorMetrics
+from graceful_ray.serve.comparison_log import LABELS_DIR, RecordLog
+from graceful_ray.serve.model_runner import lower_priority
 from graceful_ray.serve.shards import shard_of
 from graceful_ray.serve.stats import ShadowStats, compose_report, merged
 

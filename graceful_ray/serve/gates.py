@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from graceful_ray.metrics.sequential import lower_bound
-from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
 
 
 @dataclass(frozen=True)

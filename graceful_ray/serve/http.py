@@ -4,7 +4,7 @@ says what is wrong and never carries the input back.
 Two things here, both installed on the FastAPI app once (:func:`install`):
 
 * a body size limit: a request whose body exceeds ``max_request_bytes`` (a
-  :class:`~graceful_ray.serve.config.ShadowConfig` field) is answered 413
+  :class:`~graceful_ray.serve.shadow_config.ShadowConfig` field) is answered 413
   before a route parses it, whether it says its length up front or streams it;
 * validation errors as ``{"detail": [{"loc", "msg", "type"}]}``: pydantic's
   errors also hold the offending ``input`` (the raw bytes of malformed JSON, a
@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from graceful_ray.serve.config import ShadowConfig
+from graceful_ray.serve.shadow_config import ShadowConfig
 
 
 def safe_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

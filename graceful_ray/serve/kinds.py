@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
-from graceful_ray.serve.records import RECORDS_DIR, SEARCHES_DIR, RecordLog
-from graceful_ray.serve.runner import Prediction
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
+from graceful_ray.serve.comparison_log import RECORDS_DIR, SEARCHES_DIR, RecordLog
+from graceful_ray.serve.model_runner import Prediction
 from graceful_ray.serve.schemas import InputError, PredictRequest, SearchRequest, check_k
-from graceful_ray.serve.search import SearchAnswer
-from graceful_ray.serve.search import overlap as topk_overlap
+from graceful_ray.serve.gallery_search import SearchAnswer
+from graceful_ray.serve.gallery_search import overlap as topk_overlap
 from graceful_ray.serve.stats import RetrievalStats, ShadowStats
 
 

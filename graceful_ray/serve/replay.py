@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from graceful_ray.errors import ConfigError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig
-from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, RecordLog
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
+from graceful_ray.serve.comparison_log import LABELS_DIR, RECORDS_DIR, RecordLog
 from graceful_ray.serve.stats import ShadowStats, compose_report
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class _ReplayPredictor:
     """``map_batches`` UDF: candidate decisions, and baseline ones where missing."""
 
     def __init__(self, registry: str, candidate: str, baseline: str) -> None:
-        from graceful_ray.serve.runner import ModelRunner
+        from graceful_ray.serve.model_runner import ModelRunner
 
         self.candidate = ModelRunner(registry, candidate)
         self._baseline_ref = baseline
@@ -51,7 +51,7 @@ class _ReplayPredictor:
         base_out = np.asarray([-1 if m else int(v) for v, m in zip(base, missing)], np.int64)
         if missing.any():
             if self.baseline is None:
-                from graceful_ray.serve.runner import ModelRunner
+                from graceful_ray.serve.model_runner import ModelRunner
 
                 self.baseline = ModelRunner(self._registry, self._baseline_ref)
             base_out[missing] = self.baseline.predict(x[missing], with_scores=False).decisions

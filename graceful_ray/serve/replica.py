@@ -16,11 +16,11 @@ import time
 import numpy as np
 from ray import serve
 
-from graceful_ray.serve.config import Batching
+from graceful_ray.serve.shadow_config import Batching
 from graceful_ray.serve.logs import to_serve_logs
-from graceful_ray.serve.runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
+from graceful_ray.serve.model_runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
                                        split_rows)
-from graceful_ray.serve.search import SearchAnswer, SearchBackend
+from graceful_ray.serve.gallery_search import SearchAnswer, SearchBackend
 
 log = logging.getLogger(__name__)
 

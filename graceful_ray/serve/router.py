@@ -16,7 +16,7 @@ Search (``POST /v1/search``, with a ``gallery`` configured): the same path. The
 primary embeds the inputs and searches the faiss gallery (in this replica when
 the primary runs here), the shadow searches in its own deployment off the
 critical path, and the comparator pairs the two top-k lists; see
-:mod:`graceful_ray.serve.search` for which models may search.
+:mod:`graceful_ray.serve.gallery_search` for which models may search.
 
 What is recorded: each answered row becomes a record at the comparator,
 identified by the request id returned to the caller. Events are batched here and
@@ -42,16 +42,16 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from graceful_ray.serve.auth import AdminAuth
-from graceful_ray.serve.config import (BASELINE, CANDIDATE, ROLES, Batching, ShadowConfig,
+from graceful_ray.serve.shadow_config import (BASELINE, CANDIDATE, ROLES, Batching, ShadowConfig,
                                        other)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.http import BodyLimit, install, parse_body
 from graceful_ray.serve.kinds import PREDICT, SEARCH, PrimaryEvent, RequestKind, ShadowEvent
 from graceful_ray.serve.logs import to_serve_logs
-from graceful_ray.serve.metrics import RouterMetrics
+from graceful_ray.serve.prometheus import RouterMetrics
 from graceful_ray.serve.routing import RoutingCopy
-from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
-from graceful_ray.serve.search import SearchBackend
+from graceful_ray.serve.model_runner import ModelRunner, Prediction, cut, pick_device, split_rows
+from graceful_ray.serve.gallery_search import SearchBackend
 from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
 from graceful_ray.serve.shards import shard_of, split_event
 from graceful_ray.serve.schemas import (CutoverRequest, FeedbackRequest, FractionRequest,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from graceful_ray.serve.config import BASELINE
+from graceful_ray.serve.shadow_config import BASELINE
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from graceful_ray.metrics import Rate
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, GateConfig
+from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ROLES, GateConfig
 from graceful_ray.serve.gates import evaluate
 
 T = TypeVar("T")

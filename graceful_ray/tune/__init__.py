@@ -12,13 +12,13 @@ One concept per module:
 """
 
 from graceful_ray.tune.pareto import dominates, format_table, pareto_front
-from graceful_ray.tune.records import (ACCURACY, CROSS_MAP, EDGE_OBJECTIVES, FLOPS, NFR, TRADEOFF_OBJECTIVES,
+from graceful_ray.tune.trials import (ACCURACY, CROSS_MAP, EDGE_OBJECTIVES, FLOPS, NFR, TRADEOFF_OBJECTIVES,
                                        Objective, TrialRecord)
-from graceful_ray.tune.runner import (SearchReport, SelectionRule, finish, report_from_records, resume_search,
+from graceful_ray.tune.sweep import (SearchReport, SelectionRule, finish, report_from_records, resume_search,
                                       start_search)
 from graceful_ray.tune.selection import (Selection, lowest_nfr_at_accuracy, most_accurate_under_budget,
                                          smallest_within)
-from graceful_ray.tune.space import Param, SearchSpace, architecture, for_method, learning_rate
+from graceful_ray.tune.search_space import Param, SearchSpace, architecture, for_method, learning_rate
 from graceful_ray.tune.tuner import SearchSettings, build_tuner, restore_tuner
 
 __all__ = [

@@ -93,7 +93,7 @@ def settings_from_args(args: argparse.Namespace):
     from graceful_ray.keyvalue import parse_kv
     from graceful_ray.paths import registry_root, under_root
     from graceful_ray.train.config import UpgradeConfig, generate_run_name
-    from graceful_ray.tune import space as sp
+    from graceful_ray.tune import search_space as sp
     from graceful_ray.tune.trainable import absolute
     from graceful_ray.tune.tuner import SearchSettings, absolutize_base
 
@@ -157,7 +157,7 @@ def _cloud_embedding_dim(registry: str, ref: str) -> int:
 
 
 def rule_from_args(args: argparse.Namespace):
-    from graceful_ray.tune.runner import SelectionRule
+    from graceful_ray.tune.sweep import SelectionRule
 
     if args.flip_budget is not None and args.min_accuracy is not None:
         raise ConfigError("give one selection rule: --flip-budget or --min-accuracy")
@@ -173,7 +173,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from graceful_ray.train.checks import check_upgrade
     from graceful_ray.paths import under_root
     from graceful_ray.train.config import UpgradeConfig
-    from graceful_ray.tune.runner import finish, resume_search, start_search
+    from graceful_ray.tune.sweep import finish, resume_search, start_search
     from graceful_ray.tune.trainable import absolute
     from graceful_ray.tune.tuner import SearchSettings
 

@@ -1,6 +1,6 @@
 """The Pareto front of finished trials, and the table that shows it.
 
-Pure functions over :class:`~graceful_ray.tune.records.TrialRecord` lists.
+Pure functions over :class:`~graceful_ray.tune.trials.TrialRecord` lists.
 A trial is on the front when no other *complete* trial dominates it (at least
 as good on every objective and strictly better on one). Trials that did not
 run to completion (stopped early, errored, still running) never enter the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from graceful_ray.tune.records import TRADEOFF_OBJECTIVES, Objective, TrialRecord
+from graceful_ray.tune.trials import TRADEOFF_OBJECTIVES, Objective, TrialRecord
 
 
 def dominates(a: TrialRecord, b: TrialRecord, objectives: Sequence[Objective] = TRADEOFF_OBJECTIVES) -> bool:

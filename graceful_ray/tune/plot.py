@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-from graceful_ray.tune.records import Objective, TrialRecord
+from graceful_ray.tune.trials import Objective, TrialRecord
 
 
 def plot_trials(records: Sequence[TrialRecord], front: Sequence[TrialRecord], x: Objective, y: Objective, *,

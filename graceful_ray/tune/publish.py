@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from graceful_ray.errors import ConfigError
-from graceful_ray.tune.records import TrialRecord
+from graceful_ray.tune.trials import TrialRecord
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.metrics import Rate
-from graceful_ray.tune.records import TrialRecord
+from graceful_ray.tune.trials import TrialRecord
 
 NEGATIVE_FLIPS = "val_negative_flips"
 ROWS = "val_rows"

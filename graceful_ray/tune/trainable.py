@@ -33,7 +33,7 @@ from typing import Any
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import Location, resolve
-from graceful_ray.tune.records import COMPLETE, COMPLETE_FLAG
+from graceful_ray.tune.trials import COMPLETE, COMPLETE_FLAG
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def trial_record_location(run_dir: str, trial_id: str) -> Location:
 def trial_config(spec: TrialSpec, sample: dict[str, Any], trial_id: str):
     """The :class:`UpgradeConfig` of one trial (no publish: the search publishes the selected one)."""
     from graceful_ray.train.config import UpgradeConfig
-    from graceful_ray.tune.space import SearchSpace
+    from graceful_ray.tune.search_space import SearchSpace
 
     cfg = SearchSpace.from_dict(spec.space).apply(UpgradeConfig(**spec.base), sample)
     return replace(cfg, run_name=f"{spec.run_name}-{trial_id}", storage=train_storage(spec.run_dir), publish=False)

@@ -29,9 +29,9 @@ from typing import Any
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import Location, resolve
-from graceful_ray.tune.records import (COMPLETE, COMPLETE_FLAG, EARLY_STOPPED, EDGE_OBJECTIVES, ERROR, RUNNING,
+from graceful_ray.tune.trials import (COMPLETE, COMPLETE_FLAG, EARLY_STOPPED, EDGE_OBJECTIVES, ERROR, RUNNING,
                                        TRADEOFF_OBJECTIVES, Objective, TrialRecord)
-from graceful_ray.tune.space import SearchSpace
+from graceful_ray.tune.search_space import SearchSpace
 from graceful_ray.tune.trainable import EDGE, SEARCHES, TRADEOFF, TrialSpec, absolute, upgrade_trial
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _run_config(settings: SearchSettings, stopper):
 def make_stopper(settings: SearchSettings):
     if not settings.early_stop:
         return None
-    from graceful_ray.tune.search import ParetoStopper
+    from graceful_ray.tune.search_algorithm import ParetoStopper
 
     epochs = int(settings.base["epochs"])
     grace = settings.grace_epochs if settings.grace_epochs is not None else max(1, epochs // 3)
@@ -187,7 +187,7 @@ def build_tuner(settings: SearchSettings, *, callbacks: list | None = None):
     """A fresh ``Tuner`` for ``settings`` (``callbacks``: extra Tune callbacks, e.g. for tests)."""
     from ray import tune
 
-    from graceful_ray.tune.search import make_searcher
+    from graceful_ray.tune.search_algorithm import make_searcher
 
     space = settings.search_space()
     plain = space.plain_point(lr=settings.base.get("lr"), schedule=settings.base.get("lr_schedule"))

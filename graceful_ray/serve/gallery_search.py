@@ -137,8 +137,8 @@ def check_gallery(config, refs: dict[str, str]) -> dict[str, str | None]:
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.errors import EmbeddingSpaceError
     from graceful_ray.retrieval.gallery import Gallery
-    from graceful_ray.retrieval.space import check_snapshot
-    from graceful_ray.serve.config import BASELINE, ROLES
+    from graceful_ray.retrieval.embedding_space import check_snapshot
+    from graceful_ray.serve.shadow_config import BASELINE, ROLES
 
     gallery = Gallery(config.gallery)
     snap = gallery.require_head()

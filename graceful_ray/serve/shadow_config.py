@@ -371,7 +371,7 @@ class ShadowConfig:
                 not isinstance(self.admin_token_sha256, str)
                 or len(self.admin_token_sha256) != 64):
             raise ConfigError("admin_token_sha256 must be the 64-character hex sha256 of the "
-                              "token (see graceful_ray.serve.config.hash_token)")
+                              "token (see graceful_ray.serve.shadow_config.hash_token)")
         if not isinstance(self.route_prefix, str) or not self.route_prefix.startswith("/"):
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
         if not isinstance(self.app_name, str) or not self.app_name \

@@ -28,7 +28,7 @@ from typing import Any
 from graceful_ray.errors import ConfigError
 from graceful_ray.tune.pareto import format_table, pareto_front
 from graceful_ray.tune.plot import plot_trials
-from graceful_ray.tune.records import ACCURACY, CROSS_MAP, FLOPS, NFR, RUNNING, TrialRecord
+from graceful_ray.tune.trials import ACCURACY, CROSS_MAP, FLOPS, NFR, RUNNING, TrialRecord
 from graceful_ray.tune.selection import (Selection, beats_plain, lowest_nfr_at_accuracy,
                                          most_accurate_under_budget, smallest_within)
 from graceful_ray.tune.trainable import EDGE, TRADEOFF, model_cost_metrics

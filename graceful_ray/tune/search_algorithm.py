@@ -24,7 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from graceful_ray.tune.records import COMPLETE_FLAG, Objective
+from graceful_ray.tune.trials import COMPLETE_FLAG, Objective
 
 logger = logging.getLogger(__name__)
 
