@@ -114,8 +114,16 @@ def one_run(spec: dict) -> dict:
     from graceful_ray.train.config import UpgradeConfig
     from graceful_ray.train.trainer import run_upgrade
 
-    ray.init(address="local", num_cpus=spec.pop("ray_cpus"), include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=spec.pop("object_store_mb") * 2**20)
+    cpus, store = spec.pop("ray_cpus"), spec.pop("object_store_mb") * 2**20
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, object_store_memory=store)
+            break
+        except Exception as e:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
     sampler = ObjectStoreSampler().start()
     try:
@@ -149,8 +157,6 @@ def main() -> None:
                    help="training rows of the run under a memory limit (0: skip it)")
     p.add_argument("--cap-mb", type=float, default=900.0, help="memory_per_worker_mb of that run")
     p.add_argument("--object-store-mb", type=int, default=2048, help="object store of each run's local Ray")
-    p.add_argument("--stream-buffer-mb", type=float, nargs="+", default=[0.0, 64.0],
-                   help="stream_buffer_mb values of the memory part (0: Ray Data's own limit)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -166,22 +172,18 @@ def main() -> None:
                   storage=os.path.join(args.root, "runs"), registry=os.path.join(args.root, "registry"))
     if not args.skip_memory:
         print("## Worker memory, streaming (cache_budget_mb=0), one epoch of 32x32 RGB PNGs\n")
-        print("| stream_buffer_mb | train rows | worker peak RSS (MiB) | of it: own (anon) "
-              "| object-store pages (shmem) | object store peak used (MiB) | created (MiB) | samples/s |\n"
-              "|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for buffer_mb in args.stream_buffer_mb:
-            base = None
-            for k in (1, 4, 16):
-                rows = k * args.rows
-                data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
-                out = run(dict(images, data=data, cache_budget_mb=0, stream_buffer_mb=buffer_mb,
-                               run_name=f"mem-{rows}-{buffer_mb:g}"), here)
-                h, st = out["history"][-1], out["object_store"]
-                base = base or h["worker_peak_rss_mb"]
-                print(f"| {buffer_mb:g} | {rows} ({k}N) | {h['worker_peak_rss_mb']:.0f} "
-                      f"({h['worker_peak_rss_mb'] / base:.2f}x) | {h['worker_peak_anon_mb']:.0f} "
-                      f"| {h['worker_peak_shmem_mb']:.0f} | {st['peak_used_mb']:.0f} | {st['created_mb']:.0f} "
-                      f"| {h['samples_per_s']:.0f} |", flush=True)
+        print("| train rows | worker peak RSS (MiB) | of it: own (anon) | object-store pages (shmem) "
+              "| object store peak used (MiB) | created (MiB) | samples/s |\n|---:|---:|---:|---:|---:|---:|---:|")
+        base = None
+        for k in (1, 4, 16):
+            rows = k * args.rows
+            data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
+            out = run(dict(images, data=data, cache_budget_mb=0, run_name=f"mem-{rows}"), here)
+            h, st = out["history"][-1], out["object_store"]
+            base = base or h["worker_peak_rss_mb"]
+            print(f"| {rows} ({k}N) | {h['worker_peak_rss_mb']:.0f} ({h['worker_peak_rss_mb'] / base:.2f}x) "
+                  f"| {h['worker_peak_anon_mb']:.0f} | {h['worker_peak_shmem_mb']:.0f} | {st['peak_used_mb']:.0f} "
+                  f"| {st['created_mb']:.0f} | {h['samples_per_s']:.0f} |", flush=True)
 
     if args.capped_rows:
         rows = args.capped_rows

@@ -206,12 +206,6 @@ def test_memory_cap_stops_a_worker_over_it_and_says_why(tmp_path):
     with pytest.raises(ConfigError, match="local mode"):
         UpgradeConfig(data="unused", workers=0, memory_per_worker_mb=512)
     assert UpgradeConfig(data="unused", memory_per_worker_mb=800).effective_cache_budget_mb == 200
-    # Decoded blocks ahead of the workers are bounded in the object store (0: Ray Data's own limit).
-    from graceful_ray.train.trainer import ingest_options
-
-    assert ingest_options(UpgradeConfig(data="unused")).resource_limits.object_store_memory == 64 * 2**20
-    assert ingest_options(UpgradeConfig(data="unused", stream_buffer_mb=0)).resource_limits.object_store_memory \
-        == float("inf")
     # A process already over a 10 MiB cap (any Python is) is stopped by the watchdog.
     code = "import time; from graceful_ray.train.worker import MemoryWatch; MemoryWatch(10).start(); time.sleep(120)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

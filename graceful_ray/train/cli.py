@@ -67,12 +67,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-budget-mb", type=float, default=1024.0,
                    help="a worker keeps a split in memory after its first pass when it fits this; "
                         "larger splits stream from Ray Data every epoch (0: always stream)")
-    p.add_argument("--stream-buffer-mb", type=float, default=64.0,
-                   help="object store Ray Data may fill with decoded blocks ahead of the workers "
-                        "(0: Ray Data's own limit)")
     p.add_argument("--memory-per-worker-mb", type=float, default=0.0,
                    help="memory each worker may use (0: no limit): reserved as Ray's memory resource and "
-                        "enforced, a worker over it is stopped")
+                        "enforced on its own memory (not object-store pages), a worker over it is stopped")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--spread", action="store_true", help="place workers on different nodes (SPREAD)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
@@ -94,7 +91,7 @@ def config_from_args(args: argparse.Namespace):
         augment_shift=args.augment_shift, augment_images=args.augment_images, augment_pad=args.augment_pad,
         workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
-        memory_per_worker_mb=args.memory_per_worker_mb, stream_buffer_mb=args.stream_buffer_mb,
+        memory_per_worker_mb=args.memory_per_worker_mb,
         cache_budget_mb=args.cache_budget_mb, placement_strategy="SPREAD" if args.spread else "PACK",
         max_failures=args.max_failures, registry=args.registry, storage=args.storage, run_name=args.run_name,
     )

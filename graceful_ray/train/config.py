@@ -90,16 +90,11 @@ class UpgradeConfig:
     # path never slower (benchmarks/results/train_streaming.md); the default is what
     # a worker can spare, not a speed trade-off.
     cache_budget_mb: float = 1024.0
-    # Object-store memory Ray Data may fill with decoded blocks ahead of the workers
-    # (0: Ray Data's own limit, a share of the whole object store). Decoding outpaces
-    # training, so without a bound the queue grows with the dataset up to that share, and
-    # a worker maps every block it reads: at 16x the rows its RSS grew by the 162 MiB of
-    # blocks it had mapped, its own memory by 4% (benchmarks/results/train_streaming.md).
-    stream_buffer_mb: float = 64.0
     # Memory each worker may use, in MiB (0: no limit). Reserved as Ray's ``memory``
     # resource (so Ray places workers where it is free) and enforced: a worker whose
-    # resident memory passes it is stopped (graceful_ray.train.worker.MemoryWatch). A split
-    # is cached only within a quarter of it (see effective_cache_budget_mb).
+    # own resident memory (not the object-store pages it maps) passes it is stopped
+    # (graceful_ray.train.worker.MemoryWatch). A split is cached only within a quarter
+    # of it (see effective_cache_budget_mb).
     memory_per_worker_mb: float = 0.0
     max_failures: int = 0
     registry: str | None = None  # registry root; default <root>/registry
@@ -134,8 +129,6 @@ class UpgradeConfig:
             raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus}")
         if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0 or self.cache_budget_mb < 0:
             raise ConfigError("shuffle_buffer_rows, prefetch_batches and cache_budget_mb must be >= 0")
-        if self.stream_buffer_mb < 0:
-            raise ConfigError(f"stream_buffer_mb must be >= 0 (0: Ray Data's own limit), got {self.stream_buffer_mb}")
         if self.memory_per_worker_mb < 0:
             raise ConfigError(f"memory_per_worker_mb must be >= 0 (0: no limit), got {self.memory_per_worker_mb}")
         if self.memory_per_worker_mb and self.workers == 0:

@@ -171,20 +171,8 @@ def build_trainer(cfg: UpgradeConfig, loop: LoopConfig, datasets: dict[str, Any]
         datasets=datasets,
         # Only the training set is split (into equal shards); every worker streams the
         # whole validation set and evaluates its partition of the rows, so no row is dropped.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-
-
-def ingest_options(cfg: UpgradeConfig):
-    """Ray Train's ingest options, with decoded blocks ahead of the workers bounded by
-    ``stream_buffer_mb`` of object store (why: see UpgradeConfig.stream_buffer_mb)."""
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    if cfg.stream_buffer_mb:
-        options.resource_limits = options.resource_limits.copy(
-            object_store_memory=int(cfg.stream_buffer_mb * 2**20))
-    return options
 
 
 def fit(trainer):
