@@ -196,10 +196,14 @@ def _summary(lat: list[float], errors: int, duration: float) -> dict[str, Any]:
             "latencies_ms": a.round(3).tolist()}
 
 
-def _payloads(n: int = 256, seed: int = 0) -> list[bytes]:
+def _payloads(n: int = 256, seed: int = 0, rows: int = 1) -> list[bytes]:
+    """Request bodies: one input each, or ``rows`` inputs each (a batch request)."""
     rng = np.random.default_rng(seed)
-    return [json.dumps({"input": rng.normal(size=40).round(5).tolist()}).encode()
-            for _ in range(n)]
+    if rows == 1:
+        return [json.dumps({"input": rng.normal(size=40).round(5).tolist()}).encode()
+                for _ in range(n)]
+    return [json.dumps({"inputs": rng.normal(size=(rows, 40)).round(5).tolist()}).encode()
+            for _ in range(max(8, n // rows))]
 
 
 LOADAVG: list[float] = []  # 1-minute load average after every phase
@@ -217,11 +221,11 @@ def _cpu_ticks() -> tuple[int, int] | None:
 
 
 def loadgen(mode: str, url: str, clients: int, rate: float, duration: float,
-            warmup: float) -> dict[str, Any]:
+            warmup: float, rows: int = 1) -> dict[str, Any]:
     """Run one load phase in a separate process (keeps the driver's GIL out of it)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_loadgen", json.dumps(
         {"mode": mode, "url": url, "clients": clients, "rate": rate, "duration": duration,
-         "warmup": warmup})]
+         "warmup": warmup, "rows": rows})]
     before = _cpu_ticks()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
     if out.returncode != 0:
@@ -238,7 +242,7 @@ def loadgen(mode: str, url: str, clients: int, rate: float, duration: float,
 
 def _loadgen_main(spec: str) -> None:
     p = json.loads(spec)
-    payloads = _payloads()
+    payloads = _payloads(rows=p.get("rows", 1))
     try:
         import uvloop
 
@@ -266,14 +270,16 @@ classes = _.classes
 app = FastAPI()
 
 class Req(BaseModel):
-    input: list[float]
+    input: list[float] | None = None
+    inputs: list[list[float]] | None = None
 
 @app.post("/v1/predict")
 def predict(req: Req):
+    rows = [req.input] if req.input is not None else req.inputs
     with torch.inference_mode():
-        logits = model(torch.tensor([req.input]))
-        scores = torch.softmax(logits, 1)[0]
-    return {"decision": classes[int(scores.argmax())], "scores": scores.tolist()}
+        scores = torch.softmax(model(torch.tensor(rows)), 1)
+    return {"predictions": [{"decision": classes[int(s.argmax())], "scores": s.tolist()}
+                            for s in scores]}
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
 '''
@@ -395,15 +401,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             apps["alt"] = alt.replace(app_name="alt", route_prefix="/alt")
         t0 = time.time()
         deploy(*apps.values())
-        log.info("deployed %s in %.0fs", list(apps), time.time() - t0)
+        from plain_serve import plain_serve_app  # this folder is on PYTHONPATH (above)
+
+        serve.run(plain_serve_app(root, "bench@v1"), name="plainserve",
+                  route_prefix="/plainserve")
+        log.info("deployed %s and plainserve in %.0fs", list(apps), time.time() - t0)
         urls = {name: f"{base}/{name}/v1/predict" for name in apps}
         urls["plain"] = f"http://127.0.0.1:{plain_port}/v1/predict"
+        urls["plainserve"] = f"{base}/plainserve/v1/predict"
         for url in urls.values():
             _wait_http(url)
 
         # 1. throughput, closed loop: every configuration once per round, order rotated
-        configs = [("plain", "plain", None), ("app_off", "normal", 0.0),
-                   ("app_on", "normal", 1.0)]
+        configs = [("plain", "plain", None), ("plain_serve", "plainserve", None),
+                   ("app_off", "normal", 0.0), ("app_on", "normal", 1.0)]
         if "alt" in apps:
             configs += [("alt_off", "alt", 0.0), ("alt_on", "alt", 1.0)]
         runs: dict[str, list] = {key: [] for key, _, _ in configs}
@@ -420,7 +431,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["throughput_ratios"] = {
             f"{a}/{b}": _round_ratios(runs[a], runs[b], "throughput")
             for a, b in (("app_on", "plain"), ("app_off", "plain"), ("app_on", "app_off"),
+                         ("app_on", "plain_serve"), ("app_off", "plain_serve"),
                          ("alt_off", "app_off"), ("alt_on", "app_on")) if runs.get(a)}
+
+        # 1b. batch requests (--batch-rows inputs each), closed loop, same rotation
+        if args.batch_rows > 1:
+            batch_configs = [c for c in configs if not c[0].startswith("alt")]
+            bruns: dict[str, list] = {key: [] for key, _, _ in batch_configs}
+            for r in range(args.rounds):
+                n = len(batch_configs)
+                for key, app, fraction in batch_configs[r % n:] + batch_configs[:r % n]:
+                    if fraction is not None:
+                        _set_fraction(base, f"/{app}", fraction)
+                    log.info("round %d: %s, closed loop, %d inputs per request", r, key,
+                             args.batch_rows)
+                    bruns[key].append(loadgen("closed", urls[app], args.clients, 0,
+                                              args.duration, args.warmup, args.batch_rows))
+            results["batch_rows"] = args.batch_rows
+            results["batch"] = {key: _pool(rs, args.duration) for key, rs in bruns.items()}
+            results["batch_ratios"] = {
+                f"{a}/{b}": _round_ratios(bruns[a], bruns[b], "throughput")
+                for a, b in (("app_on", "plain"), ("app_on", "plain_serve"),
+                             ("app_on", "app_off"))}
 
         # 2. primary latency at a steady open-loop rate, off vs on, alternating
         rate = args.rate or max(10.0, round(0.4 * results["app_on"]["throughput"]))
@@ -537,6 +569,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
                   "| server | req/s | p50 ms | p99 ms | errors |",
                   "|---|---:|---:|---:|---:|"]
         rows = [("plain FastAPI + uvicorn + torch, one process", "plain"),
+                ("plain Ray Serve app, one deployment (same levers)", "plain_serve"),
                 ("shadow app, shadow off (primary in router)", "app_off"),
                 ("shadow app, shadow 100% (primary in router)", "app_on"),
                 ("primary in its own deployment, shadow off", "alt_off"),
@@ -550,9 +583,25 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
                   f"- shadow app at 100% / plain server: {ratio('app_on/plain')}",
                   f"- shadow app, shadow off / plain server: {ratio('app_off/plain')}",
                   f"- shadow 100% / shadow off (same app): {ratio('app_on/app_off')}",
+                  f"- shadow app at 100% / plain Serve app: {ratio('app_on/plain_serve')}; "
+                  f"shadow off / plain Serve app: {ratio('app_off/plain_serve')}",
                   f"- primary in its own deployment / primary in router, shadow off: "
                   f"{ratio('alt_off/app_off')}; shadow 100%: {ratio('alt_on/app_on')}",
                   ""]
+    if "batch" in res:
+        k = res["batch_rows"]
+        lines += [f"## Batch requests ({k} inputs each), closed loop, {res['clients']} clients",
+                  "", "| server | req/s | inputs/s | p50 ms | p99 ms | errors |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, key in rows:
+            r = res["batch"].get(key)
+            if r:
+                lines.append(f"| {label} | {r['throughput']:.0f} | {k * r['throughput']:.0f} | "
+                             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+        br = res["batch_ratios"]
+        lines += [""] + [f"- {name}: **{v['median']:.2f}x** (rounds: "
+                         f"{', '.join(f'{x:.2f}' for x in v['per_round'])})"
+                         for name, v in br.items() if v and v["median"] is not None] + [""]
     lines += [f"## Primary latency, open loop at {res['rate']:.0f} req/s, shadow 100% vs off",
               "", "Client-side latency from each request's scheduled send time; "
               "off/on phases alternate. Ratio = median over rounds of (on / off) of the "
@@ -608,6 +657,8 @@ def main() -> int:
                    help="which shadow kinds the latency part measures (eager: the normal "
                         "shadow without SCHED_IDLE and with a 10 ms coalescing window)")
     p.add_argument("--name", default="serve_shadow", help="results file stem")
+    p.add_argument("--batch-rows", type=int, default=64,
+                   help="inputs per request of the batch-request phases (1: skip them)")
     args = p.parse_args()
     if args.rounds == 0 and args.rate is None:
         p.error("--rounds 0 skips the throughput part, which --rate then replaces")

@@ -14,22 +14,41 @@ import sys
 
 from graceful_ray.errors import GracefulRayError
 
-# (module, summary) for each sub-command group; a module that is not there yet
-# simply does not contribute its command.
-_COMMANDS = [
-    "graceful_ray.data.cli",
-    "graceful_ray.registry.cli",
-    "graceful_ray.train.cli",
-    "graceful_ray.evaluate",
-    "graceful_ray.tune.cli",
-    "graceful_ray.interpolate",
-    "graceful_ray.serve.cli",
-    "graceful_ray.retrieval.cli",
-    "graceful_ray.demo",
-]
+# command -> the module whose add_parser() adds it; a module that is not there
+# yet simply does not contribute its command.
+COMMANDS = {
+    "data": "graceful_ray.data.cli",
+    "registry": "graceful_ray.registry.cli",
+    "train": "graceful_ray.train.cli",
+    "evaluate": "graceful_ray.evaluate",
+    "tune": "graceful_ray.tune.cli",
+    "interpolate": "graceful_ray.interpolate",
+    "serve": "graceful_ray.serve.cli",
+    "shadow": "graceful_ray.serve.cli",
+    "gallery": "graceful_ray.retrieval.cli",
+    "demo": "graceful_ray.demo",
+}
+_COMMANDS = list(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command ``argv`` names, if it names one (options before it skipped)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-v", "--verbose", action="store_true")
+    add_root_argument(pre)
+    pre.add_argument("command", nargs="?")
+    known, _ = pre.parse_known_args(argv)
+    return known.command if known.command in COMMANDS else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI, or with ``command`` only that command's parser.
+
+    Some command modules import torch (evaluate, interpolate) or pandas and
+    pyarrow.dataset (data, tune) at their top: importing all of them to parse
+    one command took seconds, and a command must refuse bad arguments at
+    once, so ``main`` imports only the module of the command it runs.
+    """
     parser = argparse.ArgumentParser(
         prog="graceful-ray",
         description=(
@@ -41,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_root_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMANDS:
+    for name in [COMMANDS[command]] if command else _COMMANDS:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -98,7 +117,8 @@ def run_job(command: list[str], parser: argparse.ArgumentParser, argv: list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(command_of(argv))  # no known command: all of them, for --help and the error
     args = parser.parse_args(argv)
     apply_root(args.shared_root)
     logging.basicConfig(

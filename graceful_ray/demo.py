@@ -24,7 +24,11 @@ from graceful_ray.serve.report_text import format_shadow_report
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "mnist1d-classifier"
+# The README's examples use these names (`digits@production`, `--data data/mnist1d`),
+# so a command copied from it runs on what the demo made (with --root and the
+# data path the demo prints at the end).
+MODEL_NAME = "digits"
+DEFAULT_SAMPLES, DEFAULT_SEED = 20_000, 0
 # Focal distillation on standardized logits at the weight that lowered NFR on
 # MNIST-1D (benchmarks/results/upgrade_methods.md), plus BCT for the embeddings.
 COMPATIBLE_HPARAMS = {"fd_kind": "lm-std", "fd_alpha": 1, "fd_beta": 5, "fd_lambda": 0.03}
@@ -58,9 +62,17 @@ def _quiet_logging() -> None:
         configure_logging()
     except ImportError:  # pragma: no cover - a Ray without this private module
         pass
+    # Ray Data warns, once per process, that the progress bars are off: the demo turned them off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
+
+
+def demo_data_dir(root: str, samples: int, seed: int) -> str:
+    """``ROOT/data/mnist1d`` at the defaults (the README's name); other sizes keep their own."""
+    name = "mnist1d" if (samples, seed) == (DEFAULT_SAMPLES, DEFAULT_SEED) else f"mnist1d-{samples}-s{seed}"
+    return os.path.join(root, "data", name)
 
 
 def _ray_log_dir() -> str:
@@ -111,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.ray_output:
         _quiet_logging()
     root = os.path.abspath(args.root or os.environ.get("GRACEFUL_RAY_ROOT", ".graceful-ray"))
-    data = os.path.join(root, "data", f"mnist1d-{args.samples}-s{args.seed}")
+    data = demo_data_dir(root, args.samples, args.seed)
     registry_root = os.path.join(root, "registry")
     storage = os.path.join(root, "runs")
     os.makedirs(root, exist_ok=True)
@@ -184,7 +196,10 @@ def run_demo(args: argparse.Namespace) -> int:
     production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
     print(f"\ndone in {time.perf_counter() - started:.0f}s. production -> {production}, candidate -> {candidate}"
           f" (cutover: {outcome}).")
-    print("next: README.md walks through each stage on its own, on a cluster, and the endpoint with curl.")
+    print("next: README.md walks through each stage on its own, on a cluster, and the endpoint with curl;\n"
+          "its commands name the demo's models, e.g.\n"
+          f"    graceful-ray evaluate --root {root} --data {data} --old {MODEL_NAME}@v1 --new {MODEL_NAME}@production "
+          f"--out {os.path.join(root, 'reports', 'production')}")
     return 1 if outcome == "failed" else 0
 
 
@@ -322,6 +337,8 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     deploy(config, timeout_s=300)
     print(f"    deployed in {time.perf_counter() - t0:.0f}s on {base} (comparison log {storage})")
     print(f"    gates: {', '.join(f'{k}={v}' for k, v in gates.to_dict().items())}")
+    for line in relaxed_gates(gates):
+        print(f"    {line}")
     try:
         outcome = _traffic_and_cutover(args, base, token, data, registry_root, load_split)
         if args.keep_serving:
@@ -430,6 +447,34 @@ def _demo_gates(flip_budget: float) -> dict[str, Any]:
     """
     return {"min_labelled": 200, "max_nfr": flip_budget, "min_agreement": 0.5, "max_latency_ratio": 4.0,
             "max_error_rate": 0.05, "min_latency_samples": 50}
+
+
+#: Why the demo loosens a gate below GateConfig's production default.
+_RELAXED_BECAUSE = {
+    "max_nfr": "the flip budget the search selected under (--flip-budget), now judged on the test split",
+    "min_agreement": "v1 saw 30% of the data for a few epochs: a more accurate v2 must disagree with it "
+                     "wherever it was wrong, so agreement only has to catch a broken model (chance is 10%)",
+    "max_latency_ratio": "the candidate has twice v1's channels and, as the shadow, runs at background "
+                         "priority on a 2-core machine",
+}
+
+
+def relaxed_gates(gates) -> list[str]:
+    """One line per gate looser than GateConfig's default (the README's), with why."""
+    from dataclasses import fields
+
+    from graceful_ray.serve.config import GateConfig
+
+    defaults = {f.name: f.default for f in fields(GateConfig)}
+    lines = []
+    for name in ("min_labelled", "max_nfr", "min_agreement", "max_latency_ratio", "max_error_rate",
+                 "min_latency_samples"):
+        value, default = getattr(gates, name), defaults[name]
+        looser = value > default if name.startswith("max_") else value < default
+        if looser:
+            why = _RELAXED_BECAUSE.get(name, "set with --gate")
+            lines.append(f"relaxed: {name}={value:g} (production default {default:g}): {why}")
+    return lines
 
 
 def _parse_gates(items: list[str] | None) -> dict[str, Any]:
@@ -541,9 +586,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--root", default=None,
                    help="where data, registry, runs, tune runs, shadow logs and reports go "
                         "(default $GRACEFUL_RAY_ROOT, else ./.graceful-ray)")
-    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES)
     p.add_argument("--epochs", type=int, default=8, help="epochs for v1 and the two v2 models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--address", help="Ray address (default: a local Ray)")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
     p.add_argument("--ray-output", action="store_true",

@@ -7,9 +7,11 @@ cluster's Serve proxy (port 8000 by default)::
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/deploy_shadow.py --old digits@production --new digits@candidate \\
             --root s3://bucket/registry --storage s3://bucket/shadow/digits \\
-            --shadow-fraction 0.5 --gallery s3://bucket/galleries/digits
+            --shadow-fraction 0.5 --gallery s3://bucket/galleries/digits --router-replicas 2
 
-``--gallery`` (optional) also serves ``POST /v1/search`` from a gallery built by
+``--router-replicas N`` runs N router (ingress) replicas (``--config`` takes a
+``router.autoscaling_config`` instead); ``--comparator-shards N`` splits the
+records over N comparators by request id. ``--gallery`` (optional) also serves ``POST /v1/search`` from a gallery built by
 ``graceful-ray gallery build``; the primary must live in the gallery's
 embedding space, or the job fails before anything is deployed.
 

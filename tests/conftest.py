@@ -94,6 +94,9 @@ def _serve_ingress() -> None:
         _HAPROXY_DIRS.append(base)
         for key, name in HAPROXY_PATHS.items():
             os.environ.setdefault(key, os.path.join(base, name) if name else base)
+        # and its own stats/metrics ports (Serve's are fixed: 8404, 9101)
+        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(key, str(_free_port()))
     choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))
 
 

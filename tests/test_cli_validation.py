@@ -63,3 +63,44 @@ def test_tune_refuses_bad_arguments_before_ray(dataset, no_ray, tmp_path, capsys
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_torch_free_method_names_are_the_registry_s():
+    from graceful_ray.methods import METHODS
+    from graceful_ray.train.checks import METHOD_NAMES
+
+    assert sorted(METHOD_NAMES) == sorted(METHODS)
+
+
+_VALIDATE_ONLY = """
+import json, sys
+from graceful_ray.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "loaded": sorted(m for m in ("torch", "ray", "pandas") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--method", "fd+bogus", "--data", "MISSING"], "unknown method 'bogus'"),
+    (["--data", "MISSING"], "dataset.json is missing"),
+])
+def test_refusing_train_arguments_imports_neither_torch_nor_ray(dataset, tmp_path, extra, message):
+    """The CLI answers a bad method or a missing dataset at once: it imports only the
+    command's module and checks names and the dataset before torch and Ray (each takes
+    seconds to import; `train --method bogus` took 10-12 s, then 6 s)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = ["train", "--data", dataset, "--root", str(tmp_path / "root"), *extra]
+    args = [str(tmp_path / "nope") if a == "MISSING" else a for a in args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _VALIDATE_ONLY, *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"rc": 2, "loaded": []}, (out, done.stderr)
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("graceful-ray: error: ") and message in line

@@ -79,3 +79,35 @@ def test_an_offline_replay_report_leaves_latency_out():
     text = format_shadow_report(report)
     assert "gates: PASS" in text and "p99 latency" not in text
     assert "[-] max_latency_ratio (offline" in text and "{" not in text
+
+
+def test_the_demo_says_which_gates_it_relaxed_and_why():
+    from graceful_ray.demo import relaxed_gates
+
+    lines = relaxed_gates(GateConfig(**_demo_gates(0.05)))
+    assert [ln.split("=")[0] for ln in lines] == ["relaxed: max_nfr", "relaxed: min_agreement",
+                                                 "relaxed: max_latency_ratio"]
+    assert "max_nfr=0.05 (production default 0.02)" in lines[0] and "--flip-budget" in lines[0]
+    assert relaxed_gates(GateConfig()) == []  # the defaults relax nothing
+    assert relaxed_gates(GateConfig(**_parse_gates(["min_labelled=50"]))) == [
+        "relaxed: min_labelled=50 (production default 200): set with --gate"]
+
+
+def test_the_demo_names_its_model_and_data_as_the_readme_s_commands_do(tmp_path):
+    """A command copied from the README (``--old digits@production``, ``data/mnist1d``)
+    runs on what the demo made; it created ``mnist1d-classifier`` and ``mnist1d-20000-s0``."""
+    import argparse
+    import os
+    import re
+    from pathlib import Path
+
+    from graceful_ray.demo import MODEL_NAME, add_parser, demo_data_dir
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"--old {MODEL_NAME}@production" in readme
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["demo"])
+    data = demo_data_dir(str(tmp_path), args.samples, args.seed)
+    assert os.path.basename(data) == "mnist1d" and re.search(r"--data data/mnist1d\b", readme)
+    assert demo_data_dir(str(tmp_path), 2000, 0) != data  # another size keeps its own directory

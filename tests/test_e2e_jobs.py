@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_multinode import readme_tune_job
+
 httpx = pytest.importorskip("httpx")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),
@@ -161,10 +163,11 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
                           "--workers", "0"])
     jobs.run("train-v2", [*train, "--old", f"{NAME}@production", "--method", "fd", "--hp", "fd_kind=lm",
                           "--workers", "2", "--spread", "--run-name", "e2e-v2"])
-    jobs.run("tune", [PY, str(REPO / "jobs" / "tune_tradeoff.py"), "--data", data, "--old", f"{NAME}@production",
-                      "--method", "fd", "--name", NAME, "--model", "cnn1d", "--model-arg", "channels=8",
-                      "--epochs", "1", "--trials", "2", "--max-concurrent", "2", "--cpus-per-worker", "0.5",
-                      "--flip-budget", "1.0", "--registry", registry, "--storage", tune, "--run-name", "e2e-tune"])
+    # The README's tune job: its resource flags (the defaults) as written, on 2 nodes x 2 CPUs;
+    # only the paths, the run's length and the budget (one epoch meets no real one) differ.
+    jobs.run("tune", [PY, str(REPO / "jobs" / "tune_tradeoff.py"), *readme_tune_job(**{
+        "--data": data, "--registry": registry, "--storage": tune, "--epochs": "1", "--trials": "2",
+        "--flip-budget": "1.0", "--run-name": "e2e-tune"})])
     reg = Registry(registry)
     v1 = reg.get(f"{NAME}@production").ref
     candidate = reg.get(f"{NAME}@candidate")

@@ -23,6 +23,7 @@ from graceful_ray.metrics.sequential import (
 )
 from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig
 from graceful_ray.serve.gates import evaluate, slice_verdicts, watch
+from graceful_ray.serve.kinds import PrimaryEvent, ShadowEvent
 from graceful_ray.serve.stats import ShadowStats
 
 
@@ -264,8 +265,9 @@ def test_auto_rollback_after_a_cutover_that_regresses_on_one_class(tmp_path):
         cand = np.where(y == wrong_on, (y + 1) % 10, y) if wrong_on is not None else y
         mine, other = (cand, y) if primary == CANDIDATE else (y, cand)
         shadow = BASELINE if primary == CANDIDATE else CANDIDATE
-        await comparator.ingest([("p", ids, 0, epoch, primary, mine, 1.0, True, None, "eu"),
-                                 ("s", ids, shadow, other, 1.0, None)])
+        await comparator.ingest([
+            PrimaryEvent("predict", ids, 0, epoch, primary, mine, 1.0, True, segment="eu"),
+            ShadowEvent("predict", ids, shadow, other, 1.0)])
         served += n
         return await comparator.feedback(list(zip(ids, y.tolist())))
 
@@ -325,16 +327,17 @@ def test_segment_is_logged_and_restored(tmp_path):
     refs = {BASELINE: "m@v1", CANDIDATE: "m@v2"}
     core = ComparatorCore(config, refs, list(range(10)))
     ids = [f"r{i}" for i in range(6)]
-    core.ingest([("p", ids[:3], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True, None, "eu"),
-                 ("p", ids[3:], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True, None),
-                 ("s", ids, CANDIDATE, np.array([1, 2, 4, 1, 2, 4]), 1.0, None)])
+    core.ingest([PrimaryEvent("predict", ids[:3], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True,
+                              segment="eu"),
+                 PrimaryEvent("predict", ids[3:], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True),
+                 ShadowEvent("predict", ids, CANDIDATE, np.array([1, 2, 4, 1, 2, 4]), 1.0)])
     for rid, y in zip(ids, [1, 2, 3, 1, 2, 3]):
         assert core.label(rid, y)["status"] == 200
     before = core.stats.summary()["per_segment"]
     assert before["eu"]["compared"] == 3 and before["eu"]["negative_flips"] == 1
     assert set(before) == {"eu"}  # rows without a segment are in no segment slice
     cols, labels = core.take_pending()
-    assert cols["segment"] == ["eu"] * 3 + [None] * 3
+    assert cols["predict"]["segment"] == ["eu"] * 3 + [None] * 3
     core.write(cols, labels)
     restarted = ComparatorCore(config, refs, list(range(10)))
     assert restarted.stats.summary()["per_segment"] == before

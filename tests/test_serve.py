@@ -9,6 +9,9 @@ Three applications share one Serve instance on the session's Ray:
 * ``iso`` (``/iso``): the candidate sleeps 1 s per batch; then its replica is
   killed. The primary must not notice either.
 * ``fail`` (``/fail``): the candidate always raises.
+* ``scale`` (``/scale``): two router replicas and two comparator shards under
+  concurrent clients, a cutover and a rollback mid-traffic; every record must be
+  counted and logged once, and shard 0's report covers both shards.
 
 Tests check behaviour, not speed (that is benchmarks/serve_shadow.py): the only
 timing bound is the generous isolation check (primary answers in well under the
@@ -113,6 +116,11 @@ def service(ray_module, registry, tmp_path_factory):
                        shadow_timeout_s=SHADOW_SLEEP_S + 2, production_alias=None),
         # only its exceptions count; one call per copy, and a breaker that stays open
         # for the longest cool-down the config allows
+        # scale-out: two router replicas, two comparator shards, its own log, no
+        # registry alias to move
+        "scale": _config(registry, str(logs / "scale"), "scale", "/scale", "m@candidate",
+                         router=Resources(num_replicas=2, num_cpus=0.2), shadow_timeout_s=30.0,
+                         production_alias=None, comparator_shards=2),
         "fail": _config(registry, str(logs / "fail"), "fail", "/fail", "m@v4",
                         shadow_timeout_s=30.0, production_alias=None, shadow_coalesce_s=0.0,
                         shadow_breaker_failures=3, shadow_breaker_cooldown_s=30.0),
@@ -238,6 +246,51 @@ def test_bad_input_gets_4xx_and_the_service_keeps_serving(service):
     assert service.predict("main", inputs(1, 3)[0]).status_code == 200
 
 
+def _one_message(r: httpx.Response) -> str:
+    """The one line a refused caller reads: ``message`` (body validation) or ``detail``."""
+    body = r.json()
+    text = body.get("message") or body["detail"]
+    assert isinstance(text, str) and text and "\n" not in text and len(text) < 600, body
+    return text
+
+
+def test_every_malformed_request_gets_one_clear_4xx_through_haproxy(service):
+    """Each kind of bad request, sent through the session's HAProxy-fronted Serve: a 4xx
+    with one line that says what is wrong, never a 500 or a hang (the client's timeout
+    would fail the test); then the service still serves."""
+    c = service.client
+    url, fb = service.url("main", "/v1/predict"), service.url("main", "/v1/feedback")
+    limit = service.configs["main"].max_request_bytes
+    row = ", ".join(["0.0"] * 39)
+    good = service.predict("main", inputs(1, 70)[0]).json()["request_id"]
+    as_json = {"content-type": "application/json"}
+    before = _haproxy_requests()
+    cases = [
+        ("bad JSON", c.post(url, content=b'{"input": [0.0,', headers=as_json), 422, "JSON"),
+        ("wrong feature count", c.post(url, json={"input": [0.0] * 39}), 422, "40 numbers"),
+        ("NaN", c.post(url, content=f'{{"input": [NaN, {row}]}}'.encode(), headers=as_json),
+         422, "NaN or infinity"),
+        ("inf", c.post(url, content=f'{{"input": [1e999, {row}]}}'.encode(), headers=as_json),
+         422, "NaN or infinity"),
+        ("too many inputs", c.post(url, json={"inputs": [[0.0] * 40] * 17}), 413, "too many"),
+        ("oversized body", c.post(url, content=b'{"inputs": [' + b"0.0, " * (limit // 5)
+                                  + b"0.0]}", headers=as_json), 413, "max_request_bytes"),
+        ("unknown request id", c.post(fb, json={"request_id": "no-such-id", "label": 1}), 404,
+         "unknown request id"),
+        ("label outside the classes", c.post(fb, json={"request_id": good, "label": 99}), 422,
+         "not one of"),
+        ("missing token", c.post(service.url("main", "/v1/admin/flush")), 401, "token"),
+        ("wrong token", c.post(service.url("main", "/v1/admin/flush"),
+                               headers={"Authorization": "Bearer wrong"}), 401, "token"),
+    ]
+    for what, r, status, words in cases:
+        assert r.status_code == status, (what, r.status_code, r.text[:300])
+        assert words in _one_message(r), (what, r.text[:300])
+    if before is not None:  # every one of them went through HAProxy's frontend
+        assert _haproxy_requests() - before >= len(cases)
+    assert service.predict("main", inputs(1, 71)[0]).status_code == 200
+
+
 def test_admin_routes_require_the_token(service):
     c = service.client
     for method, path in [("post", "/v1/admin/cutover"), ("post", "/v1/admin/rollback"),
@@ -270,6 +323,13 @@ def _haproxy_stats() -> dict[str, dict[str, str]]:
     fields = lines[0].lstrip("# ").split(",")
     return {f"{r['pxname']}/{r['svname']}": r
             for r in csv.DictReader(lines[1:], fieldnames=fields) if r.get("svname")}
+
+
+def _haproxy_requests() -> int | None:
+    """Requests HAProxy's frontend has taken so far; None on Serve's Python proxy."""
+    if os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY") or not haproxy_enabled():
+        return None
+    return int(_haproxy_stats()["http_frontend/FRONTEND"]["req_tot"])
 
 
 def test_requests_go_through_haproxy(service):
@@ -464,6 +524,134 @@ def test_gates_block_then_cutover_and_rollback_under_traffic(service, local_mode
     assert rep["requests"] == service.served["main"]  # no record lost in the switches
     assert [h["action"] for h in rep["history"]][-2:] == ["cutover", "rollback"]
     assert rep["primary"]["ref"] == "m@v1" and rep["epoch"] == 2
+
+
+def test_two_routers_under_concurrent_traffic_count_and_log_every_request_once(service):
+    """Scale-out: the ``scale`` app's two router replicas take four concurrent clients
+    while it cuts over and rolls back; every answered row is labelled. Then N rows
+    served = N records in the report = N compared pairs = N labelled pairs = N rows in
+    the Parquet log, and every request id is there exactly once. Its records are
+    split over two comparator shards by request id: the report (shard 0's) and the
+    log cover both."""
+    from graceful_ray.serve.records import read_log
+
+    app, per_client, clients = "scale", 30, 4
+    total = per_client * clients  # requests; 1 or 3 rows each
+    answered: dict[str, str] = {}  # request id -> the model that answered it
+    statuses: list[int] = []
+    lock = threading.Lock()
+    rolled_back = threading.Event()
+
+    def client_loop(seed: int) -> None:
+        with httpx.Client(base_url=service.base, timeout=60.0) as client:
+            for i in range(per_client):
+                if i == 2 * per_client // 3:  # the last third only after the rollback
+                    rolled_back.wait(timeout=300)
+                r = service.predict(app, inputs(1 + 2 * (i % 2), 1000 * seed + i), client=client)
+                with lock:
+                    statuses.append(r.status_code)
+                    if r.status_code == 200:
+                        for p in r.json()["predictions"]:
+                            answered[p["request_id"]] = r.json()["model"]
+
+    def wait_for(n_requests: int) -> None:
+        deadline = time.monotonic() + 300
+        while len(statuses) < n_requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True)
+               for k in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(total // 3)
+        cut = service.client.post(service.url(app, "/v1/admin/cutover"), headers=AUTH,
+                                  json={"force": True, "reason": "scale-out test"})
+        assert cut.status_code == 200, cut.text
+        wait_for(total // 2)
+        back = service.client.post(service.url(app, "/v1/admin/rollback"), headers=AUTH,
+                                   json={"reason": "scale-out test"})
+        assert back.status_code == 200, back.text
+    finally:
+        rolled_back.set()
+        for t in threads:
+            t.join(timeout=300)
+    assert len(statuses) == total and set(statuses) == {200}, statuses
+    n = len(answered)
+    assert n == service.served[app] and n == total * 2  # half the requests carry 3 rows
+    assert set(answered.values()) <= {"m@v1", "m@v2"}
+
+    ids = sorted(answered)
+    labels = {rid: i % 10 for i, rid in enumerate(ids)}
+    for k in range(0, n, 100):
+        r = service.client.post(service.url(app, "/v1/feedback"), json={"labels": [
+            {"request_id": rid, "label": labels[rid]} for rid in ids[k:k + 100]]})
+        assert r.status_code == 200 and r.json()["status_counts"] == {
+            "200": len(ids[k:k + 100])}, r.text[:500]
+    service.labelled[app] += n
+
+    rep = service.wait_report(app, lambda r: r["requests"] == n and r["in_flight"] == 0
+                              and r["compared"] == n, timeout=120)
+    assert (rep["requests"], rep["compared"], rep["labelled"], rep["labelled_pairs"]) == \
+        (n, n, n, n), rep
+    assert rep["duplicate_events"] == 0 and rep["comparator_shards"] == 2
+    assert [h["action"] for h in rep["history"]][-2:] == ["cutover", "rollback"]
+    assert service.client.post(service.url(app, "/v1/admin/flush"),
+                               headers=AUTH).status_code == 200
+    table = read_log(service.configs[app].storage, ["request_id", "label", "primary"])
+    logged = table.column("request_id").to_pylist()
+    assert len(logged) == n and sorted(logged) == ids  # each request id exactly once
+    assert len(glob.glob(os.path.join(service.configs[app].storage, "records",
+                                      "part-*-s1-*.parquet"))) > 0  # shard 1 wrote its part
+    assert dict(zip(logged, table.column("label").to_pylist())) == labels
+
+
+def test_batching_changes_live_through_user_config(service, registry, tmp_path):
+    """The path `serve deploy deploy/serve_config.yaml` takes: a declarative config whose
+    args Serve validates against the builder's pydantic type. Changing the router's
+    user_config then reaches the running replica through reconfigure: the same
+    process (no restart, no redeploy) serves with the new batching.
+
+    Slow (about 90 s on the loaded 2-core machine): it builds and starts its own app,
+    because only a declarative deploy lets Serve update a deployment in place; a
+    `serve.run` of the same app always restarts its replicas."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # what `serve deploy` calls
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = _config(registry, str(tmp_path / "live"), "live", "/live", "m@candidate",
+                  production_alias=None)
+    args = {**cfg.to_dict(), "admin_token_sha256": cfg.admin_token_sha256}
+
+    def apply(user_config: dict) -> None:
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": [{
+            "name": "live", "route_prefix": "/live",
+            "import_path": "graceful_ray.serve.app:app_builder", "args": args,
+            "deployments": [{"name": "router", "user_config": user_config}]}]}))
+
+    def health(predicate) -> dict:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                r = service.client.get("/live/healthz")
+                if r.status_code == 200 and predicate(r.json()):
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the live app did not get there in 300 s"
+            time.sleep(0.5)
+
+    try:
+        apply({"max_batch_size": 16, "batch_wait_timeout_s": 0.002})
+        first = health(lambda h: h["primary_batching"]["max_batch_size"] == 16)
+        apply({"max_batch_size": 3, "batch_wait_timeout_s": 0.02})
+        second = health(lambda h: h["primary_batching"]["max_batch_size"] == 3)
+        assert second["primary_batching"]["batch_wait_timeout_s"] == 0.02
+        assert (second["pid"], second["replica"]) == (first["pid"], first["replica"])
+        r = service.client.post("/live/v1/predict", json={"inputs": inputs(4, 80).tolist()})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
+    finally:
+        serve.delete("live")
 
 
 # ------------------------------------------------------------ isolation

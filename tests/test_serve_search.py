@@ -280,7 +280,8 @@ def test_a_model_outside_the_gallery_space(world, tmp_path):
     from graceful_ray.serve.app import build_app
     from graceful_ray.serve.comparator import ComparatorCore
     from graceful_ray.serve.config import BASELINE, CANDIDATE
-    from graceful_ray.serve.search import SearchBackend
+    from graceful_ray.serve.kinds import PrimaryEvent, ShadowEvent
+    from graceful_ray.serve.search import SearchAnswer, SearchBackend
 
     # as the primary: refused at deploy time, before anything starts
     with pytest.raises(EmbeddingSpaceError, match="may not search"):
@@ -294,9 +295,10 @@ def test_a_model_outside_the_gallery_space(world, tmp_path):
     cfg = _config(world, "unit", "/", world["p"], storage=str(tmp_path / "log"))
     core = ComparatorCore(cfg, {BASELINE: world["v1"], CANDIDATE: world["p"]}, list(range(10)))
     top = np.arange(2 * K).reshape(2, K)
-    core.ingest([("q", ["a", "b"], 0, 0, BASELINE, K, top, np.ones((2, K), np.float32),
-                  top % 10, 1, 1.0, True, None),
-                 ("r", ["a", "b"], CANDIDATE, None, None, None, None, None, answer.refused)])
+    primary = SearchAnswer(ids=top, scores=np.ones((2, K), np.float32), labels=top % 10,
+                           snapshot=1, k=K)
+    core.ingest([PrimaryEvent("search", ["a", "b"], 0, 0, BASELINE, primary, 1.0, True),
+                 ShadowEvent("search", ["a", "b"], CANDIDATE, skipped=answer.refused)])
     ret = core.report()["retrieval"]
     cand = ret["models"]["candidate"]
     assert ret["searches"] == 2 and ret["compared"] == 0 and cand["shadow_searches"] == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -23,13 +24,15 @@ from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.auth import AdminAuth
 from graceful_ray.serve.comparator import ComparatorCore
-from graceful_ray.serve.config import (BASELINE, CANDIDATE, GateConfig, Resources, ShadowConfig,
-                                       hash_token)
+from graceful_ray.serve.config import (BASELINE, CANDIDATE, Batching, GateConfig, Resources,
+                                       ShadowConfig, hash_token)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.gates import evaluate, explain
+from graceful_ray.serve.kinds import SEARCH, PrimaryEvent, ShadowEvent
 from graceful_ray.serve.records import read_log
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
+from graceful_ray.serve.search import SearchAnswer
 from graceful_ray.serve.shadow import CircuitBreaker, ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
 
@@ -95,6 +98,33 @@ def test_serve_config_yaml_is_accepted_by_serve(tmp_path):
     assert app.import_path == "graceful_ray.serve.app:app_builder"
     config = ShadowConfig.from_dict(app.args)
     assert config.baseline.endswith("@production") and config.candidate.endswith("@candidate")
+    # Serve validates the args against the builder's pydantic type: the same config
+    from graceful_ray.serve.app import app_builder
+    from graceful_ray.serve.config import ShadowAppArgs
+
+    assert inspect.signature(app_builder).parameters["args"].annotation is ShadowAppArgs
+    assert ShadowAppArgs.model_validate(app.args).to_config() == config
+    router = next(d for d in app.deployments if d.name == "router")
+    assert Batching.from_user_config(router.user_config, "router") == config.primary_batching
+    with pytest.raises(ValueError, match="num_replica"):  # a typo in a nested field
+        ShadowAppArgs.model_validate({**app.args, "router": {"num_replica": 2}})
+    with pytest.raises(ValueError, match="do not put the admin token"):
+        ShadowAppArgs.model_validate({**app.args, "admin_token": "x"})
+
+
+def test_batching_is_each_deployments_user_config(tmp_path):
+    """build_app gives the router the primary's batching and each model deployment its
+    shadow batching as Serve user_config, which reconfigure applies in place."""
+    from graceful_ray.serve.router import ShadowRouter
+
+    with pytest.raises(ConfigError, match="max_batch_size must be an integer"):
+        Batching.from_user_config({"max_batch_size": 0}, "router user_config")
+    with pytest.raises(ConfigError, match="unknown router user_config field"):
+        Batching.from_user_config({"max_batch": 8}, "router user_config")
+    router = object.__new__(ShadowRouter.func_or_class)  # reconfigure alone, no replica
+    router.reconfigure({"max_batch_size": 5, "batch_wait_timeout_s": 0.03})
+    assert router._primary_batch._get_max_batch_size() == 5
+    assert router._primary_batch._get_batch_wait_timeout_s() == 0.03
 
 
 def test_kuberay_rayservice_args_are_a_valid_shadow_config():
@@ -110,7 +140,10 @@ def test_kuberay_rayservice_args_are_a_valid_shadow_config():
     app = ServeDeploySchema.model_validate(serve_config).applications[0]
     module, _, attr = app.import_path.partition(":")
     assert module == "graceful_ray.serve.app" and attr == app_builder.__name__
-    ShadowConfig.from_dict(app.args)
+    from graceful_ray.serve.config import ShadowAppArgs
+
+    # what Serve does with the args before building: the builder's typed config
+    assert ShadowAppArgs.model_validate(app.args).to_config() == ShadowConfig.from_dict(app.args)
 
 
 # ------------------------------------------------------------------ input
@@ -213,10 +246,11 @@ def _core(tmp_path, **kw) -> ComparatorCore:
 def test_comparator_pairs_events_in_any_order_and_labels(tmp_path):
     core = _core(tmp_path)
     x = np.zeros((3, 40), np.float32)
-    core.ingest([("s", ["b"], CANDIDATE, np.array([5]), 2.0, None)])  # shadow first
-    core.ingest([("p", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]), 1.0, True, x),
-                 ("s", ["a"], CANDIDATE, np.array([2]), 2.0, None),
-                 ("s", ["c"], CANDIDATE, None, None, "timeout")])
+    core.ingest([ShadowEvent("predict", ["b"], CANDIDATE, np.array([5]), 2.0)])  # shadow first
+    core.ingest([PrimaryEvent("predict", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]),
+                              1.0, True, x),
+                 ShadowEvent("predict", ["a"], CANDIDATE, np.array([2]), 2.0),
+                 ShadowEvent("predict", ["c"], CANDIDATE, error="timeout")])
     assert core.stats.requests == 3 and core.stats.compared == 2 and core.stats.agreed == 1
     assert core.stats.models[CANDIDATE].shadow_errors["timeout"] == 1
     assert core.label("a", 1)["flip"] == "negative"
@@ -236,8 +270,9 @@ def test_comparator_log_roundtrip_and_resume(tmp_path):
     x = np.random.default_rng(0).normal(size=(n, 40)).astype(np.float32)
     ids = [f"r{i}" for i in range(n)]
     dec = np.arange(n) % 10
-    core.ingest([("p", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
-                 ("s", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10, 2.0, None)])
+    core.ingest([PrimaryEvent("predict", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
+                 ShadowEvent("predict", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10,
+                             2.0)])
     for i in range(0, n, 2):
         core.label(ids[i], int(dec[i]))
     cols, labels = core.take_pending()
@@ -354,8 +389,10 @@ def test_cli_builds_config_from_flags_and_file(tmp_path):
     file.write_text(yaml.safe_dump({"shadow_fraction": 0.3, "gates": {"max_nfr": 0.1}}))
     args = parser.parse_args(["--old", "m@production", "--new", "m@candidate", "--registry", "R",
                               "--config", str(file), "--gate", "min_labelled=12",
-                              "--model-cpus", "0.2", "--router-replicas", "2"])
+                              "--model-cpus", "0.2", "--router-replicas", "2",
+                              "--comparator-shards", "3"])
     c = config_from_args(args)
+    assert c.comparator_shards == 3
     assert (c.registry, c.shadow_fraction, c.gates.max_nfr, c.gates.min_labelled) == \
         ("R", 0.3, 0.1, 12)
     assert c.candidate_resources.num_cpus == 0.2 and c.router.num_replicas == 2
@@ -389,16 +426,27 @@ def test_the_job_takes_the_token_hash_so_the_token_stays_off_the_job_listing(mon
 
 # ------------------------------------------------------------ shadow calls
 class _FakeHandle:
-    """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``."""
+    """Stands in for a DeploymentHandle: ``handle.predict.remote(x, False)``.
 
-    def __init__(self, delay: float = 0.0, error: BaseException | None = None) -> None:
+    ``replicas``: the running replicas its router knows of, laid out as Serve 2.60's
+    handle holds them (``_router._asyncio_router.request_router.curr_replicas``);
+    None: no such router (then a timeout cannot be told from a dead replica)."""
+
+    def __init__(self, delay: float = 0.0, error: BaseException | None = None,
+                 replicas: int | None = None) -> None:
+        from types import SimpleNamespace
+
         self.calls: list[int] = []
+        self.cancelled = 0
         self.delay, self.error = delay, error
         self.predict = self
+        if replicas is not None:
+            self._router = SimpleNamespace(_asyncio_router=SimpleNamespace(request_router=SimpleNamespace(
+                curr_replicas={f"r{i}": object() for i in range(replicas)})))
 
     def remote(self, x, with_scores):
         self.calls.append(len(x))
-        return self._answer(x)
+        return _FakeResponse(self, self._answer(x))
 
     async def _answer(self, x):
         await asyncio.sleep(self.delay)
@@ -406,8 +454,19 @@ class _FakeHandle:
             raise self.error
         return np.arange(len(x)), None, 1.5
 
-    def cancel(self) -> None:  # pragma: no cover - coroutines have no cancel()
-        pass
+
+class _FakeResponse:
+    """A DeploymentResponse: awaitable once, cancellable."""
+
+    def __init__(self, handle: _FakeHandle, answer) -> None:
+        self.handle, self.answer = handle, answer
+
+    def __await__(self):
+        return self.answer.__await__()
+
+    def cancel(self) -> None:
+        self.handle.cancelled += 1
+        self.answer.close()
 
 
 def test_shadow_caller_coalesces_and_splits():
@@ -447,21 +506,82 @@ def test_circuit_breaker_opens_probes_and_closes():
     assert not any(never.record(False) for _ in range(100)) and never.allow()
 
 
+async def _failure_kinds(caller: ShadowCaller, n: int, *kind_and_params) -> list[str]:
+    """The failure kind of each of ``n`` one-row calls, all of which must fail."""
+    kinds = []
+    for _ in range(n):
+        with pytest.raises(ShadowFailure) as e:
+            await caller.call(CANDIDATE, np.zeros((1, 4)), *kind_and_params)
+        kinds.append(e.value.kind)
+    return kinds
+
+
 def test_a_failing_shadow_stops_receiving_calls_but_every_copy_is_counted():
     handle = _FakeHandle(error=RuntimeError("boom"))
     caller = ShadowCaller({CANDIDATE: handle}, window_s=0.0, max_rows=64, timeout_s=1.0,
                           breaker_failures=3, breaker_cooldown_s=10.0)
 
-    async def main():
-        kinds = []
-        for _ in range(10):
-            with pytest.raises(ShadowFailure) as e:
-                await caller.call(CANDIDATE, np.zeros((1, 4)))
-            kinds.append(e.value.kind)
-        return kinds
-
-    assert asyncio.run(main()) == ["exception"] * 3 + ["circuit_open"] * 7
+    kinds = asyncio.run(_failure_kinds(caller, 10))
+    assert kinds == ["exception"] * 3 + ["circuit_open"] * 7
     assert handle.calls == [1, 1, 1]  # the shadow saw three calls, not ten
+
+
+class _FakeSearchHandle:
+    """Stands in for a DeploymentHandle's ``search.remote(x, k)``."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.error = error
+        self.search = self
+
+    def remote(self, x, k):
+        self.calls.append((len(x), k))
+        return self._answer(x, k)
+
+    async def _answer(self, x, k):
+        if self.error is not None:
+            raise self.error
+        ids = np.arange(len(x) * k).reshape(len(x), k)
+        return SearchAnswer(ids=ids, scores=np.ones((len(x), k), np.float32), labels=ids % 10,
+                            snapshot=3, k=k, ms=2.5)
+
+
+def test_search_shadows_are_coalesced_per_k_and_split_back():
+    handle = _FakeSearchHandle()
+    caller = ShadowCaller({CANDIDATE: handle}, window_s=0.05, max_rows=64, timeout_s=1.0)
+
+    async def main():
+        calls = [caller.call(CANDIDATE, np.zeros((n, 4)), SEARCH, (k,))
+                 for n, k in ((2, 5), (1, 5), (3, 7))]
+        return await asyncio.gather(*calls)
+
+    (a, ms), (b, _), (c, _) = asyncio.run(main())
+    assert sorted(handle.calls) == [(3, 5), (3, 7)]  # one call per k, not one per request
+    assert a.ids.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and b.ids.tolist() == [
+        [10, 11, 12, 13, 14]] and ms == 2.5
+    assert c.ids.shape == (3, 7) and c.snapshot == 3
+
+
+def test_a_failing_search_shadow_opens_its_breaker_and_leaves_predict_alone():
+    """Search shadows go through the same ShadowCaller as predict: after
+    ``breaker_failures`` failed searches in a row the breaker holds the copies
+    back (circuit_open), and predict copies to the same shadow are still sent."""
+    search = _FakeSearchHandle(error=RuntimeError("faiss is gone"))
+    predict = _FakeHandle()
+    search.predict = predict  # one deployment answers both kinds
+    caller = ShadowCaller({CANDIDATE: search}, window_s=0.0, max_rows=64, timeout_s=1.0,
+                          breaker_failures=3, breaker_cooldown_s=10.0)
+
+    async def main():
+        kinds = await _failure_kinds(caller, 6, SEARCH, (5,))
+        decisions, _ = await caller.call(CANDIDATE, np.zeros((2, 4)))
+        return kinds, decisions
+
+    kinds, decisions = asyncio.run(main())
+    assert kinds == ["exception"] * 3 + ["circuit_open"] * 3
+    assert len(search.calls) == 3  # the failing shadow saw three searches, not six
+    assert caller.breaker(CANDIDATE, SEARCH).state == "open"
+    assert caller.breaker(CANDIDATE).state == "closed" and decisions.tolist() == [0, 1]
 
 
 # A fresh interpreter, so the test process keeps its own priority: a thread that
@@ -517,13 +637,30 @@ def test_shadow_caller_classifies_failures():
     assert asyncio.run(run(_FakeHandle(error=ActorDiedError()))) == "unavailable"
 
 
+def test_a_call_that_waits_for_a_dead_replica_is_unavailable_not_a_timeout():
+    """Serve routes a call whose replica died to another one, and waits for one while
+    none runs: the call never raises, it times out with no running replica. Before,
+    every such call was counted ``timeout``."""
+    async def run(handle):
+        caller = ShadowCaller({CANDIDATE: handle}, window_s=0.01, max_rows=64, timeout_s=0.05)
+        with pytest.raises(ShadowFailure) as e:
+            await caller.call(CANDIDATE, np.zeros((1, 4)))
+        return e.value.kind
+
+    dead = _FakeHandle(delay=30.0, replicas=0)
+    assert asyncio.run(run(dead)) == "unavailable" and dead.cancelled == 1
+    # a replica that runs but does not answer in time is a timeout, as is a handle whose router we cannot read
+    assert asyncio.run(run(_FakeHandle(delay=30.0, replicas=1))) == "timeout"
+    assert asyncio.run(run(_FakeHandle(delay=30.0))) == "timeout"
+
+
 def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path):
     """A router re-sends a batch whose ingest raised part-way (router._flush_events):
     the records already made from it must not be made again."""
     core = _core(tmp_path)
-    batch = [("p", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True, None),
-             ("s", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0, None),
-             ("p", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False, None)]
+    batch = [PrimaryEvent("predict", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True),
+             ShadowEvent("predict", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0),
+             PrimaryEvent("predict", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False)]
     core.ingest(batch)
     core.ingest(batch)  # the whole batch again
     core.ingest(batch[1:2])  # and only its shadow answers
@@ -531,12 +668,14 @@ def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path
     assert core.duplicates == 7 and not core.orphans and not core.open
     assert core.report()["duplicate_events"] == 7
     cols, _ = core.take_pending()
-    assert sorted(cols["request_id"]) == ["a", "b", "c"]
+    assert sorted(cols["predict"]["request_id"]) == ["a", "b", "c"]
 
 
 # ------------------------------------------------------------- ingress
 def test_haproxy_ingress_is_the_default_and_one_flag_turns_it_off(monkeypatch):
     from graceful_ray.serve import ingress
+
+    monkeypatch.setattr(ingress, "port_in_use", lambda port: False)
 
     monkeypatch.setattr(ingress, "haproxy_binary", lambda: "/opt/haproxy")
     env: dict[str, str] = {}
@@ -555,6 +694,30 @@ def test_haproxy_ingress_is_the_default_and_one_flag_turns_it_off(monkeypatch):
     line = ingress.choose_ingress(environ=env)
     assert env[ingress.HAPROXY_ENV] == "0" and "\n" not in line
     assert "no HAProxy binary" in line and ingress.BINARY_ENV in line
+
+
+def test_haproxy_side_ports_move_off_a_taken_default(monkeypatch):
+    """A second service on one machine: HAProxy's fixed stats/metrics ports are taken,
+    so they move to free ones (HAProxy would exit with "Address already in use");
+    a port the user chose is kept."""
+    import socket
+
+    from graceful_ray.serve import ingress
+
+    monkeypatch.setattr(ingress, "haproxy_binary", lambda: "/opt/haproxy")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert ingress.port_in_use(port)
+        monkeypatch.setattr(ingress, "SIDE_PORTS", {"RAY_SERVE_HAPROXY_STATS_PORT": port,
+                                                    "RAY_SERVE_HAPROXY_METRICS_PORT": port})
+        env: dict[str, str] = {"RAY_SERVE_HAPROXY_METRICS_PORT": "9999"}
+        line = ingress.choose_ingress(environ=env)
+    moved = int(env["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert moved != port and not ingress.port_in_use(moved)
+    assert env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
+    assert f"RAY_SERVE_HAPROXY_STATS_PORT={moved} ({port} is taken)" in line and "\n" not in line
 
 
 def test_haproxy_binary_follows_rays_order(monkeypatch, tmp_path):
@@ -591,3 +754,121 @@ def test_joining_a_cluster_says_which_ingress_its_nodes_run():
         True, environ={HAPROXY_ENV: "1"})
     line = cluster_ingress(environ={})
     assert "Python proxy" in line and "cluster/kuberay" in line and "\n" not in line
+
+
+# ------------------------------------------------------- comparator shards
+class _Local:
+    """A Serve handle's ``.method.remote(...)`` on an object in this process."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        class _Remote:
+            @staticmethod
+            def remote(*args):
+                return method(*args)
+
+        return _Remote
+
+
+def _same(a, b, path="report"):
+    """Equal documents; floats to 9 significant digits (sums taken in another order)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, set(a) ^ set(b))
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-9), path
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_two_comparator_shards_report_what_one_comparator_reports(tmp_path):
+    """The same traffic (predict and search rows, shadow errors, a re-sent batch, every
+    label) goes to one comparator and, split by request id as the router splits it, to
+    two shards. Shard 0's report over both equals the single comparator's, its gates
+    decide the same, and the one log the shards share holds every record once."""
+    from graceful_ray.serve.comparator import Comparator
+    from graceful_ray.serve.shards import shard_of, split_event
+
+    def comparator(name, shards, shard=0, *peers):
+        config = cfg(tmp_path, storage=str(tmp_path / name), comparator_shards=shards,
+                     production_alias=None, feedback_grace_s=0.0, background_nice=0,
+                     gates=GateConfig(min_labelled=50, min_latency_samples=5, max_nfr=0.5,
+                                      min_agreement=0.1, max_latency_ratio=100.0))
+        return Comparator.func_or_class(config, REFS, list(range(10)), shard, *peers)
+
+    single = comparator("one", 1)
+    peer = comparator("two", 2, 1)
+    shard0 = comparator("two", 2, 0, _Local(peer))
+    shards = [shard0, peer]
+    rng = np.random.default_rng(7)
+    events, labels, n = [], [], 0
+    for r in range(120):
+        rows = int(rng.integers(1, 4))
+        ids = [f"req{n + i}" for i in range(rows)]
+        n += rows
+        dec = rng.integers(0, 10, rows)
+        if r % 5 == 4:  # a search: top-k lists that overlap in part
+            top = rng.integers(0, 50, (rows, 4))
+            answer = SearchAnswer(ids=top, scores=np.ones((rows, 4), np.float32),
+                                  labels=top % 10, snapshot=1, k=4)
+            shadow = SearchAnswer(ids=np.where(rng.random((rows, 4)) < 0.5, top, top + 1),
+                                  scores=np.ones((rows, 4), np.float32), labels=top % 10,
+                                  snapshot=1, k=4)
+            events += [PrimaryEvent("search", ids, 0, 0, BASELINE, answer, 1.0 + r, True),
+                       ShadowEvent("search", ids, CANDIDATE, shadow, 2.0 + r)]
+        else:
+            events.append(PrimaryEvent("predict", ids, 0, 0, BASELINE, dec, 1.0 + r, True,
+                                       rng.normal(size=(rows, 40)).astype(np.float32),
+                                       "eu" if r % 2 else None))
+            events.append(ShadowEvent("predict", ids, CANDIDATE, None, None, "timeout")
+                          if r % 17 == 3 else
+                          ShadowEvent("predict", ids, CANDIDATE,
+                                      np.where(rng.random(rows) < 0.2, (dec + 1) % 10, dec),
+                                      2.0 + r))
+        labels += [(rid, int(y)) for rid, y in zip(ids, dec)]
+
+    async def scenario():
+        for at in range(0, len(events), 16):  # router flushes, one of them sent twice
+            batch = events[at:at + 16]
+            for _ in range(2 if at == 32 else 1):
+                await single.ingest(batch)
+                parts: dict[int, list] = {0: [], 1: []}
+                for ev in batch:
+                    for s, part in split_event(ev, 2).items():
+                        parts[s].append(part)
+                for s, part in parts.items():
+                    await shards[s].ingest(part)
+        assert [r["status"] for r in await single.feedback(labels)] == [200] * n
+        for s in (0, 1):
+            mine = [item for item in labels if shard_of(item[0], 2) == s]
+            assert 0 < len(mine) < n  # both shards hold part of the traffic
+            assert [r["status"] for r in await shards[s].feedback(mine)] == [200] * len(mine)
+        one, two = await single.report(), await shard0.report()
+        flushed = await shard0.flush(), await single.flush()
+        cut = await single.cutover(), await shard0.cutover()
+        for c in shards + [single]:
+            c._loop_task.cancel()
+        return one, two, flushed, cut
+
+    one, two, flushed, cut = asyncio.run(scenario())
+    assert one["requests"] == two["requests"] and one["duplicate_events"] > 0
+    assert one["retrieval"]["searches"] > 0 and one["labelled_pairs"] > 0
+    for doc in (one, two):
+        for key in ("generated_at", "storage", "comparator_shards"):
+            doc.pop(key)
+    _same(one, two)
+    assert flushed[0]["status"] == flushed[1]["status"] == 200
+    assert flushed[0]["records_written"] == flushed[1]["records_written"] == one["requests"]
+    assert (cut[0]["status"], cut[0]["gates"]) == (cut[1]["status"], cut[1]["gates"])
+    logged = read_log(str(tmp_path / "two")).column("request_id").to_pylist()
+    assert sorted(logged) == sorted(read_log(str(tmp_path / "one")).column(
+        "request_id").to_pylist()) and len(set(logged)) == len(logged)

@@ -3,7 +3,6 @@
 See :mod:`graceful_ray.data.contract` for what a dataset is.
 """
 
-from graceful_ray.data.builtin import make_digits, make_mnist1d
 from graceful_ray.data.contract import (
     DATASET_JSON, KINDS, SCENARIOS, DatasetInfo, Expectations, SplitInfo, dataset_checksum,
     features_type,
@@ -13,8 +12,20 @@ from graceful_ray.data.io import (
     batch_to_numpy, conform, dataset_exists, import_dataset, ray_dataset, read_file, read_info, read_split,
     split_paths, to_numpy, verify_split, write_dataset,
 )
-from graceful_ray.data.importer import ImportOptions, import_source
 from graceful_ray.data.validate import validate_dataset, validate_table
+
+# Imported on first use: the importer brings pandas (about 1 s), and reading a
+# dataset's dataset.json, which every command's argument checks do, needs neither.
+_LAZY = {"make_digits": "graceful_ray.data.builtin", "make_mnist1d": "graceful_ray.data.builtin",
+         "ImportOptions": "graceful_ray.data.importer", "import_source": "graceful_ray.data.importer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DATASET_JSON", "KINDS", "SCENARIOS", "DatasetInfo", "Expectations", "SplitInfo",

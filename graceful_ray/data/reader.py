@@ -26,6 +26,12 @@ from typing import Any, Sequence
 
 #: Up to this many files, a read goes through Ray Data's V1 Parquet reader.
 SMALL_READ_FILES = 64
+#: CPUs each read task asks for unless the caller says otherwise. Ray Data's default
+#: is 1, and a node whose CPUs Train workers and Tune trials hold down to a fraction
+#: (two trials of 1.25 CPUs on cluster/local.sh's 2 nodes x 2 CPUs) never has a whole
+#: CPU free: the reads pend forever while the workers wait for them. A read is mostly
+#: I/O and Arrow decoding; the fraction is a scheduling share, not a core limit.
+READ_TASK_CPUS = 0.25
 #: Ray Data's own switch; when it is set, we leave the choice to Ray.
 RAY_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 #: Arguments only V2 implements (V1 raises on them).
@@ -41,10 +47,14 @@ def uses_v1_reader(num_files: int) -> bool:
 
 
 def read_parquet(paths: Sequence[str] | str, *, filesystem: Any = None, **kwargs: Any):
-    """``ray.data.read_parquet`` with the reader chosen as the module docstring says."""
+    """``ray.data.read_parquet`` with the reader chosen as the module docstring says,
+    each read task asking for ``READ_TASK_CPUS`` unless ``num_cpus`` or
+    ``ray_remote_args`` says otherwise."""
     import ray.data
 
     paths = [paths] if isinstance(paths, str) else list(paths)
+    if "num_cpus" not in (kwargs.get("ray_remote_args") or {}):
+        kwargs.setdefault("num_cpus", READ_TASK_CPUS)
     if not uses_v1_reader(len(paths)) or any(kwargs.get(k) for k in V2_ONLY_ARGUMENTS):
         return ray.data.read_parquet(paths, filesystem=filesystem, **kwargs)
     # The reader is picked when the read is planned, here on the driver; the

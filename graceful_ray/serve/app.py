@@ -5,7 +5,8 @@ The application graph::
     HTTP -> ShadowRouter (FastAPI ingress; primary in-process by default)
               |-- ModelReplica  <baseline version>   (shadow target when candidate is primary)
               |-- ModelReplica  <candidate version>  (shadow target when baseline is primary)
-              `-- Comparator    (records, flips, gates, routing state; one replica)
+              `-- Comparator    (records, flips, gates, routing state; one replica,
+                                 or comparator_shards of them split by request id)
 
 With ``gallery`` set, the same graph serves ``POST /v1/search``: the primary
 embeds and searches the faiss gallery in the router, the shadow does the same
@@ -17,19 +18,28 @@ versions, so every replica (including ones Serve restarts later) loads the same
 weights even after the ``production`` alias moves on cutover.
 
 :func:`app_builder` is the entry point a Serve config YAML names
-(``import_path: graceful_ray.serve.app:app_builder``), so ``serve deploy`` and
-``serve run`` accept the same arguments as :class:`ShadowConfig`.
+(``import_path: graceful_ray.serve.app:app_builder``), typed as Serve's
+``doc_code`` shows: Serve validates the file's ``args`` against
+:data:`~graceful_ray.serve.config.ShadowAppArgs` (the fields of
+:class:`ShadowConfig`) before it builds anything.
+
+Batching is each deployment's Serve ``user_config`` (``max_batch_size``,
+``batch_wait_timeout_s``): the router's is the primary's batch, a model
+deployment's its shadow batch. Changing it in a Serve config
+(``deployments: [{name: router, user_config: {...}}]``) reaches the running
+replicas through ``reconfigure``, without restarting them.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve reads app_builder's annotation
+# as a class to validate a config file's args with it.
+import dataclasses
 import logging
 import re
 import time
-from typing import Any
+from typing import Mapping
 
 from graceful_ray.errors import ConfigError, IncompatibleModelError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig
+from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,7 @@ def build_app(config: ShadowConfig):
             **res.replica_options(),
             max_ongoing_requests=res.max_ongoing_requests,
             ray_actor_options=res.actor_options(),
+            user_config=dataclasses.asdict(config.shadow_batching),
         ).bind(config.registry, refs[role], config.shadow_batching, res.num_gpus,
                config.torch_threads,
                # shadow-only when the primary runs in the router: background priority
@@ -100,25 +111,37 @@ def build_app(config: ShadowConfig):
                config.gallery, config.gallery_poll_s,
                sched_idle=config.shadow_sched_idle and config.primary_in_ingress)
     all_classes = sorted(set(classes[BASELINE]) | set(classes[CANDIDATE]))
-    comparator = Comparator.options(
-        name="comparator", num_replicas=1,
-        max_ongoing_requests=config.comparator.max_ongoing_requests,
-        ray_actor_options=config.comparator.actor_options(),
-    ).bind(config, refs, all_classes)
+    def comparator_shard(name: str, shard: int, *peers):
+        return Comparator.options(
+            name=name, num_replicas=1,
+            max_ongoing_requests=config.comparator.max_ongoing_requests,
+            ray_actor_options=config.comparator.actor_options(),
+        ).bind(config, refs, all_classes, shard, *peers)
+
+    # Shard 0 keeps the name "comparator": it owns the routing state (serve.shards).
+    peers = [comparator_shard(f"comparator-shard-{k}", k)
+             for k in range(1, config.comparator_shards)]
+    comparator = comparator_shard("comparator", 0, *peers)
     router = ShadowRouter.options(
         name="router", **config.router.replica_options(),
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options=config.router.actor_options(),
-    ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator)
+        user_config=dataclasses.asdict(config.primary_batching),
+    ).bind(config, refs, shape, classes, models[BASELINE], models[CANDIDATE], comparator,
+           *peers)
     log.info("shadow app %r: primary %s, shadow %s (fraction %.2f), log %s%s", config.app_name,
              refs[BASELINE], refs[CANDIDATE], config.shadow_fraction, config.storage,
              f", search gallery {config.gallery}" if config.gallery else "")
     return router
 
 
-def app_builder(args: dict[str, Any]):
-    """Entry point for a Serve config file's ``import_path`` (``args`` -> ShadowConfig)."""
-    return build_app(ShadowConfig.from_dict(args))
+def app_builder(args: ShadowAppArgs):
+    """Entry point for a Serve config file's ``import_path``; Serve passes the
+    validated :data:`ShadowAppArgs` (a plain mapping is read with
+    :meth:`ShadowConfig.from_dict`)."""
+    if isinstance(args, Mapping):
+        return build_app(ShadowConfig.from_dict(args))
+    return build_app(args.to_config())
 
 
 def deploy(*configs: ShadowConfig, timeout_s: float = 600.0) -> list:

@@ -92,7 +92,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "max_latency_ratio, max_error_rate, min_latency_samples, "
                         "max_disagreement, min_compared, max_slice_nfr, min_slice_labelled, "
                         "auto_rollback (true/false), confidence")
-    p.add_argument("--router-replicas", type=int, default=None)
+    p.add_argument("--router-replicas", type=int, default=None,
+                   help="router (ingress) replicas; every replica records into the same "
+                        "comparator, so none loses or double-counts a record")
+    p.add_argument("--comparator-shards", type=int, default=None,
+                   help="split the records over this many comparator deployments by request "
+                        "id, past one comparator's ceiling (benchmarks/results/"
+                        "comparator_ceiling.md); default 1")
     p.add_argument("--router-cpus", type=float, default=None)
     p.add_argument("--router-gpus", type=float, default=None)
     p.add_argument("--model-cpus", type=float, default=None, help="CPUs per model replica")
@@ -160,6 +166,8 @@ def config_from_args(args: argparse.Namespace):
     gates = {**(data.get("gates") or {}), **_parse_gates(args.gate)}
     if gates:
         data["gates"] = gates
+    if args.comparator_shards is not None:
+        data["comparator_shards"] = args.comparator_shards
     for key, flag, field in (("router", "router_replicas", "num_replicas"),
                              ("router", "router_cpus", "num_cpus"),
                              ("router", "router_gpus", "num_gpus"),

@@ -12,7 +12,8 @@ Routers learn the routing state (which model is primary, the shadow fraction)
 from the answer to every event batch, so a cutover reaches every router
 replica within one sync interval and never needs a replica restart.
 
-Searches (``POST /v1/search``) follow the same life cycle in their own records
+Searches (``POST /v1/search``) follow the same life cycle (one code path for every
+request kind, see :mod:`graceful_ray.serve.kinds`) in their own records
 (``searches/`` in the log) and statistics (the report's ``retrieval`` section:
 top-k overlap, and with feedback labels each model's top-1 / top-k hits), so they
 never change predict's agreement, flips or gates.
@@ -27,20 +28,21 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from graceful_ray.errors import ConfigError, GracefulRayError
-from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig
+from graceful_ray.serve.config import BASELINE, CANDIDATE, GateConfig, ShadowConfig, other
 from graceful_ray.serve.gates import evaluate, explain, watch
+from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
+                                      ShadowEvent)
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.metrics import ComparatorMetrics
-from graceful_ray.serve.records import LABELS_DIR, RECORDS_DIR, SEARCHES_DIR, RecordLog
+from graceful_ray.serve.records import LABELS_DIR, RecordLog
 from graceful_ray.serve.runner import lower_priority
-from graceful_ray.serve.search import overlap as topk_overlap
-from graceful_ray.serve.stats import RetrievalStats, ShadowStats, compose_report
+from graceful_ray.serve.shards import shard_of
+from graceful_ray.serve.stats import ShadowStats, compose_report, merged
 
 log = logging.getLogger(__name__)
 
@@ -48,83 +50,28 @@ _HISTORY = 100
 _MAX_ORPHANS = 100_000
 
 
-class Tracked:
-    """One served input row, from the primary's answer to its label."""
-
-    __slots__ = ("request_id", "time_ms", "epoch", "primary", "primary_ref", "shadow_ref",
-                 "shadowed", "decisions", "ms", "error", "label", "features", "done", "segment")
-
-    def __init__(self, request_id: str, time_ms: int, epoch: int, primary: str,
-                 primary_ref: str, shadow_ref: str | None, shadowed: bool,
-                 segment: str | None = None) -> None:
-        self.segment = segment
-        self.request_id = request_id
-        self.time_ms = time_ms
-        self.epoch = epoch
-        self.primary = primary
-        self.primary_ref = primary_ref
-        self.shadow_ref = shadow_ref
-        self.shadowed = shadowed
-        self.decisions: dict[str, int | None] = {BASELINE: None, CANDIDATE: None}
-        self.ms: dict[str, float | None] = {BASELINE: None, CANDIDATE: None}
-        self.error: str | None = None
-        self.label: int | None = None
-        self.features = None
-        self.done = False
-
-
-class SearchTracked:
-    """One searched input row (``POST /v1/search``), from the primary's top-k to its label."""
-
-    __slots__ = ("request_id", "time_ms", "epoch", "primary", "primary_ref", "shadow_ref",
-                 "shadowed", "k", "snapshot", "ids", "scores", "hit_labels", "ms", "error",
-                 "skipped", "overlap", "label", "features", "done")
-
-    def __init__(self, request_id: str, time_ms: int, epoch: int, primary: str,
-                 primary_ref: str, shadow_ref: str | None, shadowed: bool, k: int,
-                 snapshot: int | None) -> None:
-        self.request_id = request_id
-        self.time_ms = time_ms
-        self.epoch = epoch
-        self.primary = primary
-        self.primary_ref = primary_ref
-        self.shadow_ref = shadow_ref
-        self.shadowed = shadowed
-        self.k = k
-        self.snapshot = snapshot
-        self.ids: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
-        self.scores: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
-        self.hit_labels: dict[str, list | None] = {BASELINE: None, CANDIDATE: None}
-        self.ms: dict[str, float | None] = {BASELINE: None, CANDIDATE: None}
-        self.error: str | None = None
-        self.skipped: str | None = None
-        self.overlap: float | None = None
-        self.label: int | None = None
-        self.features = None
-        self.done = False
-
-
-def _rows(a: Any, i: int) -> list | None:
-    return None if a is None else a[i].tolist()
-
-
 class ComparatorCore:
-    """The comparator's logic without Ray, so it can be unit-tested directly."""
+    """The comparator's logic without Ray, so it can be unit-tested directly.
 
-    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int]) -> None:
+    One :class:`~graceful_ray.serve.kinds.Book` per request kind holds its
+    records; the code that pairs, counts, labels and writes them is the same for
+    every kind (see :mod:`graceful_ray.serve.kinds`)."""
+
+    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int],
+                 shard: int = 0) -> None:
         self.cfg = config
         self.refs = dict(refs)
         self.classes = set(int(c) for c in classes)
-        self.log = RecordLog(config.storage)
-        self.stats = ShadowStats(config.latency_window)
+        # Shard 0 owns the routing state (see serve.shards); the others only adopt it.
+        self.shard = shard
+        self.log = RecordLog(config.storage,
+                             f"s{shard}" if config.comparator_shards > 1 else "")
+        self.books = {name: Book(kind, config) for name, kind in KINDS.items()}
+        self.gated = self.books[PREDICT.name]
         # The watch after cutover: only records the candidate answered as primary
         # in the current epoch (reset by every switch; see gates.watch).
-        self.watch = ShadowStats(config.latency_window)
+        self.watch = self.gated.kind.new_stats(config)
         self.metrics = ComparatorMetrics(config.app_name)
-        self.index: OrderedDict[str, Tracked] = OrderedDict()
-        self.open: dict[str, Tracked] = {}
-        self.orphans: dict[str, tuple] = {}
-        self.pending: list[Tracked] = []
         self.pending_labels: list[tuple[str, int, int]] = []
         self.state = {"baseline": refs[BASELINE], "candidate": refs[CANDIDATE],
                       "primary": BASELINE, "shadow_fraction": float(config.shadow_fraction),
@@ -134,20 +81,23 @@ class ComparatorCore:
         # Which start of the comparator this is: a router takes any state from a
         # new incarnation, whose revision may restart lower (a lost state file).
         self.incarnation = uuid.uuid4().hex
-        self.written = 0
-        self.failed_cols: dict[str, list] | None = None  # a batch whose write failed
-        # Searches (POST /v1/search): the same life cycle, kept apart from predict's.
-        self.search_stats = RetrievalStats(config.latency_window)
-        self.search_index: OrderedDict[str, SearchTracked] = OrderedDict()
-        self.search_open: dict[str, SearchTracked] = {}
-        self.search_orphans: dict[str, tuple] = {}
-        self.pending_searches: list[SearchTracked] = []
-        self.searches_written = 0
-        self.failed_search_cols: dict[str, list] | None = None
         # Events for a request id already recorded (a router re-sends a batch whose
         # ingest raised part-way): ignored, so an id is never counted twice.
         self.duplicates = 0
         self._restore()
+
+    # The gated kind's book, under the names the report and the tests use.
+    @property
+    def stats(self) -> ShadowStats:
+        return self.gated.stats
+
+    @property
+    def open(self) -> dict[str, Record]:
+        return self.gated.open
+
+    @property
+    def orphans(self) -> dict[str, tuple]:
+        return self.gated.orphans
 
     # ------------------------------------------------------------- restore
     def _restore(self) -> None:
@@ -165,144 +115,106 @@ class ComparatorCore:
             # A state saved before revisions existed: its epoch counted every switch.
             self.state["revision"] = int(saved.get("revision", self.state["epoch"]))
             self.gates = GateConfig.from_dict(self.state["gates"])
-        records = self.log.read_table(RECORDS_DIR, columns=[
-            "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
-            "baseline_decision", "candidate_decision", "baseline_ms", "candidate_ms",
-            "shadow_error", "label", "segment"])
         labels: dict[str, int] = {}
         label_table = self.log.read_table(LABELS_DIR, ["request_id", "label"])
         if label_table is not None:
             labels = dict(zip(label_table.column("request_id").to_pylist(),
                               label_table.column("label").to_pylist()))
-        self._restore_searches(labels)
-        if records is not None:
-            for row in records.to_pylist():
-                t = Tracked(row["request_id"], 0, row["epoch"], row["primary"],
-                            row["primary_ref"], row["shadow_ref"], row["shadowed"],
-                            row.get("segment"))
-                t.decisions = {BASELINE: row["baseline_decision"],
-                               CANDIDATE: row["candidate_decision"]}
-                t.ms = {BASELINE: row["baseline_ms"], CANDIDATE: row["candidate_ms"]}
-                t.error = row["shadow_error"]
-                t.label = labels.get(t.request_id, row["label"])
-                t.done = True
-                self._account(t)
-                self._track(t)
-            self.written = records.num_rows
-            log.info("resumed comparison log %s: %d records", self.log.root.uri,
-                     records.num_rows)
-        self.log.write_state(self.state)
-
-    def _restore_searches(self, labels: dict[str, int]) -> None:
-        searches = self.log.read_table(SEARCHES_DIR, columns=[
-            "request_id", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed", "k",
-            "snapshot", "baseline_ids", "candidate_ids", "baseline_scores", "candidate_scores",
-            "baseline_hit_labels", "candidate_hit_labels", "baseline_ms", "candidate_ms",
-            "overlap", "shadow_error", "shadow_skipped", "label"])
-        if searches is None:
-            return
-        for row in searches.to_pylist():
-            t = SearchTracked(row["request_id"], 0, row["epoch"], row["primary"],
-                              row["primary_ref"], row["shadow_ref"], row["shadowed"], row["k"],
-                              row["snapshot"])
-            for role in (BASELINE, CANDIDATE):
-                t.ids[role] = row[f"{role}_ids"]
-                t.scores[role] = row[f"{role}_scores"]
-                t.hit_labels[role] = row[f"{role}_hit_labels"]
-                t.ms[role] = row[f"{role}_ms"]
-            t.error, t.skipped, t.overlap = row["shadow_error"], row["shadow_skipped"], row["overlap"]
-            t.label = labels.get(t.request_id, row["label"])
-            t.done = True
-            self._account_search(t)
-            self._track_search(t)
-        self.searches_written = searches.num_rows
-        log.info("resumed search log %s: %d search records", self.log.root.uri,
-                 searches.num_rows)
+        shards = self.cfg.comparator_shards
+        for book in self.books.values():
+            table = self.log.read_table(book.kind.log_dir, columns=book.kind.restore_columns)
+            if table is None:
+                continue
+            for row in table.to_pylist():
+                if shard_of(row["request_id"], shards) != self.shard:
+                    continue  # another shard's record
+                t = book.kind.restore(row)
+                t.label = labels.get(t.request_id, t.label)
+                self._account(book, t)
+                self._track(book, t)
+                book.written += 1
+            log.info("resumed %s log %s: %d records", book.kind.name, self.log.root.uri,
+                     book.written)
+        if self.shard == 0:
+            self.log.write_state(self.state)
 
     # ------------------------------------------------------------- records
-    def _track(self, t: Tracked) -> None:
-        self.index[t.request_id] = t
-        while len(self.index) > self.cfg.max_tracked_records:
-            self.index.popitem(last=False)
+    def _track(self, book: Book, t: Record) -> None:
+        book.index[t.request_id] = t
+        while len(book.index) > self.cfg.max_tracked_records:
+            book.index.popitem(last=False)
 
-    def _account(self, t: Tracked) -> None:
-        for stats in self._stats_of(t):
-            stats.add_record(t.primary, t.decisions, t.ms, t.shadowed, t.error, t.segment)
-            if t.label is not None:
-                stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], t.label, t.segment)
+    def _account(self, book: Book, t: Record) -> None:
+        for stats in self._stats_of(book, t):
+            book.kind.account(stats, t)
 
-    def _stats_of(self, t: Tracked) -> list[ShadowStats]:
+    def _stats_of(self, book: Book, t: Record) -> list:
         """The whole comparison, and the watch's when ``t`` was served since the cutover."""
-        if t.primary == CANDIDATE and t.epoch == self.state["epoch"]:
-            return [self.stats, self.watch]
-        return [self.stats]
+        if book is self.gated and t.primary == CANDIDATE and t.epoch == self.state["epoch"]:
+            return [book.stats, self.watch]
+        return [book.stats]
 
-    def _complete(self, t: Tracked) -> None:
+    def _complete(self, book: Book, t: Record) -> None:
         t.done = True
-        self._account(t)
-        b, c = t.decisions[BASELINE], t.decisions[CANDIDATE]
-        if b is not None and c is not None:
-            self.metrics.compared(int(b == c), int(b != c))
-        self.pending.append(t)
+        t.agreement = book.kind.agreement(t)
+        self._account(book, t)
+        book.kind.metrics(self, t)
+        book.pending.append(t)
 
-    def ingest(self, events: list[tuple]) -> None:
-        """Apply a router's batch of events (see ``ShadowRouter._record_*``).
+    def ingest(self, events: list[PrimaryEvent | ShadowEvent]) -> None:
+        """Apply a router's batch of events (see ``ShadowRouter._serve``).
 
         Idempotent per request id: a router keeps a batch whose ``ingest`` call
         raised and sends it again, and the part applied before the error must not
         be counted a second time."""
         for ev in events:
-            if ev[0] == "p":
-                self._primary_event(*ev[1:])
-            elif ev[0] == "s":
-                self._shadow_event(*ev[1:])
-            elif ev[0] == "q":
-                self._search_event(*ev[1:])
-            elif ev[0] == "r":
-                self._search_shadow_event(*ev[1:])
-            else:  # pragma: no cover - routers only send these four
-                log.warning("unknown event kind %r ignored", ev[0])
-
-    def _primary_event(self, ids: list[str], time_ms: int, epoch: int, role: str,
-                       decisions: np.ndarray, ms: float, shadowed: bool,
-                       features: np.ndarray | None, segment: str | None = None) -> None:
-        shadow_role = CANDIDATE if role == BASELINE else BASELINE
-        primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
-        decisions = decisions.tolist()
-        for i, rid in enumerate(ids):
-            if rid in self.index:
-                self._duplicate(rid)
-                continue
-            t = Tracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed, segment)
-            t.decisions[role] = decisions[i]
-            t.ms[role] = ms
-            if features is not None and self.cfg.log_inputs:
-                t.features = features[i]
-            self._track(t)
-            if not shadowed:
-                self._complete(t)
-                continue
-            orphan = self.orphans.pop(rid, None)
-            if orphan is not None:
-                self._apply_shadow(t, *orphan)
+            book = self.books[ev.kind]
+            if isinstance(ev, PrimaryEvent):
+                self._primary_event(book, ev)
             else:
-                self.open[rid] = t
+                self._shadow_event(book, ev)
 
-    def _shadow_event(self, ids: list[str], role: str, decisions: np.ndarray | None,
-                      ms: float | None, error: str | None) -> None:
-        decisions = decisions.tolist() if decisions is not None else None
-        for i, rid in enumerate(ids):
-            d = decisions[i] if decisions is not None else None
-            t = self.open.pop(rid, None)
-            if t is None and rid in self.index:  # its record is complete: a re-sent event
+    def _primary_event(self, book: Book, ev: PrimaryEvent) -> None:
+        kind, role = book.kind, ev.role
+        primary_ref = self.refs[role]
+        shadow_ref = self.refs[other(role)] if ev.shadowed else None
+        params = kind.record_params(ev.answer)
+        rows = kind.rows(ev.answer, len(ev.ids))
+        features = ev.features if self.cfg.log_inputs else None
+        for i, rid in enumerate(ev.ids):
+            if rid in book.index:
                 self._duplicate(rid)
                 continue
-            if t is None:  # shadow answered before the primary's event arrived
-                self.orphans[rid] = (role, d, ms, error)
-                if len(self.orphans) > _MAX_ORPHANS:  # primary events lost (a restart)
-                    self.orphans.pop(next(iter(self.orphans)))
+            t = Record(rid, ev.time_ms, ev.epoch, role, primary_ref, shadow_ref, ev.shadowed,
+                       ev.segment, params)
+            t.answers[role] = rows[i]
+            t.ms[role] = ev.ms
+            if features is not None:
+                t.features = features[i]
+            self._track(book, t)
+            if not ev.shadowed:
+                self._complete(book, t)
                 continue
-            self._apply_shadow(t, role, d, ms, error)
+            orphan = book.orphans.pop(rid, None)
+            if orphan is not None:
+                self._apply_shadow(book, t, *orphan)
+            else:
+                book.open[rid] = t
+
+    def _shadow_event(self, book: Book, ev: ShadowEvent) -> None:
+        rows = book.kind.rows(ev.answer, len(ev.ids))
+        for i, rid in enumerate(ev.ids):
+            t = book.open.pop(rid, None)
+            if t is None and rid in book.index:  # its record is complete: a re-sent event
+                self._duplicate(rid)
+                continue
+            row = (ev.role, rows[i], ev.ms, ev.error, ev.skipped)
+            if t is None:  # the shadow answered before the primary's event arrived
+                book.orphans[rid] = row
+                if len(book.orphans) > _MAX_ORPHANS:  # primary events lost (a restart)
+                    book.orphans.pop(next(iter(book.orphans)))
+                continue
+            self._apply_shadow(book, t, *row)
 
     def _duplicate(self, rid: str) -> None:
         self.duplicates += 1
@@ -310,110 +222,42 @@ class ComparatorCore:
             log.warning("ignored a repeated event for request id %s (%d so far)", rid,
                         self.duplicates)
 
-    def _apply_shadow(self, t: Tracked, role: str, decision: int | None, ms: float | None,
-                      error: str | None) -> None:
-        if error is None:
-            t.decisions[role] = decision
-            t.ms[role] = ms
-        t.error = error
-        self._complete(t)
-
-    # ------------------------------------------------------------ searches
-    def _track_search(self, t: SearchTracked) -> None:
-        self.search_index[t.request_id] = t
-        while len(self.search_index) > self.cfg.max_tracked_records:
-            self.search_index.popitem(last=False)
-
-    def _account_search(self, t: SearchTracked) -> None:
-        self.search_stats.add_record(
-            t.primary, {r: t.ids[r] is not None for r in (BASELINE, CANDIDATE)}, t.ms,
-            t.shadowed, t.error, t.skipped, t.overlap)
-        if t.label is not None:
-            self.search_stats.add_label(t.hit_labels, t.label)
-
-    def _complete_search(self, t: SearchTracked) -> None:
-        t.done = True
-        t.overlap = topk_overlap(t.ids[t.primary], t.ids[CANDIDATE if t.primary == BASELINE
-                                                          else BASELINE])
-        self._account_search(t)
-        self.pending_searches.append(t)
-
-    def _search_event(self, ids: list[str], time_ms: int, epoch: int, role: str, k: int,
-                      top_ids: np.ndarray, scores: np.ndarray, hit_labels: np.ndarray | None,
-                      snapshot: int | None, ms: float, shadowed: bool,
-                      features: np.ndarray | None) -> None:
-        shadow_role = CANDIDATE if role == BASELINE else BASELINE
-        primary_ref, shadow_ref = self.refs[role], self.refs[shadow_role] if shadowed else None
-        for i, rid in enumerate(ids):
-            if rid in self.search_index:
-                self._duplicate(rid)
-                continue
-            t = SearchTracked(rid, time_ms, epoch, role, primary_ref, shadow_ref, shadowed,
-                              int(k), snapshot)
-            t.ids[role], t.scores[role] = _rows(top_ids, i), _rows(scores, i)
-            t.hit_labels[role] = _rows(hit_labels, i)
-            t.ms[role] = ms
-            if features is not None and self.cfg.log_inputs:
-                t.features = features[i]
-            self._track_search(t)
-            if not shadowed:
-                self._complete_search(t)
-                continue
-            orphan = self.search_orphans.pop(rid, None)
-            if orphan is not None:
-                self._apply_search_shadow(t, orphan)
-            else:
-                self.search_open[rid] = t
-
-    def _search_shadow_event(self, ids: list[str], role: str, top_ids: np.ndarray | None,
-                             scores: np.ndarray | None, hit_labels: np.ndarray | None,
-                             ms: float | None, error: str | None, skipped: str | None) -> None:
-        for i, rid in enumerate(ids):
-            row = (role, _rows(top_ids, i), _rows(scores, i), _rows(hit_labels, i), ms, error,
-                   skipped)
-            t = self.search_open.pop(rid, None)
-            if t is None and rid in self.search_index:  # complete already: a re-sent event
-                self._duplicate(rid)
-                continue
-            if t is None:  # the shadow's event came first
-                self.search_orphans[rid] = row
-                if len(self.search_orphans) > _MAX_ORPHANS:
-                    self.search_orphans.pop(next(iter(self.search_orphans)))
-                continue
-            self._apply_search_shadow(t, row)
-
-    def _apply_search_shadow(self, t: SearchTracked, row: tuple) -> None:
-        role, top_ids, scores, hit_labels, ms, error, skipped = row
-        if error is None and skipped is None and top_ids is not None:
-            t.ids[role], t.scores[role], t.hit_labels[role] = top_ids, scores, hit_labels
+    def _apply_shadow(self, book: Book, t: Record, role: str, answer: Any, ms: float | None,
+                      error: str | None, skipped: str | None) -> None:
+        if error is None and skipped is None and answer is not None:
+            t.answers[role] = answer
             t.ms[role] = ms
         t.error, t.skipped = error, skipped
-        self._complete_search(t)
+        self._complete(book, t)
 
     # ------------------------------------------------------------ feedback
+    def _find(self, request_id: str) -> tuple[Book, Record] | None:
+        for book in self.books.values():
+            t = book.index.get(request_id)
+            if t is not None:
+                return book, t
+        return None
+
     def settled(self, request_id: str) -> bool:
         """True when a request id's record exists and is complete (feedback may name its result)."""
-        if request_id in self.index:
-            return request_id not in self.open
-        if request_id in self.search_index:
-            return request_id not in self.search_open
-        return False
+        found = self._find(request_id)
+        return found is not None and found[1].request_id not in found[0].open
 
     def label(self, request_id: str, label: int) -> dict[str, Any]:
         if label not in self.classes:
             return {"status": 422, "request_id": request_id,
                     "detail": f"label {label} is not one of the models' classes "
                               f"{sorted(self.classes)}"}
-        t = self.index.get(request_id)
-        if t is None and request_id in self.search_index:
-            return self._label_search(self.search_index[request_id], label)
-        if t is None:
+        found = self._find(request_id)
+        if found is None:
             return {"status": 404, "request_id": request_id,
                     "detail": f"unknown request id {request_id!r}: it was never served here, or "
                               f"is older than the last {self.cfg.max_tracked_records} requests"}
+        book, t = found
+        kind = book.kind
         if t.label is not None:
             if t.label == label:
-                return self._label_result(t, "duplicate")
+                return kind.label_result(t, "duplicate")
             return {"status": 409, "request_id": request_id,
                     "detail": f"request {request_id!r} already has label {t.label}; a label "
                               "cannot be changed"}
@@ -421,56 +265,12 @@ class ComparatorCore:
         self.pending_labels.append((request_id, label, int(time.time() * 1000)))
         flip = "pending"
         if t.done:
-            for stats in self._stats_of(t):
-                flip = stats.add_label(t.decisions[BASELINE], t.decisions[CANDIDATE], label,
-                                       t.segment)
+            for stats in self._stats_of(book, t):
+                flip = kind.add_label(stats, t, label)
             flip = "unpaired" if flip is None else flip
             if flip != "unpaired":
-                self.metrics.flip(flip)
-        return self._label_result(t, flip)
-
-    def _label_result(self, t: Tracked, flip: str) -> dict[str, Any]:
-        b, c = t.decisions[BASELINE], t.decisions[CANDIDATE]
-        return {"status": 200, "request_id": t.request_id, "label": t.label,
-                "baseline_decision": b, "candidate_decision": c,
-                "baseline_correct": None if b is None else b == t.label,
-                "candidate_correct": None if c is None else c == t.label,
-                "flip": flip}
-
-    def _label_search(self, t: SearchTracked, label: int) -> dict[str, Any]:
-        """A search request's true label: scores both models' retrieval hits."""
-        if t.label is not None:
-            if t.label == label:
-                return self._search_label_result(t, "duplicate")
-            return {"status": 409, "request_id": t.request_id,
-                    "detail": f"request {t.request_id!r} already has label {t.label}; a label "
-                              "cannot be changed"}
-        t.label = label
-        self.pending_labels.append((t.request_id, label, int(time.time() * 1000)))
-        flip = "pending"
-        if t.done:
-            flip = self.search_stats.add_label(t.hit_labels, label)
-            flip = "unpaired" if flip is None else flip
-        return self._search_label_result(t, flip)
-
-    def _search_label_result(self, t: SearchTracked, flip: str) -> dict[str, Any]:
-        """``flip`` is the *top-1 retrieval* flip: negative when the baseline's first
-        result has the query's label and the candidate's does not."""
-        out: dict[str, Any] = {"status": 200, "request_id": t.request_id, "label": t.label,
-                               "kind": "search", "k": t.k, "flip": flip}
-        for role in (BASELINE, CANDIDATE):
-            hl = t.hit_labels[role]
-            out[f"{role}_hit"] = None if not hl else hl[0] == t.label
-            out[f"{role}_hit_at_k"] = None if not hl else t.label in hl
-        return out
-
-    def retrieval_report(self) -> dict[str, Any]:
-        """The report's ``retrieval`` section: search pairs, top-k overlap, hits."""
-        return {"gallery": self.cfg.gallery, "search_k": self.cfg.search_k,
-                "max_search_k": self.cfg.max_search_k,
-                **self.search_stats.summary(self.gates.confidence),
-                "in_flight": len(self.search_open), "records_written": self.searches_written,
-                "records_pending": len(self.pending_searches)}
+                kind.flip_metric(self, flip)
+        return kind.label_result(t, flip)
 
     # -------------------------------------------------------------- report
     def routing(self) -> dict[str, Any]:
@@ -478,133 +278,111 @@ class ComparatorCore:
                 "epoch": self.state["epoch"], "revision": self.state["revision"],
                 "incarnation": self.incarnation}
 
-    def report(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
+        """What this shard counted, for shard 0's report over every shard."""
+        return {"stats": {n: b.stats for n, b in self.books.items()}, "watch": self.watch,
+                "open": {n: len(b.open) for n, b in self.books.items()},
+                "written": {n: b.written for n, b in self.books.items()},
+                "pending": {n: len(b.pending) for n, b in self.books.items()},
+                "duplicates": self.duplicates}
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """A shard other than 0: take shard 0's routing state (a switch resets the watch)."""
+        if state["epoch"] != self.state["epoch"]:
+            self.watch = ShadowStats(self.cfg.latency_window)
+        self.state = dict(state)
+        self.gates = GateConfig.from_dict(state["gates"])
+
+    def report(self, peers: list[dict[str, Any]] = ()) -> dict[str, Any]:
+        """The report; with ``peers`` (the other shards' :meth:`snapshot`), over every shard."""
+        parts = [self.snapshot(), *peers]
+        books = {n: Book(b.kind, self.cfg) for n, b in self.books.items()}
+        for n, book in books.items():
+            book.stats = merged([p["stats"][n] for p in parts])
+            book.written = sum(p["written"][n] for p in parts)
+            # the section functions read len(open) and len(pending): stand-ins of that size
+            book.open = dict.fromkeys(range(sum(p["open"][n] for p in parts)))
+            book.pending = [None] * sum(p["pending"][n] for p in parts)
+        g = books[self.gated.kind.name]
         primary = self.state["primary"]
+        sections = {"retrieval" if b.kind is SEARCH else b.kind.name: b.kind.section(b, self)
+                    for b in books.values() if b.kind is not g.kind}
         report = compose_report(
-            self.stats, self.gates, self.refs, primary, app=self.cfg.app_name,
+            g.stats, self.gates, self.refs, primary, app=self.cfg.app_name,
             mode="live", shadow_fraction=self.state["shadow_fraction"],
-            epoch=self.state["epoch"], in_flight=len(self.open), records_written=self.written,
-            records_pending=len(self.pending), duplicate_events=self.duplicates,
+            epoch=self.state["epoch"], in_flight=len(g.open), records_written=g.written,
+            records_pending=len(g.pending),
+            duplicate_events=sum(p["duplicates"] for p in parts),
             history=self.state["history"][-20:],
-            storage=self.log.root.uri, retrieval=self.retrieval_report(),
-            watch=self.watch_report())
+            storage=self.log.root.uri, **sections,
+            watch=self.watch_report(merged([p["watch"] for p in parts])),
+            comparator_shards=len(parts))
         self.metrics.publish(report)
         return report
 
-    def watch_report(self) -> dict[str, Any] | None:
+    def watch_report(self, watch_stats: ShadowStats | None = None) -> dict[str, Any] | None:
         """The report's ``watch``: the comparison since the cutover and its verdict."""
-        verdict = self.watch_verdict()
+        watch_stats = self.watch if watch_stats is None else watch_stats
+        verdict = self.watch_verdict(watch_stats)
         if verdict is None:
             return None
-        w = self.watch.summary(self.gates.confidence)
+        w = watch_stats.summary(self.gates.confidence)
         return {**verdict, "since_epoch": self.state["epoch"], "compared": w["compared"],
                 "labelled_pairs": w["labelled_pairs"], "nfr": w["nfr"],
                 "disagreement": w["disagreement"], "per_class": w["per_class"],
                 "per_segment": w["per_segment"]}
 
     # -------------------------------------------------------------- flush
-    def take_pending(self, include_open: bool = False) -> tuple[dict[str, list] | None, list]:
-        """Detach the completed records (and labels) to write; ``None`` if there are none."""
-        if include_open:
-            for t in list(self.open.values()):
-                t.error = "incomplete"
-                self._complete(t)
-            self.open.clear()
-        batch, self.pending = self.pending, []
-        labels, self.pending_labels = self.pending_labels, []
-        if not batch:
-            return None, labels
-        with_features = self.cfg.log_inputs
-        cols: dict[str, list] = {k: [] for k in (
-            "request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref", "shadowed",
-            "baseline_decision", "candidate_decision", "baseline_ms", "candidate_ms", "agree",
-            "shadow_error", "label", "segment", "features")}
-        for t in batch:
-            b, c = t.decisions[BASELINE], t.decisions[CANDIDATE]
-            cols["request_id"].append(t.request_id)
-            cols["time"].append(t.time_ms)
-            cols["epoch"].append(t.epoch)
-            cols["primary"].append(t.primary)
-            cols["primary_ref"].append(t.primary_ref)
-            cols["shadow_ref"].append(t.shadow_ref)
-            cols["shadowed"].append(t.shadowed)
-            cols["baseline_decision"].append(b)
-            cols["candidate_decision"].append(c)
-            cols["baseline_ms"].append(t.ms[BASELINE])
-            cols["candidate_ms"].append(t.ms[CANDIDATE])
-            cols["agree"].append(None if b is None or c is None else b == c)
-            cols["shadow_error"].append(t.error)
-            cols["label"].append(t.label)
-            cols["segment"].append(t.segment)
-            if with_features:
-                cols["features"].append(None if t.features is None
-                                        else np.asarray(t.features, np.float32).reshape(-1))
-            t.features = None  # written: free the memory
-        return cols, labels
+    def take_pending(self, include_open: bool = False
+                     ) -> tuple[dict[str, dict[str, list]], list]:
+        """Detach what is to be written: per kind, the columns of its completed
+        records (a batch whose write failed first), and the labels.
 
-    def write(self, cols: dict[str, list] | None, labels: list) -> int:
-        """Write what :meth:`take_pending` detached (runs on a worker thread)."""
-        n = 0
-        if cols is not None:
-            self.log.write_records(cols, self.cfg.log_inputs, {
-                "graceful_ray.baseline": self.refs[BASELINE],
-                "graceful_ray.candidate": self.refs[CANDIDATE]})
-            n = len(cols["request_id"])
+        ``include_open``: records still waiting for their shadow are completed
+        as ``incomplete`` (shutdown)."""
+        out: dict[str, dict[str, list]] = {}
+        for name, book in self.books.items():
+            if include_open:
+                for t in list(book.open.values()):
+                    t.error = "incomplete"
+                    self._complete(book, t)
+                book.open.clear()
+            batch, book.pending = book.pending, []
+            cols = book.kind.columns(batch, self.cfg.log_inputs) if batch else None
+            for t in batch:
+                book.kind.drop_written(t)
+            failed, book.failed_cols = book.failed_cols, None
+            if failed is not None:
+                cols = failed if cols is None else {k: failed[k] + cols[k] for k in cols}
+            if cols is not None:
+                out[name] = cols
+        labels, self.pending_labels = self.pending_labels, []
+        return out, labels
+
+    def write_kind(self, name: str, cols: dict[str, list]) -> int:
+        """Write one kind's detached records (runs on a worker thread)."""
+        self.books[name].kind.write(self.log, cols, self.cfg, {
+            "graceful_ray.baseline": self.refs[BASELINE],
+            "graceful_ray.candidate": self.refs[CANDIDATE]})
+        return len(cols["request_id"])
+
+    def write_labels(self, labels: list) -> None:
         if labels:
             ids, values, times = zip(*labels)
             self.log.write_labels(list(ids), list(values), list(times))
-        return n
 
-    def take_pending_searches(self, include_open: bool = False) -> dict[str, list] | None:
-        """Detach the completed search records to write; ``None`` if there are none."""
-        if include_open:
-            for t in list(self.search_open.values()):
-                t.error = "incomplete"
-                self._complete_search(t)
-            self.search_open.clear()
-        batch, self.pending_searches = self.pending_searches, []
-        if not batch:
-            return None
-        names = ["request_id", "time", "epoch", "primary", "primary_ref", "shadow_ref",
-                 "shadowed", "k", "snapshot", "overlap", "shadow_error", "shadow_skipped", "label"]
-        for role in (BASELINE, CANDIDATE):
-            names += [f"{role}_ids", f"{role}_scores", f"{role}_hit_labels", f"{role}_ms"]
-        cols: dict[str, list] = {k: [] for k in names + ["features"]}
-        for t in batch:
-            for name, value in (("request_id", t.request_id), ("time", t.time_ms),
-                                ("epoch", t.epoch), ("primary", t.primary),
-                                ("primary_ref", t.primary_ref), ("shadow_ref", t.shadow_ref),
-                                ("shadowed", t.shadowed), ("k", t.k), ("snapshot", t.snapshot),
-                                ("overlap", t.overlap), ("shadow_error", t.error),
-                                ("shadow_skipped", t.skipped), ("label", t.label)):
-                cols[name].append(value)
-            for role in (BASELINE, CANDIDATE):
-                cols[f"{role}_ids"].append(t.ids[role])
-                cols[f"{role}_scores"].append(t.scores[role])
-                cols[f"{role}_hit_labels"].append(t.hit_labels[role])
-                cols[f"{role}_ms"].append(t.ms[role])
-            if self.cfg.log_inputs:
-                cols["features"].append(None if t.features is None
-                                        else np.asarray(t.features, np.float32).reshape(-1))
-            # Written: keep only what a late label needs (the hits' gallery labels).
-            t.features = None
-            t.scores = {BASELINE: None, CANDIDATE: None}
-        return cols
+    def write(self, batches: dict[str, dict[str, list]], labels: list) -> dict[str, int]:
+        """Write what :meth:`take_pending` detached; rows written per kind."""
+        written = {name: self.write_kind(name, cols) for name, cols in batches.items()}
+        for name, n in written.items():
+            self.books[name].written += n
+        self.write_labels(labels)
+        return written
 
-    def write_searches(self, cols: dict[str, list] | None) -> int:
-        """Write what :meth:`take_pending_searches` detached (runs on a worker thread)."""
-        if cols is None:
-            return 0
-        self.log.write_searches(cols, self.cfg.log_inputs, {
-            "graceful_ray.baseline": self.refs[BASELINE],
-            "graceful_ray.candidate": self.refs[CANDIDATE],
-            "graceful_ray.gallery": self.cfg.gallery or ""})
-        return len(cols["request_id"])
-
-    def restore_pending(self, cols: dict[str, list] | None, labels: list) -> None:
+    def restore_pending(self, batches: dict[str, dict[str, list]], labels: list) -> None:
         """Put back what a failed write detached, so the next flush retries it."""
-        if cols is not None:
-            self.failed_cols = cols  # kept as columns: the next flush writes them first
+        for name, cols in batches.items():
+            self.books[name].failed_cols = cols  # kept as columns: written first next time
         self.pending_labels = list(labels) + self.pending_labels
 
     # ------------------------------------------------------------ routing
@@ -632,24 +410,32 @@ class ComparatorCore:
         self.change_routing(primary=to, epoch=epoch, history=history)
         self.watch = ShadowStats(self.cfg.latency_window)  # the watch starts afresh
 
-    def watch_verdict(self) -> dict[str, Any] | None:
+    def watch_verdict(self, watch_stats: ShadowStats | None = None) -> dict[str, Any] | None:
         """After a cutover with ``auto_rollback``: :func:`gates.watch` on the records
         since; ``None`` when there is nothing to watch."""
         if self.state["primary"] != CANDIDATE:
             return None
-        verdict = watch(self.watch.summary(self.gates.confidence), self.gates)
+        watch_stats = self.watch if watch_stats is None else watch_stats
+        verdict = watch(watch_stats.summary(self.gates.confidence), self.gates)
         return {**verdict, "auto_rollback": self.gates.auto_rollback}
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                   max_ongoing_requests=1000)
 class Comparator:
-    """The Serve deployment around :class:`ComparatorCore` (one replica)."""
+    """The Serve deployment around :class:`ComparatorCore` (one replica per shard).
 
-    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int]) -> None:
-        logging.getLogger("graceful_ray").setLevel(logging.INFO)
+    ``shard`` 0 is the one routers ask for the routing state, the report and every
+    admin action; ``peers`` are the handles of the other shards (see
+    :mod:`graceful_ray.serve.shards`), whose statistics it adds to its own for the
+    report, the gates and the watch, and which it flushes and tells of a switch."""
+
+    def __init__(self, config: ShadowConfig, refs: dict[str, str], classes: list[int],
+                 shard: int = 0, *peers) -> None:
+        to_serve_logs()
         lower_priority(config.background_nice)  # bookkeeping never competes with callers
-        self._core = ComparatorCore(config, refs, classes)
+        self._core = ComparatorCore(config, refs, classes, shard)
+        self._peers = list(peers)
         self._cfg = config
         self._lock: asyncio.Lock | None = None
         self._arrived: asyncio.Condition | None = None
@@ -678,56 +464,74 @@ class Comparator:
         while True:
             await asyncio.sleep(self._cfg.flush_interval_s)
             try:
-                await self.flush()
+                await self.flush_local()
             except Exception:  # noqa: BLE001 - keep flushing; the error is logged
                 log.exception("periodic flush failed; will retry")
+            if self._core.shard != 0:
+                continue  # shard 0 publishes the gauges of every shard
             try:  # the gauges stay current for Prometheus without anyone reading the report
-                self._core.report()
+                await self.report()
+                if self._peers:  # labels taken by other shards count for the watch too
+                    await self._watch()
             except Exception:  # noqa: BLE001 - metrics must never stop the flushing
                 log.exception("could not publish the gate metrics")
 
+    async def _from_peers(self, method: str, *args: Any) -> list[Any]:
+        return list(await asyncio.gather(*(getattr(p, method).remote(*args)
+                                           for p in self._peers)))
+
     async def flush(self, include_open: bool = False) -> dict[str, Any]:
-        """Write completed records (predict and search) and labels to Parquet now."""
+        """Write completed records (every kind, every shard) and labels to Parquet now."""
+        results = [await self.flush_local(include_open)]
+        if self._peers:
+            try:
+                results += await self._from_peers("flush_local", include_open)
+            except Exception as e:  # noqa: BLE001 - a shard is down: say so, retry later
+                return {"status": 503, "detail": f"a comparator shard could not flush: {e}"}
+        failed = [r for r in results if r["status"] != 200]
+        if failed:
+            return failed[0]
+        keys = ("written", "records_written", "searches_written", "search_records_written")
+        return {"status": 200, **{k: sum(r[k] for r in results) for k in keys}}
+
+    async def flush_local(self, include_open: bool = False) -> dict[str, Any]:
+        """Write this shard's completed records and labels to Parquet now."""
         self._primitives()
         core = self._core
         async with self._lock:
-            failed, core.failed_cols = core.failed_cols, None
-            cols, labels = core.take_pending(include_open)
-            if failed is not None:
-                cols = failed if cols is None else {k: failed[k] + cols[k] for k in cols}
-            sfailed, core.failed_search_cols = core.failed_search_cols, None
-            scols = core.take_pending_searches(include_open)
-            if sfailed is not None:
-                scols = sfailed if scols is None else {k: sfailed[k] + scols[k] for k in scols}
+            batches, labels = core.take_pending(include_open)
+            written: dict[str, int] = {}
+            for name in list(batches):
+                try:
+                    written[name] = await asyncio.to_thread(core.write_kind, name, batches[name])
+                except Exception as e:
+                    core.restore_pending({k: v for k, v in batches.items() if k not in written},
+                                         labels)
+                    log.error("could not write the %s log (%s); records are kept in memory "
+                              "and retried", name, e)
+                    return {"status": 503, "detail": f"cannot write the {name} log: {e}"}
+                core.books[name].written += written[name]
             try:
-                n = await asyncio.to_thread(core.write, cols, labels)
+                await asyncio.to_thread(core.write_labels, labels)
             except Exception as e:
-                core.restore_pending(cols, labels)
-                core.failed_search_cols = scols
-                log.error("could not write the comparison log (%s); records are kept in "
-                          "memory and retried", e)
-                return {"status": 503, "detail": f"cannot write the comparison log: {e}"}
-            core.written += n
-            try:
-                ns = await asyncio.to_thread(core.write_searches, scols)
-            except Exception as e:
-                core.failed_search_cols = scols
-                log.error("could not write the search log (%s); search records are kept in "
-                          "memory and retried", e)
-                return {"status": 503, "detail": f"cannot write the search log: {e}"}
-            core.searches_written += ns
-            return {"status": 200, "written": n, "records_written": core.written,
-                    "searches_written": ns, "search_records_written": core.searches_written}
+                core.restore_pending({}, labels)
+                log.error("could not write the labels (%s); kept in memory and retried", e)
+                return {"status": 503, "detail": f"cannot write the labels: {e}"}
+            predict, search = core.books[PREDICT.name], core.books[SEARCH.name]
+            return {"status": 200, "written": written.get(PREDICT.name, 0),
+                    "records_written": predict.written,
+                    "searches_written": written.get(SEARCH.name, 0),
+                    "search_records_written": search.written}
 
     # ----------------------------------------------------------------- API
-    async def ingest(self, events: list[tuple]) -> dict[str, Any]:
+    async def ingest(self, events: list[PrimaryEvent | ShadowEvent]) -> dict[str, Any]:
         self._start()
         self._core.ingest(events)
         async with self._arrived:
             self._arrived.notify_all()
-        if len(self._core.pending) + len(self._core.pending_searches) >= self._cfg.flush_records \
+        if sum(len(b.pending) for b in self._core.books.values()) >= self._cfg.flush_records \
                 and not self._lock.locked():
-            asyncio.get_running_loop().create_task(self.flush())
+            asyncio.get_running_loop().create_task(self.flush_local())
         return self._core.routing()
 
     async def sync(self) -> dict[str, Any]:
@@ -763,7 +567,7 @@ class Comparator:
         core = self._core
         if not core.gates.auto_rollback or core.state["primary"] != CANDIDATE:
             return  # nothing to decide: skip the summary's cost on every feedback batch
-        verdict = core.watch_verdict()
+        verdict = core.watch_verdict((await self._merged())[1] if self._peers else None)
         if not verdict or not verdict["auto_rollback"] or not verdict["rollback"]:
             return
         reason = "auto_rollback: " + "; ".join(verdict["reasons"])
@@ -776,7 +580,24 @@ class Comparator:
 
     async def report(self) -> dict[str, Any]:
         self._start()
-        return self._core.report()
+        return self._core.report(await self._from_peers("snapshot") if self._peers else ())
+
+    async def snapshot(self) -> dict[str, Any]:
+        """This shard's counts (see ComparatorCore.snapshot), for shard 0."""
+        self._start()
+        return self._core.snapshot()
+
+    async def adopt(self, state: dict[str, Any]) -> None:
+        """Shard 0's routing state after a switch (shards other than 0)."""
+        self._core.adopt(state)
+
+    async def _merged(self) -> tuple[ShadowStats, ShadowStats]:
+        """The gated statistics and the watch over every shard."""
+        parts = [self._core.snapshot()]
+        if self._peers:
+            parts += await self._from_peers("snapshot")
+        name = self._core.gated.kind.name
+        return merged([p["stats"][name] for p in parts]), merged([p["watch"] for p in parts])
 
     async def set_fraction(self, fraction: float) -> dict[str, Any]:
         self._start()
@@ -817,7 +638,8 @@ class Comparator:
             return {"status": 409, "detail": f"{action} refused: {what}", **core.routing()}
         gates = None
         if action == "cutover":
-            gates = evaluate(core.stats.summary(core.gates.confidence), core.gates)
+            gates = evaluate((await self._merged())[0].summary(core.gates.confidence),
+                             core.gates)
             if not gates["passed"] and not force:
                 return {"status": 409, "detail": f"cutover refused by the gates: "
                                                  f"{explain(gates)}", "gates": gates,
@@ -850,6 +672,11 @@ class Comparator:
                     log.exception("could not move %r back after the failed %s", alias, action)
             return {"status": 503, "detail": f"{action} aborted: could not save the routing "
                                              f"state: {e}", **core.routing()}
+        if self._peers:  # their watch restarts with the new epoch
+            try:
+                await self._from_peers("adopt", core.state)
+            except Exception:  # noqa: BLE001 - they learn it on restart from state.json
+                log.exception("a comparator shard did not take the new routing state")
         log.info("%s: %s is primary now (epoch %d)", action, core.refs[to], core.state["epoch"])
         return {"status": 200, "detail": f"{action} done: {core.refs[to]} is primary",
                 "gates": gates, **core.routing()}
@@ -869,6 +696,6 @@ class Comparator:
         if self._loop_task is not None:
             self._loop_task.cancel()
         try:
-            await self.flush(include_open=True)
+            await self.flush_local(include_open=True)
         except Exception:  # noqa: BLE001
             log.exception("final flush failed")

@@ -17,10 +17,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
+
 from graceful_ray.errors import ConfigError
+
+#: Nested settings refuse unknown fields when pydantic reads them too (ShadowAppArgs).
+_FORBID_EXTRA = ConfigDict(extra="forbid")
 
 #: Roles are fixed for the life of a deployment: ``baseline`` is the model that
 #: was in production when shadowing started, ``candidate`` the one on trial.
@@ -58,6 +64,8 @@ class Resources:
     ``max_replicas``, ``target_ongoing_requests``, ...) replaces the fixed
     ``num_replicas``: Serve then scales the deployment between the bounds.
     """
+
+    __pydantic_config__ = _FORBID_EXTRA
 
     num_replicas: int = 1
     num_cpus: float = 0.25
@@ -124,6 +132,8 @@ class Batching:
     time quadratic in the batch on every batch.
     """
 
+    __pydantic_config__ = _FORBID_EXTRA
+
     max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.002
 
@@ -136,6 +146,17 @@ class Batching:
             raise ConfigError(f"{what}.batch_wait_timeout_s must be in [0, 10] seconds, got "
                               f"{self.batch_wait_timeout_s!r}")
 
+    @classmethod
+    def from_user_config(cls, d: Mapping[str, Any] | None, what: str) -> "Batching":
+        """A deployment's Serve ``user_config`` (``max_batch_size``,
+        ``batch_wait_timeout_s``), applied by ``reconfigure`` without a restart."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{what} must be a mapping of max_batch_size and "
+                              f"batch_wait_timeout_s, got {type(d).__name__}")
+        batching = _from_mapping(cls, d, what)
+        batching.validate(what)
+        return batching
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -147,6 +168,8 @@ class GateConfig:
     *lower*; each end errs with probability ``(1 - confidence) / 2`` over all
     looks together.
     """
+
+    __pydantic_config__ = _FORBID_EXTRA
 
     min_labelled: int = 200          # labelled pairs (both decisions + true label)
     max_nfr: float = 0.02            # NFR upper bound must be <= this
@@ -238,6 +261,8 @@ class ShadowConfig:
                                                                     max_ongoing_requests=1000))
     primary_batching: Batching = field(default_factory=Batching)
     shadow_batching: Batching = field(default_factory=lambda: Batching(64, 0.005))
+    comparator_shards: int = 1           # comparator deployments, records split by request
+                                         # id (see serve.shards); shard 0 owns the routing
     flush_records: int = 5000            # write a Parquet file every this many records...
     flush_interval_s: float = 10.0       # ...or this often, whichever comes first
     feedback_grace_s: float = 1.0        # how long feedback waits for a record in flight
@@ -333,8 +358,13 @@ class ShadowConfig:
             getattr(self, name).validate(name)
         if self.comparator.num_replicas != 1 or self.comparator.autoscaling_config is not None:
             raise ConfigError("comparator.num_replicas must be 1, without autoscaling_config: "
-                              "the comparator holds the records and the routing state; scale "
-                              "the router instead")
+                              "a comparator holds its records and the routing state; scale "
+                              "the router, and past one comparator's ceiling set "
+                              "comparator_shards")
+        if isinstance(self.comparator_shards, bool) or not isinstance(self.comparator_shards, int) \
+                or not 1 <= self.comparator_shards <= 64:
+            raise ConfigError(f"comparator_shards must be an integer in [1, 64], got "
+                              f"{self.comparator_shards!r}")
         self.primary_batching.validate("primary_batching")
         self.shadow_batching.validate("shadow_batching")
         if self.admin_token_sha256 is not None and (
@@ -375,10 +405,7 @@ class ShadowConfig:
         if not isinstance(d, Mapping):
             raise ConfigError(f"the shadow config must be a mapping, got {type(d).__name__}")
         d = dict(d)
-        if "admin_token" in d:
-            raise ConfigError("do not put the admin token in the config: set it in the "
-                              f"environment variable named by admin_token_env "
-                              f"(default {DEFAULT_TOKEN_ENV}) or give admin_token_sha256")
+        _refuse_token(d)
         nested = {"gates": GateConfig, "router": Resources, "baseline_resources": Resources,
                   "candidate_resources": Resources, "comparator": Resources,
                   "primary_batching": Batching, "shadow_batching": Batching}
@@ -386,6 +413,49 @@ class ShadowConfig:
             if key in d and isinstance(d[key], Mapping):
                 d[key] = _from_mapping(typ, d[key], key)
         return _from_mapping(cls, d, "shadow config")
+
+
+def _refuse_token(d: Mapping[str, Any]) -> None:
+    if "admin_token" in d:
+        raise ConfigError("do not put the admin token in the config: set it in the "
+                          f"environment variable named by admin_token_env "
+                          f"(default {DEFAULT_TOKEN_ENV}) or give admin_token_sha256")
+
+
+class _ShadowArgsBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_token(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            _refuse_token(data)
+        return data
+
+    def to_config(self) -> ShadowConfig:
+        """The :class:`ShadowConfig` these arguments describe (validated)."""
+        return ShadowConfig(**{name: getattr(self, name) for name in type(self).model_fields})
+
+
+def _args_fields() -> dict[str, Any]:
+    hints = typing.get_type_hints(ShadowConfig)
+    out = {}
+    for f in dataclasses.fields(ShadowConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        out[f.name] = (hints[f.name], default)
+    return out
+
+
+#: The typed (pydantic) arguments of the Serve application builder, as in Serve's
+#: ``doc_code`` (``def app_builder(args: ShadowAppArgs)``): Serve validates a config
+#: file's ``args`` against it before building. Generated from :class:`ShadowConfig`,
+#: so the two can never disagree on a field; the dataclass still runs its checks.
+ShadowAppArgs = create_model("ShadowAppArgs", __base__=_ShadowArgsBase, **_args_fields())
 
 
 def _from_mapping(cls: type, d: Mapping[str, Any], what: str) -> Any:

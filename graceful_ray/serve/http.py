@@ -34,9 +34,24 @@ def safe_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
 
 
+def one_line(errors: list[dict[str, Any]]) -> str:
+    """The :func:`safe_errors` as one line a person reads: ``field: what is wrong; ...``."""
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e["loc"] if p != "body")
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "invalid request body: " + "; ".join(parts)
+
+
+def _invalid(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """A 422 body: ``detail`` (FastAPI's list, without the input) and one ``message``."""
+    safe = safe_errors(errors)
+    return {"detail": safe, "message": one_line(safe)}
+
+
 def parse_body(raw: bytes, model: type[BaseModel], required: bool = False) -> BaseModel:
     """``raw`` as ``model`` (strict JSON, no NaN/Infinity where the model says so),
-    or an ``HTTPException(422)`` that names the fields, not the input."""
+    or a 422 that names the fields, not the input (see :func:`install`)."""
     if not raw.strip():
         if required:
             raise HTTPException(422, f"a JSON body is required: {model.__name__} fields "
@@ -45,7 +60,8 @@ def parse_body(raw: bytes, model: type[BaseModel], required: bool = False) -> Ba
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        raise HTTPException(422, safe_errors(e.errors())) from None
+        # answered by install()'s handler, as FastAPI's own body errors are
+        raise RequestValidationError(e.errors()) from None
 
 
 class BodyLimit:
@@ -113,7 +129,7 @@ def install(api: FastAPI) -> None:
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError) -> Response:
-        return Response(json.dumps({"detail": safe_errors(exc.errors())}), status_code=422,
+        return Response(json.dumps(_invalid(exc.errors())), status_code=422,
                         media_type="application/json")
 
     api.add_middleware(BodyLimit)

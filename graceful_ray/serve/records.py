@@ -95,14 +95,16 @@ def search_schema(id_type: pa.DataType, with_features: bool) -> pa.Schema:
 class RecordLog:
     """Writes and reads one comparison log."""
 
-    def __init__(self, storage: str) -> None:
+    def __init__(self, storage: str, writer: str = "") -> None:
         self.root: Location = resolve(storage)
         self._seq = 0
+        # in every file name, so comparator shards writing one log never collide
+        self._writer = f"{writer}-" if writer else ""
 
     # --------------------------------------------------------------- write
     def _name(self) -> str:
         self._seq += 1
-        return f"part-{int(time.time() * 1000):013d}-{self._seq:06d}.parquet"
+        return f"part-{int(time.time() * 1000):013d}-{self._writer}{self._seq:06d}.parquet"
 
     def write_records(self, rows: dict[str, list], with_features: bool,
                       metadata: dict[str, str]) -> str | None:

@@ -9,6 +9,7 @@ here too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -16,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from graceful_ray.serve.config import Batching
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.runner import (ModelRunner, Prediction, cut, lower_priority, pick_device,
                                        split_rows)
 from graceful_ray.serve.search import SearchAnswer, SearchBackend
@@ -30,6 +32,7 @@ class ModelReplica:
     def __init__(self, registry_root: str, ref: str, batching: Batching, num_gpus: float = 0.0,
                  torch_threads: int = 1, nice: int = 0, gallery: str | None = None,
                  gallery_poll_s: float = 2.0, sched_idle: bool = False) -> None:
+        to_serve_logs()
         lower_priority(nice, idle=sched_idle)
         self._runner = ModelRunner(registry_root, ref, device=pick_device(num_gpus),
                                    torch_threads=torch_threads)
@@ -37,6 +40,11 @@ class ModelReplica:
         # registry keeps out of the gallery's space answers "refused" (see serve.search).
         self._search = (SearchBackend(gallery, registry_root, self._runner.ref, gallery_poll_s)
                         if gallery else None)
+        self.reconfigure(dataclasses.asdict(batching))
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config``: this version's batching, changed in place (no restart)."""
+        batching = Batching.from_user_config(user_config, "model user_config")
         self._batch.set_max_batch_size(batching.max_batch_size)
         self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 

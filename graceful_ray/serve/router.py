@@ -42,17 +42,20 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from graceful_ray.serve.auth import AdminAuth
-from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
+from graceful_ray.serve.config import (BASELINE, CANDIDATE, ROLES, Batching, ShadowConfig,
+                                       other)
 from graceful_ray.serve.dashboard import render_dashboard
 from graceful_ray.serve.http import BodyLimit, install, parse_body
+from graceful_ray.serve.kinds import PREDICT, SEARCH, PrimaryEvent, RequestKind, ShadowEvent
+from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.metrics import RouterMetrics
 from graceful_ray.serve.routing import RoutingCopy
 from graceful_ray.serve.runner import ModelRunner, Prediction, cut, pick_device, split_rows
-from graceful_ray.serve.search import SearchAnswer, SearchBackend
-from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure, _awaited, classify
+from graceful_ray.serve.search import SearchBackend
+from graceful_ray.serve.shadow import ShadowCaller, ShadowFailure
+from graceful_ray.serve.shards import shard_of, split_event
 from graceful_ray.serve.schemas import (CutoverRequest, FeedbackRequest, FractionRequest,
-                                        InputError, PredictRequest, SearchRequest, check_k,
-                                        parse_inputs)
+                                        InputError, PredictRequest, SearchRequest, parse_inputs)
 
 try:
     import orjson
@@ -94,8 +97,9 @@ class ShadowRouter:
     """HTTP ingress: predict, feedback, report, dashboard, admin."""
 
     def __init__(self, config: ShadowConfig, refs: dict[str, str], input_shape: list[int],
-                 classes: dict[str, list[int]], baseline, candidate, comparator) -> None:
-        logging.getLogger("graceful_ray").setLevel(logging.INFO)
+                 classes: dict[str, list[int]], baseline, candidate, comparator,
+                 *shards) -> None:
+        to_serve_logs()
         BodyLimit.max_bytes = config.max_request_bytes
         self._cfg = config
         self._refs = dict(refs)
@@ -107,7 +111,8 @@ class ShadowRouter:
             max_rows=config.shadow_coalesce_rows, timeout_s=config.shadow_timeout_s,
             breaker_failures=config.shadow_breaker_failures,
             breaker_cooldown_s=config.shadow_breaker_cooldown_s)
-        self._comparator = comparator
+        self._comparator = comparator  # shard 0: routing state, report, admin
+        self._comparators = [comparator, *shards]  # events go to their id's shard
         self._auth = AdminAuth.from_config(config)
         self._metrics = RouterMetrics(config.app_name)
         self._runners: dict[str, ModelRunner] = {}
@@ -116,9 +121,6 @@ class ShadowRouter:
             for role in ROLES:
                 self._runners[role] = ModelRunner(config.registry, refs[role], device=device,
                                                   torch_threads=config.torch_threads)
-            self._primary_batch.set_max_batch_size(config.primary_batching.max_batch_size)
-            self._primary_batch.set_batch_wait_timeout_s(
-                config.primary_batching.batch_wait_timeout_s)
         # Searches: with the primary in this replica, both versions search from here too
         # (a cutover switches searches with everything else); otherwise the model
         # deployments search.
@@ -128,7 +130,7 @@ class ShadowRouter:
                 self._search[role] = SearchBackend(config.gallery, config.registry, refs[role],
                                                    config.gallery_poll_s)
         self._routing = RoutingCopy(BASELINE, float(config.shadow_fraction))
-        self._events: list[tuple] = []
+        self._events: list[list[PrimaryEvent | ShadowEvent]] = [[] for _ in self._comparators]
         self._tasks: set[asyncio.Task] = set()
         self._inflight_rows = 0
         self._failures: dict[tuple[str, str], int] = {}
@@ -143,6 +145,13 @@ class ShadowRouter:
             self._replica_id = "local"
 
     # ----------------------------------------------------------- lifecycle
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: the primary's batching, changed in place (no restart)."""
+        batching = Batching.from_user_config(user_config, "router user_config")
+        self._primary_batch.set_max_batch_size(batching.max_batch_size)
+        self._primary_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        log.info("primary batching: %s", batching)
+
     async def _ready(self) -> None:
         """Learn the routing state once before serving (it may be after a cutover)."""
         if self._started:
@@ -173,30 +182,47 @@ class ShadowRouter:
         last = 0.0
         while True:
             await asyncio.sleep(EVENT_FLUSH_S)
-            if self._events or time.monotonic() - last >= STATE_SYNC_S:
+            if any(self._events) or time.monotonic() - last >= STATE_SYNC_S:
                 try:
                     await self._flush_events()
                 except Exception:  # noqa: BLE001 - keep syncing; the cause is logged
                     log.exception("event flush failed")
                 last = time.monotonic()
 
+    def _record(self, ev: PrimaryEvent | ShadowEvent) -> None:
+        """Buffer an event for the comparator shard(s) that own its request ids."""
+        if len(self._events) == 1:
+            self._events[0].append(ev)
+            return
+        for shard, part in split_event(ev, len(self._events)).items():
+            self._events[shard].append(part)
+
     async def _flush_events(self) -> bool:
-        """Send buffered events to the comparator; keeps them for a retry on failure."""
+        """Send buffered events to their comparator shards (shard 0 always: its answer
+        is the routing state); a shard's events are kept for a retry when it fails."""
         async with self._flush_lock:
-            events, self._events = self._events, []
-            try:
-                routing = await self._comparator.ingest.remote(events)
-            except Exception as e:  # noqa: BLE001 - the comparator may be restarting
-                self._events = events + self._events
-                if len(self._events) > MAX_BUFFERED_EVENTS:
-                    dropped = len(self._events) - MAX_BUFFERED_EVENTS
-                    self._events = self._events[dropped:]
-                    log.error("comparator unreachable; dropped %d oldest events", dropped)
-                log.warning("comparator unreachable (%s); %d events kept for retry",
-                            type(e).__name__, len(self._events))
-                return False
-            self._apply(routing)
-            return True
+            batches = self._events
+            self._events = [[] for _ in batches]
+            sent = {s: self._comparators[s].ingest.remote(events)
+                    for s, events in enumerate(batches) if events or s == 0}
+            ok = True
+            for s, response in sent.items():
+                try:
+                    answer = await response
+                except Exception as e:  # noqa: BLE001 - the comparator may be restarting
+                    ok = False
+                    kept = self._events[s] = batches[s] + self._events[s]
+                    if len(kept) > MAX_BUFFERED_EVENTS:
+                        dropped = len(kept) - MAX_BUFFERED_EVENTS
+                        self._events[s] = kept[dropped:]
+                        log.error("comparator shard %d unreachable; dropped %d oldest events",
+                                  s, dropped)
+                    log.warning("comparator shard %d unreachable (%s); %d events kept for retry",
+                                s, type(e).__name__, len(self._events[s]))
+                    continue
+                if s == 0:
+                    self._apply(answer)
+            return ok
 
     async def __del__(self) -> None:
         """Graceful shutdown: let shadow calls finish (bounded), then send the events."""
@@ -206,17 +232,18 @@ class ShadowRouter:
         tasks = getattr(self, "_tasks", None)
         if tasks:
             await asyncio.wait(list(tasks), timeout=self._cfg.shadow_timeout_s + 0.5)
-        if getattr(self, "_started", False) and self._events:
+        if getattr(self, "_started", False) and any(self._events):
             try:
                 await asyncio.wait_for(self._flush_events(), 5.0)
             except Exception:  # noqa: BLE001
-                log.warning("could not send the last %d events at shutdown", len(self._events))
+                log.warning("could not send the last %d events at shutdown",
+                            sum(map(len, self._events)))
         for runner in getattr(self, "_runners", {}).values():
             runner.close()
         for backend in getattr(self, "_search", {}).values():
             backend.close()
 
-    # -------------------------------------------------------------- predict
+    # ---------------------------------------------------- predict and search
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _primary_batch(self, items: list[tuple[str, np.ndarray]]) -> list[Prediction]:
         out: list[Prediction | None] = [None] * len(items)
@@ -228,110 +255,10 @@ class ShadowRouter:
                 out[i] = p
         return out
 
-    async def _run_primary(self, role: str, x: np.ndarray) -> tuple[Prediction, float]:
-        if self._runners:
-            t0 = time.perf_counter()
-            pred = await self._primary_batch((role, x))
-            return pred, (time.perf_counter() - t0) * 1000.0
-        decisions, scores, ms = await self._handles[role].predict.remote(x, True)
-        return Prediction(decisions, scores), ms
-
     @api.post("/v1/predict")
     async def predict(self, body: PredictRequest) -> Response:
         """The primary's decision and scores per input, with a request id for feedback."""
-        await self._ready()
-        try:
-            x, single = parse_inputs(body, self._shape, self._cfg.max_inputs_per_request)
-        except InputError as e:
-            self._metrics.bad_request("predict")
-            raise HTTPException(e.status, e.message) from None
-        n = len(x)
-        ids = [uuid.uuid4().hex for _ in range(n)]
-        r = self._routing
-        primary, epoch, fraction = r.primary, r.epoch, r.shadow_fraction
-        gate: asyncio.Future | None = None
-        shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
-        if shadowed:
-            gate = asyncio.get_running_loop().create_future()
-            self._spawn(self._shadow(other(primary), x, ids, gate))
-        now_ms = int(time.time() * 1000)
-        try:
-            pred, ms = await self._run_primary(primary, x)
-        except Exception as e:  # noqa: BLE001 - answer 503 and keep serving
-            if gate is not None:
-                gate.cancel()
-            log.exception("primary %s failed", self._refs[primary])
-            raise HTTPException(503, f"the primary model {self._refs[primary]} failed: "
-                                     f"{type(e).__name__}: {e}") from None
-        self._events.append(("p", ids, now_ms, epoch, primary, pred.decisions, ms, shadowed,
-                             x if self._cfg.log_inputs else None, body.segment))
-        if gate is not None:
-            gate.set_result(None)
-        ref = self._refs[primary]
-        self._metrics.answered(ref, "primary", n, ms)
-        decisions = pred.decisions.tolist()
-        preds = [{"request_id": ids[i], "decision": decisions[i], "scores": pred.scores[i]}
-                 for i in range(n)]
-        out: dict[str, Any] = {"model": ref, "classes": self._classes[primary],
-                               "predictions": preds}
-        if single:
-            out.update(preds[0])
-        return _json(out)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _shadow(self, role: str, x: np.ndarray, ids: list[str],
-                      gate: asyncio.Future) -> None:
-        """The shadow copy: bounded in time and in flight, never raises."""
-        n, ref = len(x), self._refs[role]
-        decisions, ms, error = None, None, None
-        if self._inflight_rows + n > self._cfg.max_shadow_inflight:
-            error = "overloaded"
-        else:
-            self._inflight_rows += n
-            try:
-                decisions, ms = await self._shadow_caller.call(role, x)
-            except ShadowFailure as e:
-                error = e.kind
-                self._log_shadow_failure(ref, error, e.cause or e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - any shadow failure is only counted
-                error = "exception"
-                self._log_shadow_failure(ref, error, e)
-            finally:
-                self._inflight_rows -= n
-        if error is None:
-            self._metrics.answered(ref, "shadow", n, ms)
-        else:
-            self._metrics.shadow_error(ref, error, n)
-        try:
-            await gate  # the primary's event must be buffered before ours
-        except asyncio.CancelledError:
-            return  # the primary failed: the request was not served, nothing to record
-        self._events.append(("s", ids, role, None if error else decisions, ms, error))
-
-    def _log_shadow_failure(self, ref: str, kind: str, exc: BaseException) -> None:
-        """Log the first failure of each kind, then one in a thousand: a failing
-        shadow at full traffic must not flood the logs."""
-        key = (ref, kind)
-        n = self._failures.get(key, 0) + 1
-        self._failures[key] = n
-        if n == 1 or n % 1000 == 0:
-            log.warning("shadow %s failed (%s, %d so far): %s", ref, kind, n,
-                        str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
-
-    # --------------------------------------------------------------- search
-    async def _run_primary_search(self, role: str, x: np.ndarray, k: int) -> SearchAnswer:
-        if self._runners:
-            t0 = time.perf_counter()
-            runner = self._runners[role]
-            answer = await runner.run_async(self._search[role].search, runner.embed, x, k)
-            return answer.with_ms((time.perf_counter() - t0) * 1000.0)
-        return await self._handles[role].search.remote(x, k)
+        return await self._serve(PREDICT, body)
 
     @api.post("/v1/search")
     async def search(self, body: SearchRequest) -> Response:
@@ -343,11 +270,17 @@ class ShadowRouter:
                                      "gallery. Redeploy with --gallery PATH (`graceful-ray serve "
                                      "... --gallery PATH`, or `gallery` in the config), a gallery "
                                      "built by `graceful-ray gallery build`")
+        return await self._serve(SEARCH, body)
+
+    async def _serve(self, kind: RequestKind, body: Any) -> Response:
+        """One request of any kind: the primary answers, the shadow gets a copy off the
+        critical path, and both answers become events for the comparator."""
+        await self._ready()
         try:
             x, single = parse_inputs(body, self._shape, self._cfg.max_inputs_per_request)
-            k = check_k(body.k, self._cfg.search_k, self._cfg.max_search_k)
+            params = kind.params(body, self._cfg)
         except InputError as e:
-            self._metrics.bad_request("search")
+            self._metrics.bad_request(kind.name)
             raise HTTPException(e.status, e.message) from None
         n = len(x)
         ids = [uuid.uuid4().hex for _ in range(n)]
@@ -358,84 +291,89 @@ class ShadowRouter:
         shadowed = fraction > 0 and (fraction >= 1 or random.random() < fraction)
         if shadowed:
             gate = asyncio.get_running_loop().create_future()
-            self._spawn(self._shadow_search(other(primary), x, k, ids, gate))
+            self._spawn(self._shadow(kind, other(primary), x, params, ids, gate))
         now_ms = int(time.time() * 1000)
         try:
-            answer = await self._run_primary_search(primary, x, k)
+            if self._runners:
+                answer, ms = await kind.run_local(self, primary, x, params)
+            else:
+                answer, ms = await kind.run_remote(self._handles[primary], x, params)
+            refused = kind.refused(answer)
+            if refused is not None:
+                raise kind.refusal(refused, ref, self._cfg)
         except Exception as e:  # noqa: BLE001 - answer and keep serving
             if gate is not None:
                 gate.cancel()
-            from graceful_ray.retrieval.errors import QueryError
-
-            if isinstance(e, QueryError):
-                self._metrics.bad_request("search")
-                raise HTTPException(422, f"the primary {ref} produced no usable query embedding "
-                                         f"for this input: {e}") from None
-            log.exception("primary search with %s failed", ref)
-            raise HTTPException(503, f"the primary model {ref} failed to search: "
+            bad = e if isinstance(e, InputError) else kind.primary_error(e, ref, self._cfg)
+            if bad is not None:
+                self._metrics.bad_request(kind.name)
+                raise HTTPException(bad.status, bad.message) from None
+            log.exception("primary %s failed on a %s request", ref, kind.name)
+            raise HTTPException(503, f"the primary model {ref} failed: "
                                      f"{type(e).__name__}: {e}") from None
-        if answer.refused is not None:
-            if gate is not None:
-                gate.cancel()
-            raise HTTPException(409, f"the primary {ref} may not search the gallery "
-                                     f"{self._cfg.gallery}: {answer.refused}. Roll back "
-                                     "(POST /v1/admin/rollback) or move the gallery into its "
-                                     "embedding space (`graceful-ray gallery backfill`)")
-        self._events.append(("q", ids, now_ms, epoch, primary, answer.k, answer.ids,
-                             answer.scores, answer.labels, answer.snapshot, answer.ms, shadowed,
-                             x if self._cfg.log_inputs else None))
+        self._record(PrimaryEvent(
+            kind.name, ids, now_ms, epoch, primary, kind.event_answer(answer), ms, shadowed,
+            x if self._cfg.log_inputs else None, getattr(body, "segment", None)))
         if gate is not None:
             gate.set_result(None)
-        self._metrics.answered(ref, "search-primary", n, answer.ms)
-        results = [{"request_id": ids[i], "ids": answer.ids[i].tolist(),
-                    "scores": answer.scores[i]} for i in range(n)]
-        out: dict[str, Any] = {"model": ref, "k": answer.k, "snapshot": answer.snapshot,
-                               "results": results}
+        self._metrics.answered(ref, kind.metric_prefix + "primary", n, ms)
+        out, rows = kind.respond(ids, answer, ref, self._classes[primary])
         if single:
-            out.update(results[0])
+            out.update(rows[0])
         return _json(out)
 
-    async def _shadow_search(self, role: str, x: np.ndarray, k: int, ids: list[str],
-                             gate: asyncio.Future) -> None:
-        """The shadow's search of the same rows: bounded in time and in flight, never raises.
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-        A shadow the registry keeps out of the gallery's space answers at once with
-        its reason: the record says "skipped", which is not a shadow error."""
-        n, ref = len(x), self._refs[role]
-        answer, error = None, None
+    async def _shadow(self, kind: RequestKind, role: str, x: np.ndarray, params: tuple,
+                      ids: list[str], gate: asyncio.Future) -> None:
+        """The shadow copy: bounded in time and in flight, never raises.
+
+        A shadow that may not serve this kind (a model outside the gallery's
+        space) answers at once with its reason: the record says "skipped", which
+        is not a shadow error."""
+        n, ref, prefix = len(x), self._refs[role], kind.metric_prefix
+        answer, ms, error = None, None, None
         if self._inflight_rows + n > self._cfg.max_shadow_inflight:
             error = "overloaded"
         else:
             self._inflight_rows += n
-            response = None
             try:
-                response = self._handles[role].search.remote(x, k)
-                answer = await asyncio.wait_for(_awaited(response), self._cfg.shadow_timeout_s)
-            except asyncio.TimeoutError:
-                if response is not None:
-                    response.cancel()
-                error = "timeout"
-                self._log_shadow_failure(ref, "search-timeout", ShadowFailure("timeout"))
+                answer, ms = await self._shadow_caller.call(role, x, kind, params)
+            except ShadowFailure as e:
+                error = e.kind
+                self._log_shadow_failure(ref, prefix + error, e.cause or e)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - any shadow failure is only counted
-                error = classify(e)
-                self._log_shadow_failure(ref, f"search-{error}", e)
+                error = "exception"
+                self._log_shadow_failure(ref, prefix + error, e)
             finally:
                 self._inflight_rows -= n
-        skipped = answer.refused if answer is not None else None
+        skipped = None if answer is None else kind.refused(answer)
         if error is not None:
-            self._metrics.shadow_error(ref, f"search-{error}", n)
+            self._metrics.shadow_error(ref, prefix + error, n)
         elif skipped is None:
-            self._metrics.answered(ref, "search-shadow", n, answer.ms)
+            self._metrics.answered(ref, prefix + "shadow", n, ms)
         try:
             await gate  # the primary's event must be buffered before ours
         except asyncio.CancelledError:
-            return  # the primary did not answer: nothing to record
-        ok = answer is not None and skipped is None
-        self._events.append(("r", ids, role, answer.ids if ok else None,
-                             answer.scores if ok else None, answer.labels if ok else None,
-                             answer.ms if ok else None, error, skipped))
+            return  # the primary failed: the request was not served, nothing to record
+        ok = error is None and skipped is None
+        self._record(ShadowEvent(kind.name, ids, role, answer if ok else None,
+                                 ms if ok else None, error, skipped))
+
+    def _log_shadow_failure(self, ref: str, kind: str, exc: BaseException) -> None:
+        """Log the first failure of each kind, then one in a thousand: a failing
+        shadow at full traffic must not flood the logs."""
+        key = (ref, kind)
+        n = self._failures.get(key, 0) + 1
+        self._failures[key] = n
+        if n == 1 or n % 1000 == 0:
+            log.warning("shadow %s failed (%s, %d so far): %s", ref, kind, n,
+                        str(exc).splitlines()[-1] if str(exc) else type(exc).__name__)
 
     # ------------------------------------------------------------- feedback
     @api.post("/v1/feedback")
@@ -455,7 +393,7 @@ class ShadowRouter:
             self._metrics.bad_request("feedback")
             raise HTTPException(422, "give 'request_id' and 'label' (or 'labels': a list of them)")
         await self._flush_events()
-        results = await self._call("feedback", items)
+        results = await self._feedback(items)
         if body.labels is None:
             result = results[0]
             if result["status"] != 200:
@@ -494,6 +432,9 @@ class ShadowRouter:
                       "shadow_fraction": self._routing.shadow_fraction,
                       "epoch": self._routing.epoch, "revision": self._routing.revision,
                       "primary_in_ingress": bool(self._runners),
+                      "primary_batching": {
+                          "max_batch_size": self._primary_batch._get_max_batch_size(),
+                          "batch_wait_timeout_s": self._primary_batch._get_batch_wait_timeout_s()},
                       "gallery": self._cfg.gallery,
                       "search": {role: b.status() for role, b in self._search.items()}})
 
@@ -564,9 +505,24 @@ class ShadowRouter:
         result = await self._call("flush")
         return _json(result, result["status"])
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _feedback(self, items: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        """Labels, each sent to the shard that owns its request id; answers in order."""
+        if len(self._comparators) == 1:
+            return await self._call("feedback", items)
+        where: dict[int, list[int]] = {}
+        for i, (rid, _) in enumerate(items):
+            where.setdefault(shard_of(rid, len(self._comparators)), []).append(i)
+        answers = await asyncio.gather(*(
+            self._call("feedback", [items[i] for i in idx], shard=s) for s, idx in where.items()))
+        results: list[Any] = [None] * len(items)
+        for idx, answer in zip(where.values(), answers):
+            for i, r in zip(idx, answer):
+                results[i] = r
+        return results
+
+    async def _call(self, method: str, *args: Any, shard: int = 0) -> Any:
         try:
-            return await getattr(self._comparator, method).remote(*args)
+            return await getattr(self._comparators[shard], method).remote(*args)
         except Exception as e:  # noqa: BLE001
             log.error("comparator call %s failed: %s", method, e)
             raise HTTPException(503, f"the comparator is unavailable ({type(e).__name__}); "

@@ -19,6 +19,12 @@ Failures are classified for the report: ``timeout`` (no answer in time),
 ``exception`` (the model raised), ``unavailable`` (the replica is dead or
 unreachable), ``overloaded`` (back-pressure, from Serve or our in-flight cap),
 ``circuit_open`` (not sent: the breaker is open after repeated failures).
+
+A dead replica rarely raises: Serve's router takes a replica whose call fails
+with ``ActorDiedError`` out of rotation and routes the call again, to a replica
+that may not exist yet, so the call just waits. A call that times out while
+the handle's router knows no running replica is therefore ``unavailable``, not
+``timeout`` (:func:`timeout_kind`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+from graceful_ray.serve.kinds import PREDICT, RequestKind
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +63,24 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, RayTaskError) and isinstance(exc.cause, RayActorError):
         return "unavailable"
     return "exception"
+
+
+def running_replicas(handle: Any) -> int | None:
+    """How many running replicas the handle's router knows of, or None when it cannot tell.
+
+    Serve has no public API for this on a handle (``serve.status()`` is a
+    blocking call to the controller, not for a router's event loop); this reads
+    the router's own replica set and gives up on any other Serve layout.
+    """
+    try:
+        return len(handle._router._asyncio_router.request_router.curr_replicas)
+    except AttributeError:
+        return None
+
+
+def timeout_kind(handle: Any) -> str:
+    """The kind of a call to ``handle`` that did not answer in time (see the module docstring)."""
+    return "unavailable" if running_replicas(handle) == 0 else "timeout"
 
 
 class CircuitBreaker:
@@ -116,7 +142,11 @@ class CircuitBreaker:
 
 
 class ShadowCaller:
-    """Sends shadow rows to a model deployment, coalescing requests per window."""
+    """Sends shadow rows to a model deployment, coalescing requests per window.
+
+    One caller serves every request kind (:mod:`graceful_ray.serve.kinds`): copies
+    are coalesced per (role, kind, call parameters), and each role and kind has
+    its own circuit breaker, so a shadow whose searches fail keeps its predicts."""
 
     def __init__(self, handles: dict[str, Any], *, window_s: float, max_rows: int,
                  timeout_s: float, breaker_failures: int = 0,
@@ -125,72 +155,81 @@ class ShadowCaller:
         self._window_s = window_s
         self._max_rows = max_rows
         self._timeout_s = timeout_s
-        self.breakers = {role: CircuitBreaker(breaker_failures, breaker_cooldown_s)
-                         for role in handles}
-        self._pending: dict[str, list[tuple[np.ndarray, asyncio.Future]]] = {}
-        self._rows: dict[str, int] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._breaker = (breaker_failures, breaker_cooldown_s)
+        self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._pending: dict[tuple, list[tuple[np.ndarray, asyncio.Future]]] = {}
+        self._rows: dict[tuple, int] = {}
+        self._timers: dict[tuple, asyncio.TimerHandle] = {}
         self._calls: set[asyncio.Task] = set()
 
-    async def call(self, role: str, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """``(decisions, model ms)`` for rows ``x``, or :class:`ShadowFailure`."""
-        breaker = self.breakers[role]
-        if not breaker.allow():
+    def breaker(self, role: str, kind: RequestKind = PREDICT) -> CircuitBreaker:
+        key = (role, kind.name)
+        if key not in self.breakers:
+            self.breakers[key] = CircuitBreaker(*self._breaker)
+        return self.breakers[key]
+
+    async def call(self, role: str, x: np.ndarray, kind: RequestKind = PREDICT,
+                   params: tuple = ()) -> tuple[Any, float]:
+        """``(answer, model ms)`` for rows ``x`` (predict: the decisions), or
+        :class:`ShadowFailure`."""
+        if not self.breaker(role, kind).allow():
             raise ShadowFailure("circuit_open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self._pending.setdefault(role, []).append((x, fut))
-        self._rows[role] = self._rows.get(role, 0) + len(x)
-        if self._window_s <= 0 or self._rows[role] >= self._max_rows:
-            self._fire(role)
-        elif role not in self._timers:
-            self._timers[role] = loop.call_later(self._window_s, self._fire, role)
+        key = (role, kind, params)
+        self._pending.setdefault(key, []).append((x, fut))
+        self._rows[key] = self._rows.get(key, 0) + len(x)
+        if self._window_s <= 0 or self._rows[key] >= self._max_rows:
+            self._fire(key)
+        elif key not in self._timers:
+            self._timers[key] = loop.call_later(self._window_s, self._fire, key)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self._timeout_s)
+            # _send settles fut (answer, timeout, failure) within window + timeout; this
+            # bound is only a backstop, later than _send's, so _send's kind is the one counted.
+            return await asyncio.wait_for(asyncio.shield(fut), self._window_s + 2 * self._timeout_s)
         except asyncio.TimeoutError:
             raise ShadowFailure("timeout") from None
 
-    def _fire(self, role: str) -> None:
-        timer = self._timers.pop(role, None)
+    def _fire(self, key: tuple) -> None:
+        timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
-        items = self._pending.pop(role, [])
-        self._rows[role] = 0
+        items = self._pending.pop(key, [])
+        self._rows[key] = 0
         if items:
-            task = asyncio.get_running_loop().create_task(self._send(role, items))
+            task = asyncio.get_running_loop().create_task(self._send(key, items))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
-    async def _send(self, role: str, items: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+    async def _send(self, key: tuple, items: list[tuple[np.ndarray, asyncio.Future]]) -> None:
+        role, kind, params = key
+        breaker = self.breaker(role, kind)
         x = items[0][0] if len(items) == 1 else np.concatenate([a for a, _ in items])
         response = None
         try:
-            response = self._handles[role].predict.remote(x, False)
-            decisions, _, ms = await asyncio.wait_for(_awaited(response), self._timeout_s)
-            if len(decisions) != len(x):
-                raise ValueError(f"the shadow returned {len(decisions)} decisions for "
-                                 f"{len(x)} rows")
+            response = kind.shadow_call(self._handles[role], x, params)
+            answer, ms = kind.shadow_result(
+                await asyncio.wait_for(_awaited(response), self._timeout_s), len(x))
         except asyncio.TimeoutError:
             if response is not None:
                 response.cancel()  # free the replica's queue
-            self._call_failed(role, items, ShadowFailure("timeout"))
+            self._call_failed(role, breaker, items, ShadowFailure(timeout_kind(self._handles[role])))
             return
         except asyncio.CancelledError:
             self._fail(items, ShadowFailure("incomplete"))  # shutdown: not the shadow's fault
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a counted kind
-            self._call_failed(role, items, ShadowFailure(classify(e), e))
+            self._call_failed(role, breaker, items, ShadowFailure(classify(e), e))
             return
-        self.breakers[role].record(True)
-        start = 0
-        for a, fut in items:
+        breaker.record(True)
+        parts = [answer] if len(items) == 1 else kind.split(answer, [len(a) for a, _ in items])
+        for (_, fut), part in zip(items, parts):
             if not fut.done():
-                fut.set_result((decisions[start:start + len(a)], ms))
-            start += len(a)
+                fut.set_result((part, ms))
 
-    def _call_failed(self, role: str, items: list, failure: ShadowFailure) -> None:
+    def _call_failed(self, role: str, breaker: CircuitBreaker, items: list,
+                     failure: ShadowFailure) -> None:
         """A call that was sent failed: the breaker learns it, then its copies fail."""
-        breaker = self.breakers[role]
         if breaker.record(False):
             log.warning("the %s shadow failed %d calls in a row (last: %s); its copies are not "
                         "sent for %.1f s, then one probe", role, breaker.failures, failure.kind,
@@ -206,8 +245,8 @@ class ShadowCaller:
 
     async def drain(self, timeout_s: float) -> None:
         """Send what is queued and wait (bounded) for calls in flight: used at shutdown."""
-        for role in list(self._pending):
-            self._fire(role)
+        for key in list(self._pending):
+            self._fire(key)
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=timeout_s)
 

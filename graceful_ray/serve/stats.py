@@ -11,15 +11,18 @@ the baseline, which is what a rollback decision needs.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from graceful_ray.metrics import Rate
 from graceful_ray.serve.config import BASELINE, CANDIDATE, ROLES, GateConfig
 from graceful_ray.serve.gates import evaluate
+
+T = TypeVar("T")
 
 ERROR_KINDS = ("timeout", "exception", "unavailable", "overloaded", "circuit_open",
                "incomplete")
@@ -340,3 +343,36 @@ class RetrievalStats:
             "top1_nfr": Rate.of(self.negative_flips, pairs, confidence).to_dict(),
             "models": models,
         }
+
+
+def merged(parts: list[T]) -> T:
+    """One accumulator holding what several comparator shards counted.
+
+    Works for :class:`ShadowStats` and :class:`RetrievalStats` alike: every count
+    is a sum, per-class and per-segment rows add up, latency samples are pooled
+    (each shard keeps its own window, so past ``latency_window`` samples the pool
+    holds more than one comparator would). Records are sharded by request id, so
+    no record is in two parts and the sum is the whole traffic's count."""
+    if len(parts) == 1:
+        return parts[0]
+    out = copy.deepcopy(parts[0])
+    for part in parts[1:]:
+        out = _add(out, part)
+    return out
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, (Counter, deque)):
+        a.update(b) if isinstance(a, Counter) else a.extend(b)
+        return a
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a + b
+    if isinstance(a, list):
+        return [x + y for x, y in zip(a, b)]
+    if isinstance(a, dict):
+        for k, v in b.items():
+            a[k] = _add(a[k], v) if k in a else copy.deepcopy(v)
+        return a
+    for name, v in vars(b).items():
+        setattr(a, name, _add(getattr(a, name), v))
+    return a

@@ -13,20 +13,37 @@ from __future__ import annotations
 from graceful_ray.errors import ConfigError
 from graceful_ray.train.config import UpgradeConfig
 
+#: The names ``graceful_ray.methods`` registers, so that a wrong ``--method`` is
+#: refused without importing torch (the methods are torch modules; importing
+#: them takes seconds). tests/test_cli_validation.py keeps this equal to the registry.
+METHOD_NAMES = ("bct", "elodi", "fd", "fd-kl", "fd-lm", "kd", "l2", "lqf", "new-error", "plain")
+
+
+def check_method_names(spec: str) -> None:
+    """The cheap part of the method check: every name in ``spec`` (``a+b``) exists.
+    The registry's own checks (hyperparameters, repeats) follow in build_method."""
+    for name in (n.strip() for n in spec.split("+")):
+        if name and name not in METHOD_NAMES:
+            raise ConfigError(f"unknown method {name!r} in spec {spec!r}; valid methods are "
+                              f"{sorted(METHOD_NAMES)} (combine several with '+', e.g. 'bct+fd')")
+
 
 def check_upgrade(cfg: UpgradeConfig, *, check_model: bool = True) -> None:
     """Raise on the first thing wrong with ``cfg``; ``check_model=False`` when a
     search space, not ``cfg``, decides the architecture."""
     from graceful_ray.data import read_info
-    from graceful_ray.methods import build_method
 
     cfg.validate()
-    method = build_method(cfg.method, **cfg.hparams)  # unknown names and hyperparameters
+    check_method_names(cfg.method)
     info = read_info(cfg.data)  # a missing or foreign dataset
     for split in (cfg.train_split, cfg.val_split):
         if split not in info.splits:
             raise ConfigError(f"dataset {cfg.data} has no split {split!r}; it has {sorted(info.splits)}")
     check_augmentation(cfg, info.feature_shape)
+    # torch from here on (methods, models): what is left needs them
+    from graceful_ray.methods import build_method
+
+    method = build_method(cfg.method, **cfg.hparams)  # hyperparameters
     if check_model:
         from graceful_ray.models import ModelSpec, build_model
 

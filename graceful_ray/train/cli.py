@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from graceful_ray.errors import ConfigError
-from graceful_ray.train.config import LR_SCHEDULES
+from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="Ray Train workers (DDP); 0 runs the loop in this process (Ray Train local mode)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--decode-cpus", type=float, default=1.0,
-                   help="CPUs Ray Data may use in all to decode inputs (images) while the workers train")
+    p.add_argument("--decode-cpus", type=float, default=UpgradeConfig.decode_cpus,
+                   help="CPUs Ray Data may use in all to decode inputs (images) while the workers train "
+                        "(default %(default)s: one decode task; 2 or more run that many tasks of 1 CPU)")
     p.add_argument("--cache-budget-mb", type=float, default=1024.0,
                    help="a worker keeps a split in memory after its first pass when it fits this; "
                         "larger splits stream from Ray Data every epoch (0: always stream)")
@@ -98,12 +99,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from graceful_ray.raycluster import ensure_ray
     from graceful_ray.train.checks import check_upgrade
-    from graceful_ray.train.trainer import run_upgrade
 
     cfg = config_from_args(args).resolved()
     check_upgrade(cfg)  # every argument, before Ray starts
+    # Ray and torch only now: importing them takes seconds, and bad arguments are refused before.
+    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.train.trainer import run_upgrade
+
     ensure_ray(args.address)
     print(f"run {cfg.run_name}: {cfg.method} on {cfg.data} ({cfg.workers} worker(s), "
           f"{'GPU' if cfg.use_gpu else 'CPU'})")

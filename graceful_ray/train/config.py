@@ -79,8 +79,10 @@ class UpgradeConfig:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     # Input pipeline (graceful_ray.train.pipeline). CPUs Ray Data may use in all to
-    # decode inputs (features, images) while the workers train.
-    decode_cpus: float = 1.0
+    # decode inputs (features, images) while the workers train. The default, a
+    # fraction, is one decode task that any node with a quarter CPU free can run
+    # (a whole CPU may be free nowhere, see data.reader.READ_TASK_CPUS).
+    decode_cpus: float = 0.25
     # Rows in each worker's local shuffle buffer (0: no shuffling, e.g. evaluation order).
     shuffle_buffer_rows: int = 4096
     prefetch_batches: int = 2

@@ -10,7 +10,13 @@ Trial resources follow the Train V2 + Tune guide: the trial is the Train
 driver and asks for ``driver_cpus`` (a fraction of a CPU); Train acquires the
 workers' placement group itself; ``max_concurrent_trials`` keeps the number of
 in-flight Train runs within what the cluster can hold, leaving one CPU for
-Ray Data's read tasks.
+Ray Data. That CPU is a total over the nodes, not one node's: Ray Data's read
+and decode tasks ask for a quarter CPU each (``data.reader.READ_TASK_CPUS``,
+``UpgradeConfig.decode_cpus``), so a node with any quarter free runs them. (At
+Ray Data's default of 1 CPU per task, two trials on cluster/local.sh's 2 nodes x
+2 CPUs left no node a whole CPU and the search hung; the trainable and Train's
+controller are not the cause: the controller and the split coordinator ask for
+0 CPUs.)
 """
 
 from __future__ import annotations
