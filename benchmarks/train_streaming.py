@@ -4,7 +4,15 @@
    and 16N rows of synthetic 32x32 RGB PNGs (decoded by Ray Data tasks), with the
    worker always streaming (``cache_budget_mb=0``). Target: RSS at 16N <= 1.2x
    RSS at N. The worker reports its own ``ru_maxrss`` (metric
-   ``worker_peak_rss_mb``).
+   ``worker_peak_rss_mb``) and the peaks of its parts (``worker_peak_anon_mb``:
+   its own memory; ``worker_peak_shmem_mb``: object-store pages it mapped). The
+   driver samples Ray's object store (the raylet's ``ObjectStoreStats``, what
+   ``ray memory --stats-only`` prints) twice a second: peak bytes used, bytes
+   spilled, bytes created.
+1b. A memory limit: one epoch on a training split whose decoded size is larger
+   than the memory the worker may use (``memory_per_worker_mb``: Ray's
+   ``memory`` resource, enforced by the worker's own watchdog, which kills it
+   past the limit). It must train to the end.
 2. Speed on the small case (MNIST-1D): training samples/s of the streamed loop
    (``cache_budget_mb=0``) against the loop that holds the split in memory:
    today's default (cached after the first pass) and the previous materialized
@@ -15,7 +23,8 @@
 Every run is its own process with its own local Ray, so the variants do not share
 a Ray or an import.
 
-Usage:  nice -n 10 python benchmarks/train_streaming.py --rows 2000 --samples 8000 --baseline-tree /work/main
+Usage:  nice -n 5 python benchmarks/train_streaming.py --rows 1000 --capped-rows 80000 --cap-mb 900 \
+            --samples 4000 --baseline-tree /work/main
 Results: benchmarks/results/train_streaming.md
 """
 
@@ -27,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -56,6 +66,47 @@ def make_images(out: str, rows: int, seed: int = 0) -> str:
     return out
 
 
+class ObjectStoreSampler:
+    """Samples the local raylet's object-store stats (used, spilled, created bytes)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+        import ray
+
+        self._state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self._reply = get_memory_info_reply
+        self.interval_s = interval_s
+        self.peak_used = 0
+        self.last = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        stats = self._reply(self._state).store_stats
+        self.peak_used = max(self.peak_used, stats.object_store_bytes_used)
+        self.last = stats
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception:  # a slow raylet under load: skip the sample
+                pass
+
+    def start(self) -> "ObjectStoreSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        mib = 2**20
+        return {"peak_used_mb": self.peak_used / mib, "spilled_mb": self.last.spilled_bytes_total / mib,
+                "created_mb": self.last.cumulative_created_bytes / mib,
+                "capacity_mb": (self.last.object_store_bytes_avail) / mib}
+
+
 def one_run(spec: dict) -> dict:
     """Child process: one training run on a fresh local Ray; prints its history as JSON."""
     import ray
@@ -63,21 +114,35 @@ def one_run(spec: dict) -> dict:
     from graceful_ray.train.config import UpgradeConfig
     from graceful_ray.train.trainer import run_upgrade
 
-    ray.init(address="local", num_cpus=spec.pop("ray_cpus"), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    cpus, store = spec.pop("ray_cpus"), spec.pop("object_store_mb") * 2**20
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
+        try:
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, object_store_memory=store)
+            break
+        except Exception as e:  # Ray raises a bare Exception for this timeout
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = run_upgrade(UpgradeConfig(**spec))
+    sampler = ObjectStoreSampler().start()
+    try:
+        result = run_upgrade(UpgradeConfig(**spec))
+        out = {"history": result.history, "ok": True}
+    except Exception as e:  # e.g. the worker stopped at its memory limit
+        out = {"history": [], "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    out["object_store"] = sampler.stop()
     ray.shutdown()
-    return {"history": result.history}
+    return out
 
 
-def run(spec: dict, tree: str) -> list[dict]:
+def run(spec: dict, tree: str) -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)], env=env,
                           capture_output=True, text=True, cwd=tree)
     if proc.returncode != 0:
         raise RuntimeError(f"run failed ({tree}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["history"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -88,6 +153,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the speed part")
     p.add_argument("--baseline-tree", help="a checkout whose loop materializes the split (e.g. /work/main)")
     p.add_argument("--root", default="/tmp/graceful-ray-bench/streaming")
+    p.add_argument("--capped-rows", type=int, default=80_000,
+                   help="training rows of the run under a memory limit (0: skip it)")
+    p.add_argument("--cap-mb", type=float, default=900.0, help="memory_per_worker_mb of that run")
+    p.add_argument("--object-store-mb", type=int, default=2048, help="object store of each run's local Ray")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -97,19 +166,42 @@ def main() -> None:
         return
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = dict(workers=1, cpus_per_worker=1.0, publish=False, ray_cpus=4, lr=3e-3)
+    common = dict(workers=1, cpus_per_worker=1.0, publish=False, ray_cpus=4, lr=3e-3,
+                  object_store_mb=args.object_store_mb)
+    images = dict(common, model="mlp", model_kwargs={"width": 64}, epochs=1, batch_size=256, decode_cpus=1.0,
+                  storage=os.path.join(args.root, "runs"), registry=os.path.join(args.root, "registry"))
     if not args.skip_memory:
         print("## Worker memory, streaming (cache_budget_mb=0), one epoch of 32x32 RGB PNGs\n")
-        print("| train rows | worker peak RSS (MiB) | samples/s |\n|---:|---:|---:|")
+        print("| train rows | worker peak RSS (MiB) | of it: own (anon) | object-store pages (shmem) "
+              "| object store peak used (MiB) | created (MiB) | samples/s |\n|---:|---:|---:|---:|---:|---:|---:|")
         base = None
         for k in (1, 4, 16):
             rows = k * args.rows
             data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
-            h = run(dict(common, data=data, model="mlp", model_kwargs={"width": 64}, epochs=1, batch_size=256,
-                         cache_budget_mb=0, decode_cpus=1.0, storage=os.path.join(args.root, "runs"),
-                         registry=os.path.join(args.root, "registry"), run_name=f"mem-{rows}"), here)[-1]
+            out = run(dict(images, data=data, cache_budget_mb=0, run_name=f"mem-{rows}"), here)
+            h, st = out["history"][-1], out["object_store"]
             base = base or h["worker_peak_rss_mb"]
             print(f"| {rows} ({k}N) | {h['worker_peak_rss_mb']:.0f} ({h['worker_peak_rss_mb'] / base:.2f}x) "
+                  f"| {h['worker_peak_anon_mb']:.0f} | {h['worker_peak_shmem_mb']:.0f} | {st['peak_used_mb']:.0f} "
+                  f"| {st['created_mb']:.0f} | {h['samples_per_s']:.0f} |", flush=True)
+
+    if args.capped_rows:
+        rows = args.capped_rows
+        decoded_mb = rows * 3 * 32 * 32 * 4 / 2**20
+        data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
+        out = run(dict(images, data=data, memory_per_worker_mb=args.cap_mb, run_name=f"capped-{rows}"), here)
+        print(f"\n## Under a memory limit: memory_per_worker_mb={args.cap_mb:.0f}, train split {rows} rows "
+              f"= {decoded_mb:.0f} MiB decoded ({decoded_mb / args.cap_mb:.2f}x the limit)\n")
+        st = out["object_store"]
+        if not out["ok"]:
+            print(f"FAILED: {out['error']}\n\nobject store peak {st['peak_used_mb']:.0f} MiB", flush=True)
+        else:
+            h = out["history"][-1]
+            trained = h["samples_per_s"] * h["epoch_time_s"]
+            print("| rows trained | worker peak RSS (MiB) | own (anon) | shmem | object store peak used (MiB) "
+                  "| spilled (MiB) | samples/s |\n|---:|---:|---:|---:|---:|---:|---:|")
+            print(f"| {trained:.0f} of {rows} | {h['worker_peak_rss_mb']:.0f} | {h['worker_peak_anon_mb']:.0f} "
+                  f"| {h['worker_peak_shmem_mb']:.0f} | {st['peak_used_mb']:.0f} | {st['spilled_mb']:.0f} "
                   f"| {h['samples_per_s']:.0f} |", flush=True)
 
     if args.skip_speed:
@@ -130,7 +222,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, (extra, tree) in variants.items():
             hist = run(dict(speed, **extra, run_name=f"speed-{r}-{len(rates[name])}-{abs(hash(name)) % 10**6}"),
-                       tree)
+                       tree)["history"]
             rates[name] += [h["samples_per_s"] for h in hist[1:]]
     print(f"\n## Training samples/s, MNIST-1D {args.samples}, cnn1d channels=16, batch 128, "
           f"epochs 2-{args.epochs}, {args.rounds} rounds\n")

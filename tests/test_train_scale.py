@@ -132,3 +132,81 @@ def test_run_epoch_trains_with_cached_old_outputs_and_stops_in_lockstep():
     drained = iter(batches)
     short = run_epoch(drained, **common, all_have_next=lambda mine: mine and next(calls))
     assert short.steps == 3 and next(drained, None) is None
+
+
+def _two_tone_pngs(root) -> str:
+    """Every image: a bright left half, a dim right half, so a flip or a shifted crop
+    (zeros from the padding) shows in the pixels."""
+    import numpy as np
+    import pyarrow as pa
+
+    from graceful_ray.data import write_dataset
+    from graceful_ray.data.images import encode_png
+
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    img[:, :4], img[:, 4:] = 200, 60
+    tables = {split: pa.table({"id": pa.array(np.arange(offset, offset + n, dtype=np.int64)),
+                               "label": pa.array(np.arange(n, dtype=np.int64) % 2),
+                               "image": pa.array([encode_png(img)] * n, type=pa.binary())})
+              for split, n, offset in (("train", 48, 0), ("val", 24, 48))}
+    write_dataset(root, tables, name="two-tone", num_classes=2, class_names=["a", "b"])
+    return str(root)
+
+
+def test_image_augmentation_needs_an_image_dataset(mnist1d_small):
+    from graceful_ray.train.checks import check_upgrade
+
+    with pytest.raises(ConfigError, match="image dataset"):
+        check_upgrade(UpgradeConfig(data=mnist1d_small, augment_images=True))
+
+
+def test_pipeline_augments_the_training_split_only_with_new_seeded_crops_each_epoch(ray_session, tmp_path):
+    import numpy as np
+
+    from graceful_ray.train.pipeline import INPUT, epoch_key, publish_epoch
+    from graceful_ray.train.trainer import prepare_upgrade
+
+    data = _two_tone_pngs(tmp_path / "png")
+    cfg = _cfg(tmp_path, data, model="mlp", model_kwargs={"width": 8}, augment_images=True, augment_pad=2,
+               batch_size=16, run_name="augment").resolved()
+    _, datasets, _ = prepare_upgrade(cfg)
+
+    def inputs(split: str, epoch: int) -> np.ndarray:
+        publish_epoch(epoch_key(cfg.run_name), epoch)  # as the training workers do before each epoch
+        return np.concatenate([b[INPUT] for b in datasets[split].iter_batches(batch_format="numpy")])
+
+    plain = np.zeros((3, 8, 8), dtype=np.float32)
+    plain[:, :, :4], plain[:, :, 4:] = 200 / 255, 60 / 255
+    val = inputs("val", 0)
+    assert len(val) == 24 and all(np.array_equal(v, plain) for v in val)  # validation: never augmented
+    first = inputs("train", 0)
+    changed = [not np.array_equal(x, plain) for x in first]
+    assert len(first) == 48 and sum(changed) > 24  # P(unchanged) = 1/50 per row
+    # every training image is the original shifted (zeros enter) and/or mirrored: only its pixels
+    assert set(np.unique(first).tolist()) <= {0.0, float(np.float32(200 / 255)), float(np.float32(60 / 255))}
+    assert any(x[0, 4, 2] < x[0, 4, 5] for x in first)  # some were flipped (dim half on the left)
+
+    def crops(x: np.ndarray) -> list[bytes]:
+        return sorted(r.tobytes() for r in x)
+
+    assert crops(inputs("train", 0)) == crops(first)  # seeded: the same epoch draws the same crops
+    assert crops(inputs("train", 1)) != crops(first)  # a new epoch draws new ones
+
+    # Trained this way, the training split streams every epoch (never cached: its crops change).
+    run = run_upgrade(_cfg(tmp_path, data, model="mlp", model_kwargs={"width": 8}, augment_images=True,
+                           batch_size=16, epochs=2, workers=0, run_name="augment-train"))
+    assert [h["train_streamed"] for h in run.history] == [1.0, 1.0]
+    assert run.metrics["val_rows"] == 24
+
+
+def test_memory_cap_stops_a_worker_over_it_and_says_why(tmp_path):
+    import subprocess
+    import sys
+
+    with pytest.raises(ConfigError, match="local mode"):
+        UpgradeConfig(data="unused", workers=0, memory_per_worker_mb=512)
+    assert UpgradeConfig(data="unused", memory_per_worker_mb=800).effective_cache_budget_mb == 200
+    # A process already over a 10 MiB cap (any Python is) is stopped by the watchdog.
+    code = "import time; from graceful_ray.train.worker import MemoryWatch; MemoryWatch(10).start(); time.sleep(120)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9 and "passed memory_per_worker_mb=10" in proc.stderr

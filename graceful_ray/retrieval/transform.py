@@ -11,7 +11,9 @@ Training runs on **Ray Train**: a Ray Data batch-inference pass embeds the
 training and validation splits with both models (old and new side by side in
 one actor), and a ``TorchTrainer`` fits ``h`` on those pairs with a cosine
 loss (retrieval ranks by cosine) plus a relative MSE (keeps the scale), reporting
-validation cosine every epoch with a checkpoint, resumable by run name.
+validation cosine every epoch with a checkpoint, resumable by run name. Its
+workers run on the upgrade loop's scaffold (streamed shards, ``run_steps``,
+checkpoints: :mod:`graceful_ray.train.worker`).
 
 ``h`` is ``LayerNorm -> linear skip + 2-layer MLP``: the skip carries the part
 of the map that is linear, the MLP what is not; both dimensions may differ.
@@ -26,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,10 @@ class TransformConfig:
     storage: str | None = None  # Ray Train run storage; default <root>/runs
     run_name: str | None = None
     num_cpus: float = 0.5  # the embedding actor's
+    # The worker's input pipeline (as UpgradeConfig's): a local shuffle buffer, and a
+    # split kept in memory after its first streamed pass when it fits this budget.
+    shuffle_buffer_rows: int = 4096
+    cache_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.hidden < 1:
@@ -162,98 +167,89 @@ def load_transform(uri: str) -> Transform:
 
 
 # ------------------------------------------------------------ Ray Train loop
+TARGET = "target"  # the new model's embedding of the row; the input (pipeline.INPUT) is the old one's
+
+
+def pair_batch(batch) -> dict[str, np.ndarray]:
+    """Embedded rows -> (old embedding, new embedding, row key) arrays (runs in Ray Data tasks)."""
+    from graceful_ray.train.pipeline import INPUT, ROW_KEY, row_keys, vectors
+
+    return {INPUT: vectors(batch.column("embedding")).astype(np.float32, copy=False),
+            TARGET: vectors(batch.column("embedding2")).astype(np.float32, copy=False),
+            ROW_KEY: row_keys(batch.column("id"))}
+
+
+@dataclass(frozen=True)
+class TransformLoop:
+    """What each worker of the transformation's loop gets (typed; under ``LOOP_KEY``)."""
+
+    run: TransformConfig
+    d_in: int
+    d_out: int
+    train_rows: int
+
+
 def _transform_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Fit ``h`` with the upgrade loop's worker scaffold: streamed shards
+    (graceful_ray.train.pipeline), ``run_steps`` in lockstep, resume and per-epoch
+    checkpoints (graceful_ray.train.worker)."""
+    # Lazy, as everywhere in this module: the gallery commands that only apply a
+    # transformation must not pay for importing Ray Train and torch.
     import ray.train
     import ray.train.torch
     import torch
 
-    torch.manual_seed(config["seed"])
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    from graceful_ray.train.loop import LOOP_KEY
+    from graceful_ray.train.pipeline import INPUT, StreamedSplit, rows_of_rank
+    from graceful_ray.train.step import apply_gradients, run_steps
+    from graceful_ray.train.worker import (all_ranks_have, all_reduce_sum, lockstep_group, make_scheduler,
+                                           report_epoch, resume, world)
+
+    loop: TransformLoop = config[LOOP_KEY]
+    cfg = loop.run
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     device = ray.train.torch.get_device()
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-
-    def read(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        olds, news = [], []
-        for b in ray.train.get_dataset_shard(name).iter_batches(batch_size=8192, batch_format="pyarrow"):
-            from graceful_ray.retrieval.embed import embeddings_of
-
-            olds.append(embeddings_of(b, "embedding"))
-            news.append(embeddings_of(b, "embedding2"))
-        return (torch.from_numpy(np.concatenate(olds)) if olds else torch.empty(0, config["d_in"]),
-                torch.from_numpy(np.concatenate(news)) if news else torch.empty(0, config["d_out"]))
-
-    x_tr, y_tr = read("train")
-    x_va, y_va = read("val")
-    x_va, y_va = x_va[rank::world], y_va[rank::world]
-    model = build_transform_module(config["d_in"], config["d_out"], config["hidden"])
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    n = len(x_tr)
-    steps = max(1, -(-n // config["batch_size"]))
-    if world > 1:
-        import torch.distributed as dist
-
-        t = torch.tensor([steps])
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        steps = int(t.item())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config["epochs"] * steps)
-    start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        import safetensors.torch
-
-        with ckpt.as_directory() as d:
-            model.load_state_dict(safetensors.torch.load_file(os.path.join(d, WEIGHTS_FILE)))
-            state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            with open(os.path.join(d, "state.json")) as f:
-                s = json.load(f)
-            start, history = s["epoch"] + 1, s["history"]
+    rank, world_size = world()
+    budget = int(cfg.cache_budget_mb * 2**20)
+    train = StreamedSplit(ray.train.get_dataset_shard("train"), batch_size=cfg.batch_size,
+                          shuffle_buffer_rows=cfg.shuffle_buffer_rows, cache_bytes=budget,
+                          seed=cfg.seed * 7919 + rank)
+    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=8192, cache_bytes=budget,
+                        keep=rows_of_rank(rank, world_size))
+    model = build_transform_module(loop.d_in, loop.d_out, cfg.hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = max(1, -(-(loop.train_rows // world_size) // cfg.batch_size))  # equal shards: the same on every rank
+    sched = make_scheduler(opt, "cosine", cfg.epochs * steps)
+    start, history = resume(ray.train.get_checkpoint(), model, opt, sched, model_file=WEIGHTS_FILE)
     trainable = ray.train.torch.prepare_model(model)
-    for epoch in range(start, config["epochs"]):
-        trainable.train()
-        gen = torch.Generator().manual_seed(config["seed"] * 7919 + epoch * 31 + rank)
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for step in range(steps):
-            idx = perm[(step * config["batch_size"]) % max(n, 1):][: config["batch_size"]]
-            loss, _, _ = transform_loss(trainable(x_tr[idx].to(device)), y_tr[idx].to(device),
-                                        config["mse_weight"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        trainable.eval()
-        with torch.no_grad():
-            pred = trainable(x_va.to(device)) if len(x_va) else None
-            sums = torch.zeros(3, dtype=torch.float64)
-            if pred is not None:
-                _, cos_mean, rel = transform_loss(pred, y_va.to(device), config["mse_weight"])
-                sums += torch.tensor([len(x_va), float(cos_mean) * len(x_va), float(rel) * len(x_va)],
-                                     dtype=torch.float64)
-            if world > 1:
-                import torch.distributed as dist
+    lockstep = lockstep_group(device, world_size)
 
-                dist.all_reduce(sums)
-        metrics = {"epoch": epoch + 1, "train_loss": total / max(1, steps * config["batch_size"]),
+    def step(batch):
+        x = batch[INPUT].to(device, non_blocking=True)
+        loss, _, _ = transform_loss(trainable(x), batch[TARGET].to(device, non_blocking=True), cfg.mse_weight)
+        return (len(x), *apply_gradients(loss, {}, optimizer=opt, scheduler=sched))
+
+    for epoch in range(start, cfg.epochs):
+        trainable.train()
+        stats = run_steps(train.epoch(epoch), step,
+                          all_have_next=lambda mine: all_ranks_have(mine, world_size, lockstep))
+        trainable.eval()
+        sums = torch.zeros(5, dtype=torch.float64)  # val rows, cos * rows, rel MSE * rows, train rows, loss sum
+        with torch.no_grad():
+            for batch in val.epoch(epoch):
+                n = len(batch[INPUT])
+                _, cos_mean, rel = transform_loss(trainable(batch[INPUT].to(device)), batch[TARGET].to(device),
+                                                  cfg.mse_weight)
+                sums[:3] += torch.tensor([n, float(cos_mean) * n, float(rel) * n], dtype=torch.float64)
+        sums[3:] = torch.tensor([stats.rows, stats.sums.get("loss", 0.0)], dtype=torch.float64)
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        metrics = {"epoch": epoch + 1, "train_loss": float(sums[4] / max(sums[3], 1)),
                    "val_cosine": float(sums[1] / max(sums[0], 1)),
                    "val_rel_mse": float(sums[2] / max(sums[0], 1)), "val_rows": float(sums[0])}
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                import safetensors.torch
-
-                safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                                            os.path.join(tmp, WEIGHTS_FILE))
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                           os.path.join(tmp, "optimizer.pt"))
-                with open(os.path.join(tmp, "state.json"), "w") as f:
-                    json.dump({"epoch": epoch, "history": history}, f)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        report_epoch(metrics, rank=rank, epoch=epoch, history=history, model=model, optimizer=opt,
+                     scheduler=sched, model_file=WEIGHTS_FILE)
     return {"history": history}
 
 
@@ -262,11 +258,13 @@ def train_transform(cfg: TransformConfig) -> Transform:
     import hashlib
 
     import safetensors.torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from graceful_ray.data import read_info
     from graceful_ray.registry import Registry
     from graceful_ray.retrieval.embed import embed_dataset
+    from graceful_ray.train.loop import LOOP_KEY
     from graceful_ray.train.trainer import fit
 
     cfg = cfg.resolved()
@@ -279,22 +277,19 @@ def train_transform(cfg: TransformConfig) -> Transform:
     for key, split in (("train", cfg.train_split), ("val", cfg.val_split)):
         ds, _ = embed_dataset(cfg.data, split, registry_root=cfg.registry, model_ref=old.ref,
                               second_model_ref=new.ref, num_cpus=cfg.num_cpus)
-        datasets[key] = ds
+        datasets[key] = ds.map_batches(pair_batch, batch_format="pyarrow", num_cpus=min(1.0, cfg.num_cpus))
     storage = resolve(cfg.storage)
-    loop_config = {"d_in": old.embedding_dim, "d_out": new.embedding_dim, "hidden": cfg.hidden,
-                   "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                   "weight_decay": cfg.weight_decay, "mse_weight": cfg.mse_weight, "seed": cfg.seed,
-                   "cpus_per_worker": cfg.cpus_per_worker}
-    from ray.train import DataConfig
-
+    loop = TransformLoop(run=cfg, d_in=old.embedding_dim, d_out=new.embedding_dim,
+                         train_rows=int(read_info(cfg.data).splits[cfg.train_split].rows))
     trainer = TorchTrainer(
-        _transform_loop, train_loop_config=loop_config,
+        _transform_loop, train_loop_config={LOOP_KEY: loop},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage.path,
                              storage_filesystem=None if storage.is_local else storage.fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        # Only the training set is split; every worker streams all of val and evaluates its rows.
         datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
     t0 = time.perf_counter()
     result = fit(trainer)
@@ -333,6 +328,8 @@ def fit_transform_local(old_emb: np.ndarray, new_emb: np.ndarray, *, old: str, n
     """
     import torch
 
+    from graceful_ray.train.step import apply_gradients
+
     torch.manual_seed(seed)
     x = torch.as_tensor(np.ascontiguousarray(old_emb, dtype=np.float32))
     y = torch.as_tensor(np.ascontiguousarray(new_emb, dtype=np.float32))
@@ -346,10 +343,7 @@ def fit_transform_local(old_emb: np.ndarray, new_emb: np.ndarray, *, old: str, n
         for step in range(steps):
             idx = perm[step * batch_size:(step + 1) * batch_size]
             loss, _, _ = transform_loss(module(x[idx]), y[idx], mse_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            apply_gradients(loss, {}, optimizer=opt, scheduler=sched)
     module.eval()
     with torch.no_grad():
         _, cos, rel = transform_loss(module(x), y, mse_weight)

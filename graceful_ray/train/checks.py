@@ -39,6 +39,7 @@ def check_upgrade(cfg: UpgradeConfig, *, check_model: bool = True) -> None:
     for split in (cfg.train_split, cfg.val_split):
         if split not in info.splits:
             raise ConfigError(f"dataset {cfg.data} has no split {split!r}; it has {sorted(info.splits)}")
+    check_augmentation(cfg, info.feature_shape)
     # torch from here on (methods, models): what is left needs them
     from graceful_ray.methods import build_method
 
@@ -55,3 +56,10 @@ def check_upgrade(cfg: UpgradeConfig, *, check_model: bool = True) -> None:
     elif method.needs_old_model:
         raise ConfigError(f"method {cfg.method!r} needs an old model: pass --old NAME@VERSION "
                           "(or use method 'plain' to train a first version)")
+
+
+def check_augmentation(cfg: UpgradeConfig, feature_shape) -> None:
+    """Image augmentation needs images (C, H, W), not feature vectors."""
+    if cfg.augment_images and len(feature_shape) != 3:
+        raise ConfigError(f"augment_images crops and flips images, but dataset {cfg.data} holds inputs of "
+                          f"shape {list(feature_shape)}: use it on an image dataset (C, H, W)")

@@ -39,6 +39,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment-noise", type=float, default=0.0,
                    help="Gaussian input noise; with augmentation the old model runs online on the same batch")
     p.add_argument("--augment-shift", type=int, default=0, help="random circular shift of the input, in steps")
+    p.add_argument("--augment-images", action="store_true",
+                   help="random crop (after padding by --augment-pad) and horizontal flip of the training "
+                        "images, done by Ray Data's decode tasks; validation is never augmented")
+    p.add_argument("--augment-pad", type=int, default=4, help="padding of --augment-images' random crop, in pixels")
     p.add_argument("--workers", type=int, default=1,
                    help="Ray Train workers (DDP); 0 runs the loop in this process (Ray Train local mode)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -48,6 +52,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-budget-mb", type=float, default=1024.0,
                    help="a worker keeps a split in memory after its first pass when it fits this; "
                         "larger splits stream from Ray Data every epoch (0: always stream)")
+    p.add_argument("--memory-per-worker-mb", type=float, default=0.0,
+                   help="memory each worker may use (0: no limit): reserved as Ray's memory resource and "
+                        "enforced on its own memory (not object-store pages), a worker over it is stopped")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL and bf16 autocast")
     p.add_argument("--spread", action="store_true", help="place workers on different nodes (SPREAD)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
@@ -66,8 +73,10 @@ def config_from_args(args: argparse.Namespace):
         val_split=args.val_split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay, seed=args.seed, augment_noise=args.augment_noise,
-        augment_shift=args.augment_shift, workers=args.workers, use_gpu=args.gpu,
+        augment_shift=args.augment_shift, augment_images=args.augment_images, augment_pad=args.augment_pad,
+        workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
+        memory_per_worker_mb=args.memory_per_worker_mb,
         cache_budget_mb=args.cache_budget_mb, placement_strategy="SPREAD" if args.spread else "PACK",
         max_failures=args.max_failures, registry=args.registry, storage=args.storage, run_name=args.run_name,
     )

@@ -63,6 +63,12 @@ class UpgradeConfig:
     # when on, the old model runs online on the same augmented batch.
     augment_noise: float = 0.0
     augment_shift: int = 0
+    # Image augmentation in the Ray Data pipeline, training split only: a random crop
+    # after zero-padding by augment_pad pixels and a horizontal flip, drawn per row and
+    # epoch from the seed (graceful_ray.train.pipeline.ImageAugment). The old model
+    # then runs online on the augmented batch, and the training split is never cached.
+    augment_images: bool = False
+    augment_pad: int = 4
     workers: int = 1  # 0: Ray Train local mode (the loop runs in the driver; no fault tolerance)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -81,6 +87,12 @@ class UpgradeConfig:
     # path never slower (benchmarks/results/train_streaming.md); the default is what
     # a worker can spare, not a speed trade-off.
     cache_budget_mb: float = 1024.0
+    # Memory each worker may use, in MiB (0: no limit). Reserved as Ray's ``memory``
+    # resource (so Ray places workers where it is free) and enforced: a worker whose
+    # own resident memory (not the object-store pages it maps) passes it is stopped
+    # (graceful_ray.train.worker.MemoryWatch). A split is cached only within a quarter
+    # of it (see effective_cache_budget_mb).
+    memory_per_worker_mb: float = 0.0
     max_failures: int = 0
     registry: str | None = None  # registry root; default <root>/registry
     storage: str | None = None  # Ray Train run storage; default <root>/runs
@@ -114,7 +126,12 @@ class UpgradeConfig:
             raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus}")
         if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0 or self.cache_budget_mb < 0:
             raise ConfigError("shuffle_buffer_rows, prefetch_batches and cache_budget_mb must be >= 0")
-        if self.augment_noise < 0 or self.augment_shift < 0:
+        if self.memory_per_worker_mb < 0:
+            raise ConfigError(f"memory_per_worker_mb must be >= 0 (0: no limit), got {self.memory_per_worker_mb}")
+        if self.memory_per_worker_mb and self.workers == 0:
+            raise ConfigError("memory_per_worker_mb limits Ray Train workers; local mode (workers=0) has none: "
+                              "use workers >= 1")
+        if self.augment_noise < 0 or self.augment_shift < 0 or self.augment_pad < 0:
             raise ConfigError("augmentation strengths must be >= 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"unknown placement strategy {self.placement_strategy!r}")
@@ -136,8 +153,17 @@ class UpgradeConfig:
         return self.batch_size // self.world_size
 
     @property
+    def effective_cache_budget_mb(self) -> float:
+        """``cache_budget_mb``, within a quarter of the worker's memory limit when one is
+        set: the cache must leave room for the process itself and the stream."""
+        if self.memory_per_worker_mb:
+            return min(self.cache_budget_mb, self.memory_per_worker_mb / 4)
+        return self.cache_budget_mb
+
+    @property
     def augmented(self) -> bool:
-        return self.augment_noise > 0 or self.augment_shift > 0
+        """Whether the training inputs differ from the stored rows (so cached old outputs do not fit them)."""
+        return self.augment_noise > 0 or self.augment_shift > 0 or self.augment_images
 
     def resolved(self) -> "UpgradeConfig":
         """A copy with defaults filled in (run name, registry and storage roots)."""

@@ -17,25 +17,27 @@ group resumes from the latest checkpoint.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
-import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from graceful_ray.methods import UpgradeContext, build_method
-from graceful_ray.models import ModelSpec, build_model
+from graceful_ray.methods import build_method
+from graceful_ray.models import build_model
 from graceful_ray.train.config import UpgradeConfig
-from graceful_ray.train.pipeline import INPUT, StreamedSplit, rows_of_rank
+from graceful_ray.train.loop_config import LoopConfig
+from graceful_ray.train.pipeline import INPUT, StreamedSplit, epoch_key, publish_epoch, rows_of_rank
 from graceful_ray.train.step import CachedOldOutputs, OldOutputs, OnlineOldOutputs, run_epoch
 from graceful_ray.train.warm_start import warm_start
+from graceful_ray.train.worker import (all_ranks_have, all_reduce_sum, load_checkpoint_dir, lockstep_group,
+                                       MemoryWatch, make_scheduler, peak_rss_mb, report_epoch, resume, world)
+
+__all__ = ["train_loop_per_worker", "load_checkpoint_dir", "latest_local_checkpoint", "wrap_for_method"]
 
 
 class _WithFeatures(nn.Module):
@@ -49,48 +51,6 @@ class _WithFeatures(nn.Module):
         return self.inner.forward_features(x)
 
 
-def _world() -> tuple[int, int]:
-    import ray.train
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size()
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _peak_rss_mb(device: torch.device) -> float:
-    """The largest peak resident memory of any rank so far (what a memory cap must hold)."""
-    import resource
-
-    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], dtype=torch.float64,
-                     device=device)  # ru_maxrss is in KiB on Linux
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _lockstep_group(device: torch.device, world: int):
-    """A CPU (gloo) process group for the per-step "do all ranks have a batch?" check:
-    on GPUs an NCCL all-reduce read back with ``.item()`` would make the host wait for
-    the step's queued kernels every step. ``None``: the default group (gloo on CPU)."""
-    if world > 1 and device.type == "cuda" and dist.is_available() and dist.is_initialized():
-        return dist.new_group(backend="gloo")
-    return None
-
-
-def _all_ranks_have(mine: bool, world: int, group=None) -> bool:
-    """Whether every rank has a next batch (one tiny CPU all-reduce per step)."""
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return mine
-    t = torch.tensor([int(mine)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
 def augment(x: torch.Tensor, noise: float, shift: int, gen: torch.Generator) -> torch.Tensor:
     """Feature-space augmentation: Gaussian noise and a random circular shift."""
     if shift:
@@ -99,28 +59,6 @@ def augment(x: torch.Tensor, noise: float, shift: int, gen: torch.Generator) -> 
     if noise:
         x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
     return x
-
-
-def _save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, state: dict) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(directory, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(directory, "optimizer.pt"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump(state, f)
-
-
-def load_checkpoint_dir(directory: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model state, optimizer+scheduler state, progress) from a checkpoint dir."""
-    from safetensors.torch import load_file
-
-    model_state = load_file(os.path.join(directory, "model.safetensors"))
-    opt = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True, map_location="cpu")
-    with open(os.path.join(directory, "state.json")) as f:
-        state = json.load(f)
-    return model_state, opt, state
 
 
 # Ray Train's local mode (``workers=0``: the loop runs in the driver, no worker
@@ -166,23 +104,34 @@ def _maybe_inject_failure(cfg: UpgradeConfig, epoch: int, rank: int, world: int,
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+LOOP_KEY = "loop"  # train_loop_config = {LOOP_KEY: LoopConfig}: Ray Train passes a dict
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    loop: LoopConfig = config[LOOP_KEY]
+    # Peak memory by part (reported each epoch), and the memory limit when one is set.
+    memory = MemoryWatch(loop.run.memory_per_worker_mb).start()
+    try:
+        return _train(loop, memory)
+    finally:
+        memory.stop()
+
+
+def _train(loop: LoopConfig, memory: MemoryWatch) -> dict[str, Any]:
     import ray
     import ray.train
     import ray.train.torch
 
-    cfg = UpgradeConfig(**loop_config["config"])
-    spec = ModelSpec.from_dict(loop_config["spec"])
-    rank, world = _world()
+    cfg = loop.run
+    rank, world_size = world()
     device = ray.train.torch.get_device()
     use_bf16 = cfg.use_gpu and device.type == "cuda"
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
 
-    model = build_model(spec)
-    ctx_data = loop_config["context"]
-    context = upgrade_context(loop_config, cfg, model.embedding_dim)
+    model = build_model(loop.spec)
+    context = loop.upgrade_context(model.embedding_dim)
     if cfg.init_from_old:  # a resumed run's checkpoint replaces these weights below
         warm_start(model, cfg.registry, context)
     method = build_method(cfg.method, **cfg.hparams)
@@ -193,52 +142,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     model = wrap_for_method(method, model)
     optimizer = make_optimizer(method, model, cfg)
 
-    # ---- data: stream this worker's shard every epoch (graceful_ray.train.pipeline) ----
-    has_old_cols = bool(loop_config["has_cached_old_outputs"])
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    batch_size = cfg.per_worker_batch_size  # cfg.batch_size is the global batch
-    budget = int(cfg.cache_budget_mb * 2**20)
-    train = StreamedSplit(ray.train.get_dataset_shard("train"), batch_size=batch_size,
-                          shuffle_buffer_rows=cfg.shuffle_buffer_rows, prefetch_batches=cfg.prefetch_batches,
-                          cache_bytes=budget, seed=cfg.seed * 101 + rank)
-    # The whole validation set reaches every worker; each evaluates its partition of the rows.
-    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=4096, prefetch_batches=cfg.prefetch_batches,
-                        cache_bytes=budget, keep=rows_of_rank(rank, world))
+    train, val = _streamed_splits(cfg, rank, world_size)
     # Ray Train splits the training set into equal shards, so every rank takes the same steps;
     # the scheduler needs the count up front.
-    steps = math.ceil((int(loop_config["train_rows"]) // world) / batch_size)
+    steps = math.ceil((loop.train_rows // world_size) / train.batch_size)
     if steps == 0:
         raise ValueError(f"worker {rank} received no training rows: fewer rows than workers?")
-
-    # Where each batch's old-model outputs come from (graceful_ray.train.step).
-    if cfg.old and cfg.augmented:  # augmented inputs: the old model must see the same batch
-        from graceful_ray.registry import Registry
-
-        _, teacher = Registry(cfg.registry).load_model(cfg.old)
-        old_outputs = OnlineOldOutputs(teacher.to(device),
-                                       torch.tensor(ctx_data["old_class_positions"], device=device))
-    elif has_old_cols:
-        old_outputs = CachedOldOutputs(device)
-    else:
-        old_outputs = OldOutputs()
-
-    if cfg.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
-    else:  # constant: still a scheduler, so checkpoints have the same shape
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    start_epoch, history = 0, []
+    old_outputs = _old_output_source(loop, device)
+    scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.epochs * steps)
     local_mode = cfg.workers == 0
-    checkpoint = latest_local_checkpoint(cfg) if local_mode else ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model_state, opt_state, state = load_checkpoint_dir(d)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+    start_epoch, history = resume(latest_local_checkpoint(cfg) if local_mode else ray.train.get_checkpoint(),
+                                  model, optimizer, scheduler)
 
     # Images on a GPU: channels-last memory lets bf16 convolutions use the tensor cores.
-    channels_last = use_bf16 and len(spec.input_shape) == 3
+    channels_last = use_bf16 and len(loop.spec.input_shape) == 3
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     trainable = ray.train.torch.prepare_model(_WithFeatures(model))
@@ -250,54 +167,82 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             emb, logits = trainable(x)
         return emb.float(), logits.float()
 
-    lockstep = _lockstep_group(device, world)
-    marker = loop_config.get("failure_marker")
+    lockstep = lockstep_group(device, world_size)
     for epoch in range(start_epoch, cfg.epochs):
-        _maybe_inject_failure(cfg, epoch, rank, world, marker)
+        _maybe_inject_failure(cfg, epoch, rank, world_size, loop.failure_marker)
         epoch_start_unix = time.time()
         t0 = time.perf_counter()
         trainable.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)
         streamed = train.streaming  # before the pass: the first pass may fill the cache
+        if cfg.augment_images:  # before iterating: the decode tasks draw this epoch's crops
+            publish_epoch(epoch_key(cfg.run_name), epoch)
         stats = run_epoch(
             train.epoch(epoch), device=device, forward=forward, method=method, optimizer=optimizer,
             scheduler=scheduler, old=old_outputs,
-            augment=(lambda x: augment(x, cfg.augment_noise, cfg.augment_shift, gen)) if cfg.augmented else None,
-            all_have_next=lambda mine: _all_ranks_have(mine, world, lockstep))
+            augment=((lambda x: augment(x, cfg.augment_noise, cfg.augment_shift, gen))
+                     if cfg.augment_noise or cfg.augment_shift else None),
+            all_have_next=lambda mine: all_ranks_have(mine, world_size, lockstep))
         train_time = time.perf_counter() - t0
 
-        metrics = _evaluate(trainable, val.epoch(epoch), forward, has_old_cols, device)
+        metrics = _evaluate(trainable, val.epoch(epoch), forward, loop.has_cached_old_outputs, device)
         sums = stats.sums
-        loss_t = _all_reduce_sum(torch.tensor([stats.rows] + [sums[k] for k in sorted(sums)],
-                                              dtype=torch.float64, device=device))
+        loss_t = all_reduce_sum(torch.tensor([stats.rows] + [sums[k] for k in sorted(sums)],
+                                             dtype=torch.float64, device=device))
         metrics.update({k: float(v) / float(loss_t[0]) for k, v in zip(sorted(sums), loss_t[1:].tolist())})
         metrics.update(epoch=epoch + 1, epoch_time_s=train_time, samples_per_s=float(loss_t[0]) / train_time,
                        epoch_start_unix=epoch_start_unix, steps_per_epoch=stats.steps,
-                       global_batch_size=cfg.batch_size, batch_size_per_worker=batch_size,
-                       train_streamed=float(streamed), worker_peak_rss_mb=_peak_rss_mb(device))
+                       global_batch_size=cfg.batch_size, batch_size_per_worker=train.batch_size,
+                       train_streamed=float(streamed), worker_peak_rss_mb=peak_rss_mb(device),
+                       # its parts: the worker's own memory (anon), object-store blocks it mapped (shmem)
+                       **{f"worker_peak_{k}_mb": v for k, v in memory.peak_mb(device).items() if k != "rss"})
         history.append(metrics)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(tmp, model, optimizer, scheduler, {"epoch": epoch, "history": history})
-                ckpt = (persist_local_checkpoint(cfg, tmp, epoch) if local_mode
-                        else ray.train.Checkpoint.from_directory(tmp))
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, rank=rank, epoch=epoch, history=history, model=model, optimizer=optimizer,
+                     scheduler=scheduler,
+                     persist=(lambda d, e: persist_local_checkpoint(cfg, d, e)) if local_mode else None)
 
     # Where each rank ran and what it ended with: lets callers (and the
     # multi-node test) check placement and that DDP kept the replicas identical.
     mine = {"node_id": ray.get_runtime_context().get_node_id(),
             "params_sha": _params_digest(model), "final": history[-1] if history else {}}
-    everyone = [None] * world
-    if world > 1:
+    everyone = [None] * world_size
+    if world_size > 1:
         dist.all_gather_object(everyone, mine)
     else:
         everyone = [mine]
     return {"history": history, "node_ids": [w["node_id"] for w in everyone],
             "params_sha": [w["params_sha"] for w in everyone],
-            "finals": [w["final"] for w in everyone], "world_size": world,
+            "finals": [w["final"] for w in everyone], "world_size": world_size,
             "teacher": old_outputs.name}
+
+
+def _streamed_splits(cfg: UpgradeConfig, rank: int, world_size: int) -> tuple[StreamedSplit, StreamedSplit]:
+    """This worker's training shard and validation partition (graceful_ray.train.pipeline)."""
+    import ray.data
+    import ray.train
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    budget = int(cfg.effective_cache_budget_mb * 2**20)
+    # Augmented in the pipeline: new crops every epoch, so the training split is never cached.
+    train = StreamedSplit(ray.train.get_dataset_shard("train"), batch_size=cfg.per_worker_batch_size,
+                          shuffle_buffer_rows=cfg.shuffle_buffer_rows, prefetch_batches=cfg.prefetch_batches,
+                          cache_bytes=0 if cfg.augment_images else budget, seed=cfg.seed * 101 + rank)
+    # The whole validation set reaches every worker; each evaluates its partition of the rows.
+    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=4096, prefetch_batches=cfg.prefetch_batches,
+                        cache_bytes=budget, keep=rows_of_rank(rank, world_size))
+    return train, val
+
+
+def _old_output_source(loop: LoopConfig, device: torch.device) -> OldOutputs:
+    """Where each batch's old-model outputs come from (graceful_ray.train.step)."""
+    if loop.old and loop.run.augmented:  # augmented inputs: the old model must see the same batch
+        from graceful_ray.registry import Registry
+
+        _, teacher = Registry(loop.run.registry).load_model(loop.run.old)
+        return OnlineOldOutputs(teacher.to(device), torch.tensor(loop.old.class_positions, device=device))
+    if loop.has_cached_old_outputs:
+        return CachedOldOutputs(device)
+    return OldOutputs()
 
 
 def _params_digest(model: nn.Module) -> str:
@@ -308,22 +253,6 @@ def _params_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def upgrade_context(loop_config: dict[str, Any], cfg: UpgradeConfig, new_embedding_dim: int) -> UpgradeContext:
-    """The method's view of the upgrade, rebuilt from the (picklable) loop config."""
-    ctx_data = loop_config["context"]
-    means = ctx_data.get("old_class_means")
-    return UpgradeContext(
-        num_classes=len(loop_config["classes"]),
-        old_classes=ctx_data.get("old_classes"),
-        old_head_weight=_t(ctx_data.get("old_head_weight")),
-        old_head_bias=_t(ctx_data.get("old_head_bias")),
-        old_embedding_dim=ctx_data.get("old_embedding_dim"),
-        new_embedding_dim=new_embedding_dim,
-        old_class_means={int(k): _t(v) for k, v in means.items()} if means else None,
-        old_ref=ctx_data.get("old_ref"), registry=cfg.registry, classes=list(loop_config["classes"]),
-    )
 
 
 def wrap_for_method(method, model: nn.Module) -> nn.Module:
@@ -339,10 +268,6 @@ def make_optimizer(method, model: nn.Module, cfg: UpgradeConfig) -> torch.optim.
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer
-
-
-def _t(value) -> torch.Tensor | None:
-    return None if value is None else torch.as_tensor(np.asarray(value), dtype=torch.float32)
 
 
 def _evaluate(trainable, batches, forward, has_old_cols: bool, device: torch.device) -> dict[str, float]:
@@ -362,7 +287,7 @@ def _evaluate(trainable, batches, forward, has_old_cols: bool, device: torch.dev
                 counts[2] += old_ok.sum()
                 counts[3] += (old_ok & ~new_ok).sum()
                 counts[4] += (~old_ok & new_ok).sum()
-    counts = _all_reduce_sum(counts)
+    counts = all_reduce_sum(counts)
     total = max(float(counts[0]), 1.0)
     metrics = {"val_rows": float(counts[0]), "val_accuracy": float(counts[1]) / total,
                "val_error_rate": 1.0 - float(counts[1]) / total}

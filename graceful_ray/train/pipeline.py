@@ -3,7 +3,11 @@
 The driver appends a decode stage (:func:`decoded`) to each split: Ray Data CPU
 tasks turn ``features`` or encoded ``image`` bytes into float32 tensors and
 labels into head positions, so a (GPU) worker receives ready tensors and the
-decoding overlaps its training. Cached old-model outputs are columns of the same
+decoding overlaps its training. On the training split the same tasks may also
+augment the images (:class:`ImageAugment`: a random crop after padding and a
+horizontal flip), drawn from the row's id, the run's seed and the epoch, so a
+row gets new crops every epoch and the same ones when a run is repeated,
+whichever task decodes it. Cached old-model outputs are columns of the same
 rows (the cache is the split with the old model's columns appended, see
 :mod:`graceful_ray.train.old_outputs`), so they stream with their inputs.
 
@@ -17,7 +21,9 @@ benchmarks/results/train_streaming.md); a larger one streams every epoch.
 
 from __future__ import annotations
 
+import math
 import zlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -31,20 +37,90 @@ ROW_KEY = "row_key"  # an int64 per row that partitions the validation set over 
 OLD_STREAMED = ("old_logits", "old_embedding", "old_correct")
 
 
-def _vectors(col) -> np.ndarray:
+def vectors(col) -> np.ndarray:
+    """A fixed-size-list column as an (n, d) array."""
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
 
 
-def _row_keys(ids) -> np.ndarray:
+def row_keys(ids) -> np.ndarray:
+    """An int64 key per row id (the validation partition's)."""
     if pa.types.is_integer(ids.type):
         return ids.to_numpy(zero_copy_only=False).astype(np.int64)
     # string ids: a stable hash (Python's hash() is salted per process)
     return np.array([zlib.crc32(str(v).encode()) for v in ids.to_pylist()], dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class ImageAugment:
+    """Training-split image augmentation: shift by up to ``pad`` pixels (a random
+    crop of the zero-padded image, as torchvision's ``RandomCrop(padding=pad)``)
+    and a horizontal flip with probability 1/2. ``epoch_key``: the Ray KV key
+    the training workers write the current epoch under (:func:`publish_epoch`)."""
+
+    seed: int
+    pad: int = 4
+    flip: bool = True
+    epoch_key: str = ""
+
+    def draws(self, keys: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dy, dx, flip) per row: a hash of (seed, row key, epoch), so no state is needed."""
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+            h = _mix(_mix(_mix(np.full(len(keys), self.seed, dtype=np.uint64)) ^ keys.astype(np.uint64))
+                     ^ np.uint64(epoch))
+        span = np.uint64(2 * self.pad + 1)
+        dy = (h % span).astype(np.int64)
+        dx = ((h >> np.uint64(16)) % span).astype(np.int64)
+        flip = ((h >> np.uint64(32)) & np.uint64(1)).astype(bool) & self.flip
+        return dy, dx, flip
+
+    def __call__(self, x: np.ndarray, keys: np.ndarray, epoch: int) -> np.ndarray:
+        """Augment ``x`` (N, C, H, W) in place of a copy."""
+        n, _, h, w = x.shape
+        dy, dx, flip = self.draws(keys, epoch)
+        padded = np.pad(x, ((0, 0), (0, 0), (self.pad, self.pad), (self.pad, self.pad)))
+        rows = (dy[:, None] + np.arange(h))[:, None, :, None]
+        cols = (dx[:, None] + np.arange(w))
+        cols = np.where(flip[:, None], cols[:, ::-1], cols)[:, None, None, :]
+        return np.ascontiguousarray(padded[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],
+                                           rows, cols], dtype=np.float32)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a well-spread 64-bit hash, vectorised."""
+    z = (z + np.uint64(0x9E3779B97F4A7C15))
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def epoch_key(run_name: str) -> str:
+    """The KV key a run's training workers publish their epoch under."""
+    return f"graceful-ray/augment-epoch/{run_name}"
+
+
+def publish_epoch(key: str, epoch: int) -> None:
+    """Tell the decode tasks which epoch they are decoding (read by :func:`current_epoch`).
+
+    Ray Data starts a new execution of the pipeline each epoch, so the tasks cannot
+    count epochs themselves; the training workers write it before they iterate.
+    Ray's internal KV (a GCS table every Ray process reaches) is the smallest shared
+    value there is: no actor to keep alive."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(key, str(epoch).encode(), overwrite=True)
+
+
+def current_epoch(key: str) -> int:
+    """The epoch the training workers published under ``key`` (0 before any)."""
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(key) if key and internal_kv._internal_kv_initialized() else None
+    return int(value) if value else 0
+
+
 def decode_batch(batch: pa.Table, *, feature_shape: Sequence[int], lookup: np.ndarray, with_old: bool,
-                 with_row_key: bool) -> dict[str, np.ndarray]:
+                 with_row_key: bool, augment: ImageAugment | None = None) -> dict[str, np.ndarray]:
     """One Ray Data batch -> model-ready arrays (runs in Ray Data's decode tasks).
 
     A label the head does not cover (a validation class a class-incremental model
@@ -53,12 +129,14 @@ def decode_batch(batch: pa.Table, *, feature_shape: Sequence[int], lookup: np.nd
     labels = batch.column("label").to_numpy()
     out = {INPUT: inputs_from_arrow(batch, feature_shape),
            "label": lookup[np.clip(labels, 0, len(lookup) - 1)]}
+    if augment is not None:
+        out[INPUT] = augment(out[INPUT], row_keys(batch.column("id")), current_epoch(augment.epoch_key))
     if with_old:
-        out["old_logits"] = _vectors(batch.column("old_logits"))
-        out["old_embedding"] = _vectors(batch.column("old_embedding"))
+        out["old_logits"] = vectors(batch.column("old_logits"))
+        out["old_embedding"] = vectors(batch.column("old_embedding"))
         out["old_correct"] = batch.column("old_correct").to_numpy(zero_copy_only=False)
     if with_row_key:
-        out[ROW_KEY] = _row_keys(batch.column("id"))
+        out[ROW_KEY] = row_keys(batch.column("id"))
     return out
 
 
@@ -70,17 +148,17 @@ def label_lookup(class_positions: dict[int, int]) -> np.ndarray:
 
 
 def decoded(ds, *, feature_shape: Sequence[int], classes: Sequence[int], with_old: bool,
-            with_row_key: bool = False, decode_cpus: float = 1.0, batch_size: int = 1024):
+            with_row_key: bool = False, decode_cpus: float = 1.0, batch_size: int = 1024,
+            augment: ImageAugment | None = None):
     """``ds`` with the decode stage appended: ``decode_cpus`` CPUs in all decode
-    (one task of ``min(1, decode_cpus)`` CPUs, up to ``ceil(decode_cpus)`` at once)."""
-    import math
-
+    (one task of ``min(1, decode_cpus)`` CPUs, up to ``ceil(decode_cpus)`` at once),
+    augmenting the images when ``augment`` is given (the training split's)."""
     import ray.data
 
     return ds.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs=dict(feature_shape=tuple(feature_shape), with_old=with_old, with_row_key=with_row_key,
-                       lookup=label_lookup({c: i for i, c in enumerate(classes)})),
+                       lookup=label_lookup({c: i for i, c in enumerate(classes)}), augment=augment),
         num_cpus=min(1.0, decode_cpus), compute=ray.data.TaskPoolStrategy(size=max(1, math.ceil(decode_cpus))),
     )
 
@@ -149,12 +227,12 @@ class StreamedSplit:
             if self.keep is not None:
                 mask = self.keep(batch)
                 batch = {k: v[mask] for k, v in batch.items()}
-                if not len(batch["label"]):
+                if not len(batch[INPUT]):
                     continue
             yield batch
 
     def _from_cache(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.cached["label"])
+        n = len(self.cached[INPUT])
         if self.shuffle_buffer_rows:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         else:

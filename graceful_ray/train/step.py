@@ -68,33 +68,52 @@ def train_step(x: torch.Tensor, y: torch.Tensor, old: Old, *, forward: Callable,
     old_emb, old_logits, old_correct = old
     out = method.loss(MethodBatch(y=y, new_embedding=emb, new_logits=logits, old_embedding=old_emb,
                                   old_logits=old_logits, old_correct=old_correct, x=x))
+    return apply_gradients(out.total, out.parts, optimizer=optimizer, scheduler=scheduler)
+
+
+def apply_gradients(total: torch.Tensor, parts: dict[str, torch.Tensor], *, optimizer: torch.optim.Optimizer,
+                    scheduler=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Backward of ``total`` and an optimizer (and scheduler) step: the end of every
+    training step, whatever computed the loss."""
     optimizer.zero_grad(set_to_none=True)
-    out.total.backward()
+    total.backward()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return out.total.detach(), {k: v.detach() for k, v in out.parts.items()}
+    return total.detach(), {k: v.detach() for k, v in parts.items()}
 
 
 def run_epoch(batches: Iterator[dict[str, torch.Tensor]], *, device: torch.device, forward: Callable, method,
               optimizer: torch.optim.Optimizer, scheduler=None, old: OldOutputs | None = None,
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
               all_have_next: Callable[[bool], bool] = lambda mine: mine) -> EpochStats:
-    """Train on every batch of one epoch. ``all_have_next``: whether every rank has a
-    next batch (DDP needs the ranks in lockstep; a single process just asks itself)."""
+    """Train an upgrade method on every batch of one epoch. ``all_have_next``: whether
+    every rank has a next batch (DDP needs the ranks in lockstep; a single process just
+    asks itself)."""
     old = old or OldOutputs()
+
+    def step(batch):
+        x = batch[INPUT].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
+        return (len(y), *train_step(x, y, old(batch, x, y), forward=forward, method=method,
+                                    optimizer=optimizer, scheduler=scheduler))
+
+    return run_steps(batches, step, all_have_next=all_have_next)
+
+
+def run_steps(batches: Iterator[dict[str, torch.Tensor]],
+              step: Callable[[dict[str, torch.Tensor]], tuple[int, torch.Tensor, dict[str, torch.Tensor]]], *,
+              all_have_next: Callable[[bool], bool] = lambda mine: mine) -> EpochStats:
+    """One epoch of ``step(batch) -> (rows, loss, parts)`` over ``batches``, the ranks
+    in lockstep: every rank stops at the first batch one of them does not have."""
     stats = EpochStats()
     while True:
         batch = next(batches, None)
         if not all_have_next(batch is not None):
             break
-        x = batch[INPUT].to(device, non_blocking=True)
-        y = batch["label"].to(device, non_blocking=True)
-        if augment is not None:
-            x = augment(x)
-        total, parts = train_step(x, y, old(batch, x, y), forward=forward, method=method,
-                                  optimizer=optimizer, scheduler=scheduler)
-        stats.add(len(y), total, parts)
+        stats.add(*step(batch))
     for _ in batches:  # a rank stopped by another's end still finishes its pass (a cache fills then)
         pass
     return stats

@@ -21,8 +21,10 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.models import ModelSpec
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
-from graceful_ray.train.loop import load_checkpoint_dir, train_loop_per_worker
-from graceful_ray.train.pipeline import decoded
+from graceful_ray.train.loop import LOOP_KEY, load_checkpoint_dir, train_loop_per_worker
+from graceful_ray.train.loop_config import LoopConfig, OldModelFacts, upgrade_context
+from graceful_ray.train.checks import check_augmentation
+from graceful_ray.train.pipeline import ImageAugment, decoded, epoch_key
 from graceful_ray.train.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -82,96 +84,80 @@ def _read_split(cfg: UpgradeConfig, info, split: str, cached):
     return read_parquet(paths, filesystem=fs)
 
 
-def prepare_upgrade(cfg: UpgradeConfig) -> tuple[dict[str, Any], dict[str, Any], Any]:
+def prepare_upgrade(cfg: UpgradeConfig) -> tuple[LoopConfig, dict[str, Any], Any]:
     """Validate and build everything the workers need; returns (loop config, datasets, info)."""
     from graceful_ray.data import read_info
-    from graceful_ray.methods import UpgradeContext, build_method
+    from graceful_ray.methods import build_method
+    from graceful_ray.models import build_model
     from graceful_ray.registry import Registry
     from graceful_ray.train.old_outputs import compute_old_outputs, old_class_means
 
     info = read_info(cfg.data)
+    check_augmentation(cfg, info.feature_shape)
     classes = _training_classes(cfg, info)
     spec = ModelSpec(cfg.model, tuple(info.feature_shape), len(classes), dict(cfg.model_kwargs))
-    from graceful_ray.models import build_model
-
     probe = build_model(spec)  # fail now on a bad model spec, not in every worker
     method = build_method(cfg.method, **cfg.hparams)
     positions = {c: i for i, c in enumerate(classes)}
 
-    context: dict[str, Any] = {}
+    old = None
     cached = {cfg.train_split: None, cfg.val_split: None}
     if cfg.old:
         old_manifest, old_model = Registry(cfg.registry).load_model(cfg.old)
+        old_ref = f"{old_manifest.name}@v{old_manifest.version}"
         for split in (cfg.train_split, cfg.val_split):
-            cached[split] = compute_old_outputs(cfg.data, split, registry_root=cfg.registry,
-                                                old_ref=f"{old_manifest.name}@v{old_manifest.version}")
-        old_positions = [positions.get(c, -1) for c in old_manifest.classes]
+            cached[split] = compute_old_outputs(cfg.data, split, registry_root=cfg.registry, old_ref=old_ref)
         means = old_class_means(cached[cfg.train_split])
-        context = {
-            "old_ref": f"{old_manifest.name}@v{old_manifest.version}",
-            "old_classes": old_positions,
-            "old_class_positions": old_positions,
-            "old_head_weight": old_model.head.weight.detach().numpy(),
-            "old_head_bias": old_model.head.bias.detach().numpy(),
-            "old_embedding_dim": old_model.embedding_dim,
-            "old_class_means": {positions[c]: m for c, m in means.items() if c in positions},
-        }
+        old = OldModelFacts(
+            ref=old_ref, class_positions=[positions.get(c, -1) for c in old_manifest.classes],
+            head_weight=old_model.head.weight.detach().numpy(), head_bias=old_model.head.bias.detach().numpy(),
+            embedding_dim=old_model.embedding_dim,
+            class_means={positions[c]: m for c, m in means.items() if c in positions})
     elif method.needs_old_model:
         raise ConfigError(f"method {cfg.method!r} needs an old model: pass --old NAME@VERSION "
                           "(or use method 'plain' to train a first version)")
 
-    import torch
-
-    ctx = UpgradeContext(
-        num_classes=len(classes), old_classes=context.get("old_classes"),
-        old_head_weight=torch.as_tensor(context["old_head_weight"]) if cfg.old else None,
-        old_head_bias=torch.as_tensor(context["old_head_bias"]) if cfg.old else None,
-        old_embedding_dim=context.get("old_embedding_dim"), new_embedding_dim=probe.embedding_dim,
-        old_class_means={k: torch.as_tensor(v) for k, v in context["old_class_means"].items()} if cfg.old else None,
-        old_ref=context.get("old_ref"), registry=cfg.registry, classes=classes,
-    )
+    loop = LoopConfig(run=cfg, spec=spec, classes=classes, old=old,
+                      train_rows=int(info.splits[cfg.train_split].rows),
+                      method_hparams=method.hyperparameters(),
+                      method_compatible=bool(getattr(method, "compatible", False)))
+    ctx = loop.upgrade_context(probe.embedding_dim)
     method.setup(ctx)  # the method's own checks (e.g. BCT's embedding dims) run here, once
     if cfg.init_from_old:  # a warm start that cannot fit fails here, before any worker starts
         warm_start(probe, cfg.registry, ctx)
 
     # Ray Data decodes the inputs (graceful_ray.train.pipeline) while the workers train.
-    def pipeline(split: str, with_row_key: bool):
+    def pipeline(split: str, with_row_key: bool, augment: ImageAugment | None = None):
         return decoded(_read_split(cfg, info, split, cached[split]), feature_shape=info.feature_shape,
                        classes=classes, with_old=bool(cfg.old), with_row_key=with_row_key,
-                       decode_cpus=cfg.decode_cpus)
+                       decode_cpus=cfg.decode_cpus, augment=augment)
 
-    datasets = {"train": pipeline(cfg.train_split, False), "val": pipeline(cfg.val_split, True)}
-    loop_config = {
-        "config": cfg.to_dict(),
-        "spec": spec.to_dict(),
-        "classes": classes,
-        "context": context,
-        "has_cached_old_outputs": bool(cfg.old),
-        "train_rows": int(info.splits[cfg.train_split].rows),
-        "method_hparams": method.hyperparameters(),
-        "method_compatible": bool(getattr(method, "compatible", False)),
-    }
-    return loop_config, datasets, info
+    augment = (ImageAugment(seed=cfg.seed, pad=cfg.augment_pad, epoch_key=epoch_key(cfg.run_name))
+               if cfg.augment_images else None)  # the training split only
+    datasets = {"train": pipeline(cfg.train_split, False, augment), "val": pipeline(cfg.val_split, True)}
+    return loop, datasets, info
 
 
 def _run_dir_exists(cfg: UpgradeConfig) -> bool:
     return resolve(cfg.storage).join(cfg.run_name).exists()
 
 
-def build_trainer(cfg: UpgradeConfig, loop_config: dict[str, Any], datasets: dict[str, Any]):
+def build_trainer(cfg: UpgradeConfig, loop: LoopConfig, datasets: dict[str, Any]):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = resolve(cfg.storage)
     if cfg.fail_at_epoch is not None:
-        loop_config["failure_marker"] = os.path.join(tempfile.gettempdir(),
+        loop.failure_marker = os.path.join(tempfile.gettempdir(),
                                                      f"graceful-ray-failure-{cfg.run_name}")
     resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.memory_per_worker_mb:  # reserved here, enforced in the worker (MemoryWatch)
+        resources["memory"] = int(cfg.memory_per_worker_mb * 2**20)
     if cfg.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={LOOP_KEY: loop},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.placement_strategy),
@@ -202,8 +188,8 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     resumed = _run_dir_exists(cfg)
     if resumed:
         logger.info("run %r exists under %s: resuming it from its latest checkpoint", cfg.run_name, cfg.storage)
-    loop_config, datasets, info = prepare_upgrade(cfg)
-    result = fit(build_trainer(cfg, loop_config, datasets))
+    loop, datasets, info = prepare_upgrade(cfg)
+    result = fit(build_trainer(cfg, loop, datasets))
     if result.error is not None:
         raise result.error
     if cfg.workers == 0:  # local mode: our own persisted checkpoints
@@ -221,44 +207,47 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     out = UpgradeResult(run_name=cfg.run_name, run_path=str(result.path), metrics=final, history=history,
                         node_ids=list(ret.get("node_ids") or []), workers=ret, resumed=resumed, state_dict=state_dict)
     if cfg.publish:
-        out.published = publish_result(cfg, loop_config, info, state_dict, final)
+        out.published = publish_result(cfg, loop, info, state_dict, final)
         logger.info("published %s", out.model_ref)
     return out
 
 
-def export_for_registry(cfg: UpgradeConfig, loop_config: dict[str, Any], state_dict) -> tuple[dict, str]:
+def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict, *, classes=None,
+                        old: OldModelFacts | None = None) -> tuple[dict, str]:
     """(state dict, format) to publish: a method that trains something other than
-    the plain network (LQF) decides how its result is stored."""
+    the plain network (LQF) decides how its result is stored. ``classes`` default
+    to the head's positions."""
     from graceful_ray.methods import build_method
     from graceful_ray.models import build_model
-    from graceful_ray.train.loop import upgrade_context, wrap_for_method
+    from graceful_ray.train.loop import wrap_for_method
 
     method = build_method(cfg.method, **cfg.hparams)
     export = getattr(method, "export", None)
     if export is None:
         return state_dict, "network"
-    network = build_model(ModelSpec.from_dict(loop_config["spec"]))
-    method.setup(upgrade_context(loop_config, cfg, network.embedding_dim))
+    network = build_model(spec)
+    method.setup(upgrade_context(range(spec.num_classes) if classes is None else classes, old,
+                                 registry=cfg.registry, new_embedding_dim=network.embedding_dim))
     module = wrap_for_method(method, network)
     module.load_state_dict(state_dict)
     return export(module)
 
 
-def publish_result(cfg: UpgradeConfig, loop_config: dict[str, Any], info, state_dict, metrics):
+def publish_result(cfg: UpgradeConfig, loop: LoopConfig, info, state_dict, metrics):
     from graceful_ray.registry import Registry
 
-    spec = ModelSpec.from_dict(loop_config["spec"])
-    state_dict, fmt = export_for_registry(cfg, loop_config, state_dict)
-    hyper = dict(loop_config["method_hparams"])
+    state_dict, fmt = export_for_registry(cfg, loop.spec, state_dict, classes=loop.classes, old=loop.old)
+    hyper = dict(loop.method_hparams)
     hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, batch_size_per_worker=cfg.per_worker_batch_size,
                  lr=cfg.lr, weight_decay=cfg.weight_decay,
                  seed=cfg.seed, augment_noise=cfg.augment_noise, augment_shift=cfg.augment_shift,
+                 augment_images=cfg.augment_images, augment_pad=cfg.augment_pad,
                  train_split=cfg.train_split, workers=cfg.workers, init_from_old=cfg.init_from_old)
     return Registry(cfg.registry).publish(
-        cfg.name, state_dict, spec=spec, classes=loop_config["classes"], method=cfg.method,
+        cfg.name, state_dict, spec=loop.spec, classes=loop.classes, method=cfg.method,
         hyperparameters=hyper, dataset_checksum=info.checksum,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        parent=loop_config["context"].get("old_ref"),
-        compatible_with_parent=loop_config["method_compatible"], format=fmt,
+        parent=loop.old.ref if loop.old else None,
+        compatible_with_parent=loop.method_compatible, format=fmt,
         extra={"run_name": cfg.run_name, "model_kwargs": cfg.model_kwargs},
     )

@@ -31,10 +31,10 @@ def publish_trial(settings, record: TrialRecord, *, alias: str | None = DEFAULT_
     if not record.checkpoint_path:
         raise ConfigError(f"trial {record.trial_id} reported no checkpoint; nothing to publish")
     cfg = trial_config(settings.trial_spec(), record.params, record.trial_id)
-    loop_config, _, info = prepare_upgrade(cfg)  # the old outputs are cached: cheap
+    loop, _, info = prepare_upgrade(cfg)  # the old outputs are cached: cheap
     state_dict, _, progress = load_checkpoint(record.checkpoint_path)
     metrics = {k: v for k, v in record.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    manifest = publish_result(cfg, loop_config, info, state_dict, metrics)
+    manifest = publish_result(cfg, loop, info, state_dict, metrics)
     if alias:
         Registry(cfg.registry).set_alias(manifest.name, alias, manifest.version)
     logger.info("published trial %s as %s@v%d%s", record.trial_id, manifest.name, manifest.version,

@@ -185,16 +185,15 @@ def upgrade_trial(config: dict[str, Any], spec: TrialSpec) -> None:
             ray.tune.report(done["metrics"])
             return
 
-    from graceful_ray.models import ModelSpec
     from graceful_ray.train.trainer import build_trainer, fit, prepare_upgrade
 
     cfg = trial_config(spec, sample, trial_id)
-    loop_config, datasets, _ = prepare_upgrade(cfg)
-    model_spec = ModelSpec.from_dict(loop_config["spec"])
+    loop, datasets, _ = prepare_upgrade(cfg)
+    model_spec = loop.spec
     constants: dict[str, Any] = {}
     if spec.search == EDGE:
         constants.update(model_cost_metrics(model_spec), cross_map=math.nan)
-    trainer = build_trainer(cfg, loop_config, datasets)
+    trainer = build_trainer(cfg, loop, datasets)
     # build_trainer builds the RunConfig without callbacks; Train reads them at fit().
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), _epoch_forwarder(constants, cfg.epochs)]
     result = fit(trainer)
