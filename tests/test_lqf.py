@@ -457,9 +457,30 @@ def test_lqf_composes_with_focal_distillation():
     assert float(out.parts["lqf"]) == pytest.approx(float(squared_loss(logits, y)))
     out.total.backward()
     assert all(p.grad is not None for p in model.parameters())
-    # methods without hooks compose as before
-    assert not hasattr(build_method("bct+fd"), "wrap_model")
+    # the hooks are declared methods: the composite delegates, it copies nothing onto itself
+    assert not {"wrap_model", "make_optimizer", "export"} & set(vars(method))
+    assert method.overrides("wrap_model") and method.overrides("export")
+    # methods without hooks get the trainer's defaults
+    plain_hooks = build_method("bct+fd")
+    assert plain_hooks.wrap_model(net) is net and not plain_hooks.overrides("wrap_model")
+    assert plain_hooks.make_optimizer(net, lr=0.1) is None  # the trainer's AdamW
     assert set(build_method("plain").loss(MethodBatch(y, emb.detach(), logits.detach())).parts) == {"ce"}
+
+
+def test_two_members_may_not_both_own_a_trainer_hook():
+    from graceful_ray.methods import Composite, UpgradeMethod
+
+    class Wrapping(UpgradeMethod):
+        name, prefix = "wrapping", "wrapping"
+
+        def wrap_model(self, model):
+            return model
+
+        def extra_loss(self, batch):
+            return {}
+
+    with pytest.raises(ConfigError, match="both define 'wrap_model'"):
+        Composite([build_method("lqf", lqf_init="model").methods[0], Wrapping()])
 
 
 def test_only_one_method_may_replace_the_base_loss():

@@ -17,10 +17,12 @@ loss): it sets ``replaces_base_loss = True`` and overrides :meth:`UpgradeMethod.
 At most one method of a composite may do so, so ``"lqf+fd"`` is LQF's squared
 loss plus the focal-distillation term, with no cross-entropy.
 
-Optional trainer hooks (see :mod:`graceful_ray.train.loop`): a method may define
-``wrap_model(model)``, ``make_optimizer(model, lr=..., weight_decay=...)`` and
-``export(module)``; :class:`Composite` exposes the hook of the one member that
-defines it (two members defining the same hook is a configuration error).
+Trainer hooks, declared on :class:`UpgradeMethod` with the trainer's defaults:
+``wrap_model(model)`` (the module to train; the network), ``make_optimizer(model,
+lr=..., weight_decay=...)`` (``None``: the trainer's AdamW) and ``export(module)``
+(the state dict and format to publish; the network's). A method overrides the
+ones it needs; :class:`Composite` hands each hook to the one member that
+overrides it (two members overriding the same hook is a configuration error).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from graceful_ray.errors import ConfigError
 
@@ -173,6 +175,20 @@ class UpgradeMethod(ABC):
                 setattr(self, key, value.to(device))
         return self
 
+    # -- trainer hooks: a method overrides what it changes --------------
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the trainer optimises: the network itself."""
+        return model
+
+    def make_optimizer(self, model: nn.Module, *, lr: float,
+                       weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
+        """The optimizer for ``model``; ``None`` lets the trainer use its own (AdamW)."""
+        return None
+
+    def export(self, module: nn.Module) -> tuple[dict[str, Tensor], str]:
+        """``(state dict, format)`` to publish: the trained network's, format ``network``."""
+        return module.state_dict(), "network"
+
     # -- the loss --------------------------------------------------------
     @abstractmethod
     def extra_loss(self, batch: MethodBatch) -> dict[str, Tensor]:
@@ -244,6 +260,15 @@ def _combine(batch: MethodBatch, methods: list[UpgradeMethod]) -> LossOutput:
 TRAINER_HOOKS = ("wrap_model", "make_optimizer", "export")
 
 
+def _hook_owner(methods: list[UpgradeMethod], hook: str) -> UpgradeMethod | None:
+    """The one member that overrides ``hook`` (None: none does; two is an error)."""
+    have = [m for m in methods if getattr(type(m), hook) is not getattr(UpgradeMethod, hook)]
+    if len(have) > 1:
+        raise ConfigError(f"methods {[m.name for m in have]} both define {hook!r}; "
+                          "combine at most one of them")
+    return have[0] if have else None
+
+
 class Composite(UpgradeMethod):
     """Several methods trained together: the base loss once (cross-entropy, unless a
     member replaces it) plus each one's extra terms.
@@ -265,15 +290,25 @@ class Composite(UpgradeMethod):
         self.compatible = any(m.compatible for m in self.methods)
         owner = _base_owner(self.methods)
         self.replaces_base_loss = owner is not None
-        # Trainer hooks: the composite has one exactly when one member has it, so
-        # ``getattr(method, "wrap_model", None)`` behaves as for a single method.
-        for hook in TRAINER_HOOKS:
-            have = [m for m in self.methods if callable(getattr(m, hook, None))]
-            if len(have) > 1:
-                raise ConfigError(f"methods {[m.name for m in have]} both define {hook!r}; "
-                                  "combine at most one of them")
-            if have:
-                setattr(self, hook, getattr(have[0], hook))
+        self._hook_owner = {hook: _hook_owner(self.methods, hook) for hook in TRAINER_HOOKS}
+
+    def overrides(self, hook: str) -> bool:
+        """Whether a member overrides the trainer hook ``hook``."""
+        return self._hook_owner[hook] is not None
+
+    # each hook goes to the member that overrides it, else the default
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        owner = self._hook_owner["wrap_model"]
+        return owner.wrap_model(model) if owner is not None else super().wrap_model(model)
+
+    def make_optimizer(self, model: nn.Module, *, lr: float,
+                       weight_decay: float = 0.0) -> torch.optim.Optimizer | None:
+        owner = self._hook_owner["make_optimizer"]
+        return owner.make_optimizer(model, lr=lr, weight_decay=weight_decay) if owner is not None else None
+
+    def export(self, module: nn.Module) -> tuple[dict[str, Tensor], str]:
+        owner = self._hook_owner["export"]
+        return owner.export(module) if owner is not None else super().export(module)
 
     def hyperparameters(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

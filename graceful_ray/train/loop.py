@@ -257,13 +257,11 @@ def _params_digest(model: nn.Module) -> str:
 
 def wrap_for_method(method, model: nn.Module) -> nn.Module:
     """The module the method trains (the network itself unless it says otherwise)."""
-    hook = getattr(method, "wrap_model", None)
-    return hook(model) if hook is not None else model
+    return method.wrap_model(model)
 
 
 def make_optimizer(method, model: nn.Module, cfg: UpgradeConfig) -> torch.optim.Optimizer:
-    hook = getattr(method, "make_optimizer", None)
-    optimizer = hook(model, lr=cfg.lr, weight_decay=cfg.weight_decay) if hook is not None else None
+    optimizer = method.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.lr, weight_decay=cfg.weight_decay)

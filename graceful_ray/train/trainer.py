@@ -222,15 +222,14 @@ def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict, *, clas
     from graceful_ray.train.loop import wrap_for_method
 
     method = build_method(cfg.method, **cfg.hparams)
-    export = getattr(method, "export", None)
-    if export is None:
-        return state_dict, "network"
+    if not method.overrides("export"):
+        return state_dict, "network"  # the plain network: nothing to rebuild
     network = build_model(spec)
     method.setup(upgrade_context(range(spec.num_classes) if classes is None else classes, old,
                                  registry=cfg.registry, new_embedding_dim=network.embedding_dim))
     module = wrap_for_method(method, network)
     module.load_state_dict(state_dict)
-    return export(module)
+    return method.export(module)
 
 
 def publish_result(cfg: UpgradeConfig, loop: LoopConfig, info, state_dict, metrics):
