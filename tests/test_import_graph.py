@@ -78,6 +78,14 @@ def test_no_module_imports_from_a_later_stage():
     assert not upward, "imports that reach up the pipeline:\n" + "\n".join(upward)
 
 
+def test_methods_never_open_the_registry():
+    """Models a method needs (LQF's parent, ELODI's references) come through the
+    trainer's UpgradeContext.load_model, so methods stay below the registry's I/O."""
+    opened = sorted(f"{a} -> {b}" for a, targets in GRAPH.items() if a.startswith("graceful_ray.methods")
+                    for b in targets if b.startswith("graceful_ray.registry"))
+    assert not opened, opened
+
+
 def test_no_import_cycle():
     index: dict[str, int] = {}
     low: dict[str, int] = {}

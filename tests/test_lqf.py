@@ -467,6 +467,29 @@ def test_lqf_composes_with_focal_distillation():
     assert set(build_method("plain").loss(MethodBatch(y, emb.detach(), logits.detach())).parts) == {"ce"}
 
 
+def test_lqf_takes_the_parent_through_the_trainers_loader():
+    """lqf_init='parent' linearizes around the weights UpgradeContext.load_model gives
+    for the old model's reference: the method opens no registry itself."""
+    parent = _net(CNN)
+    asked = []
+
+    def load_model(ref, root=None):
+        asked.append((ref, root))
+        return None, parent
+
+    ctx = _ctx()
+    ctx.old_ref, ctx.load_model = "toy@v1", load_model
+    method = build_method("lqf", lqf_head_scale="none")
+    method.setup(ctx)
+    lin = method.wrap_model(_net(CNN))
+    assert asked == [("toy@v1", None)]
+    for name, w in parent.state_dict().items():
+        assert torch.equal(lin.w0_parameters()[name], w)
+    with pytest.raises(ConfigError, match="model loader"):
+        ctx.load_model = None
+        build_method("lqf").setup(ctx)
+
+
 def test_two_members_may_not_both_own_a_trainer_hook():
     from graceful_ray.methods import Composite, UpgradeMethod
 

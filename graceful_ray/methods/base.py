@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,13 @@ class UpgradeContext:
     old_embedding_dim: int | None = None
     new_embedding_dim: int = 0
     old_class_means: dict[int, Tensor] | None = None
-    # Where the old model lives (optional; a trainer that knows them fills them
-    # in): methods that need the old *weights*, not just its head (LQF
-    # linearizes around them), load ``old_ref`` from the registry at ``registry``.
+    # The old model's reference, and a loader of registry models the trainer binds
+    # to its registry (``load_model(ref, root=None) -> (manifest, model)``):
+    # methods that need other models' *weights*, not just the old head (LQF
+    # linearizes around the parent's, ELODI's ensemble references), get them
+    # through it and never open a registry themselves.
     old_ref: str | None = None
-    registry: str | None = None
+    load_model: Callable[..., tuple[Any, nn.Module]] | None = None
     # Global class id of each new head output (``None``: ``0..num_classes-1``);
     # methods that align other registry models with the new head use it.
     classes: list[int] | None = None

@@ -81,15 +81,13 @@ class ELODI(_Distillation):
         super().setup(ctx)
         if not self._refs:
             return
-        from graceful_ray.registry import Registry
-
-        if not ctx.registry:
-            raise ConfigError("elodi: elodi_refs are registry versions, but the trainer passed no registry")
-        registry = Registry(ctx.registry)
+        if ctx.load_model is None:
+            raise ConfigError("elodi: elodi_refs are registry versions, but the trainer passed no "
+                              "model loader (UpgradeContext.load_model)")
         new_classes = list(ctx.classes) if ctx.classes is not None else list(range(ctx.num_classes))
         loaded = []
         for ref in self._refs:
-            manifest, model = registry.load_model(ref)
+            manifest, model = ctx.load_model(ref)
             for p in model.parameters():
                 p.requires_grad_(False)
             loaded.append((manifest, model.eval()))

@@ -74,7 +74,6 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.methods.base import (MethodBatch, UpgradeContext, UpgradeMethod, check_nonnegative,
                                        check_positive, upcast)
 from graceful_ray.methods.registry import register_method
-from graceful_ray.paths import registry_root
 
 EXPORT_FORMATS = ("linearized", "network")
 
@@ -156,11 +155,13 @@ class LQF(UpgradeMethod):
                     "the old model: train against a parent (--old NAME@VERSION), or set "
                     "lqf_init=NAME@VERSION (with lqf_registry=ROOT), or lqf_init=model to linearize "
                     "the network as it is built")
-            if not ctx.old_ref or not (self.registry or ctx.registry):
+            if not ctx.old_ref:
                 raise ConfigError(
-                    "method 'lqf': this trainer does not tell methods where the parent model is "
-                    "(UpgradeContext.old_ref / registry); set lqf_init to the parent's reference "
-                    "(NAME@VERSION) and lqf_registry to the registry root")
+                    "method 'lqf': this trainer does not tell methods which model the parent is "
+                    "(UpgradeContext.old_ref); set lqf_init to the parent's reference (NAME@VERSION)")
+        if self.init != "model" and ctx.load_model is None:
+            raise ConfigError("method 'lqf': lqf_init names a registry model, but the trainer passed "
+                              "no model loader (UpgradeContext.load_model)")
 
     def extra_loss(self, batch: MethodBatch) -> dict[str, Tensor]:
         return {}
@@ -202,21 +203,12 @@ class LQF(UpgradeMethod):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}, "linearized"
 
     # ------------------------------------------------------------- internals
-    def _init_source(self) -> tuple[str, str]:
-        ctx = self._require_setup()
-        ref = ctx.old_ref if self.init == "parent" else self.init
-        root = self.registry or ctx.registry
-        if not root:
-            root = registry_root()
-        assert ref is not None
-        return root, ref
-
     def _load_initial_weights(self, model: nn.Module) -> None:
         from graceful_ray.lqf import LinearizedModel
-        from graceful_ray.registry import Registry
 
-        root, ref = self._init_source()
-        _, source = Registry(root).load_model(ref)
+        ctx = self._require_setup()
+        ref = ctx.old_ref if self.init == "parent" else self.init
+        _, source = ctx.load_model(ref, root=self.registry or None)
         state = (source.network_state_dict() if isinstance(source, LinearizedModel)
                  else source.state_dict())
         load_pretrained(model, state, self._require_setup())

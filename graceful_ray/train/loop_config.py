@@ -18,6 +18,8 @@ import torch
 
 from graceful_ray.methods import UpgradeContext
 from graceful_ray.models import ModelSpec
+from graceful_ray.paths import registry_root
+from graceful_ray.registry import Registry
 from graceful_ray.train.config import UpgradeConfig
 
 
@@ -70,5 +72,16 @@ def upgrade_context(classes: Sequence[int], old: OldModelFacts | None, *, regist
         old_embedding_dim=old.embedding_dim if old else None,
         new_embedding_dim=new_embedding_dim,
         old_class_means={int(k): t(v) for k, v in old.class_means.items()} if old else None,
-        old_ref=old.ref if old else None, registry=registry, classes=list(classes),
+        old_ref=old.ref if old else None, load_model=RegistryModels(registry), classes=list(classes),
     )
+
+
+@dataclass(frozen=True)
+class RegistryModels:
+    """``UpgradeContext.load_model``: registry models for a method, from the run's
+    registry (or ``root``), so no method opens a registry itself."""
+
+    root: str | None
+
+    def __call__(self, ref: str, root: str | None = None):
+        return Registry(root or self.root or registry_root()).load_model(ref)
