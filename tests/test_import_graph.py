@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "graceful_ray"
 LAYERS: list[set[str]] = [
     {"errors", "paths", "keyvalue", "storage", "raycluster"},  # shared basics
     {"data", "models", "metrics"},
-    {"lqf", "methods", "registry"},
+    {"methods", "registry"},
     {"train"},
     {"evaluate", "tune", "interpolate"},
     {"serve", "retrieval"},

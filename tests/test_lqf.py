@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graceful_ray.errors import ConfigError, RegistryError
-from graceful_ray.lqf import KFACOptimizer, LinearizedModel, conv_factors, linear_factors, parameter_blocks
+from graceful_ray.methods.lqf import KFACOptimizer, LinearizedModel, conv_factors, linear_factors, parameter_blocks
 from graceful_ray.methods import METHODS, MethodBatch, UpgradeContext, UpgradeMethod, build_method
 from graceful_ray.methods.lqf import LQF, load_pretrained, squared_loss
 from graceful_ray.methods.registry import register_method

@@ -25,7 +25,7 @@ method            hyperparameters (defaults)
                   ``lqf_momentum`` (0.9), ``lqf_init`` ("parent"),
                   ``lqf_registry`` (""), ``lqf_export_format`` ("linearized"),
                   ``lqf_head_scale`` ("auto"); squared loss instead of
-                  cross-entropy (see methods/lqf.py)
+                  cross-entropy (see methods/lqf/)
 ================  ==========================================================
 
 Adding a method is one module with a class decorated ``@register_method(name)``,

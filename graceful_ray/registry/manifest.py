@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import graceful_ray.methods  # noqa: F401 - every method registers its storage format (LQF: linearized)
 from graceful_ray.errors import ModelError, RegistryError
 from graceful_ray.models.factory import ModelSpec
+from graceful_ray.models.formats import formats
 
 #: Bumped when the manifest layout changes incompatibly; readers refuse newer ones.
 SCHEMA_VERSION = 1
 
-FORMATS = ("network", "linearized")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PARENT_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})@v([1-9][0-9]*)$")
@@ -159,8 +160,8 @@ class Manifest:
             raise bad(f"parent={self.parent!r}: must be 'name@vN' or null")
         if not isinstance(self.embedding_space, str) or not self.embedding_space:
             raise bad(f"embedding_space={self.embedding_space!r}: must be a non-empty string")
-        if self.format not in FORMATS:
-            raise bad(f"format={self.format!r}: must be one of {list(FORMATS)}")
+        if self.format not in formats():
+            raise bad(f"format={self.format!r}: must be one of {formats()}")
         if not isinstance(self.files, dict):
             raise bad(f"files={self.files!r}: must map relative path -> sha256")
         for rel, digest in self.files.items():

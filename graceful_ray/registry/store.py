@@ -54,10 +54,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, StorageError,
+from graceful_ray.errors import (ConfigError, IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
 from graceful_ray.models.factory import ModelSpec, build_model
-from graceful_ray.registry.manifest import (FORMATS, RESERVED_FILES, Manifest, utc_now,
+from graceful_ray.models.formats import formats, rebuild
+from graceful_ray.registry.manifest import (RESERVED_FILES, Manifest, utc_now,
                                             valid_name, valid_relpath)
 from graceful_ray.storage import Location, Staged, resolve
 
@@ -282,30 +283,23 @@ class Registry:
     def load_model(self, ref: str):
         """``(manifest, model)``: the model rebuilt from its spec, weights loaded, in eval mode.
 
-        Format ``network`` gives the network itself; format ``linearized`` (LQF)
-        gives a :class:`graceful_ray.lqf.LinearizedModel` of that architecture,
-        so evaluation and serving use the linearized function that was trained
-        (it has the same ``forward`` / ``forward_features`` interface).
+        Format ``network`` gives the network itself; a method's own format gives
+        what that method registered in :mod:`graceful_ray.models.formats` (LQF's
+        ``linearized``: the linearized function that was trained, with the same
+        ``forward`` / ``forward_features`` interface).
         """
         manifest, state = self.load_state_dict(ref)
-        if manifest.format not in ("network", "linearized"):
+        if manifest.format not in formats():
             raise RegistryError(
                 f"{manifest.ref} is stored in format {manifest.format!r}, which this version of "
                 "graceful-ray cannot rebuild; load its weights with Registry.load_state_dict")
-        model = build_model(ModelSpec.from_dict(manifest.architecture))
+        network = build_model(ModelSpec.from_dict(manifest.architecture))
         try:
-            if manifest.format == "linearized":
-                from graceful_ray.errors import ConfigError
-                from graceful_ray.lqf import LinearizedModel
-
-                try:
-                    model = LinearizedModel.from_state_dict(model, state)
-                except ConfigError as e:
-                    raise RegistryError(
-                        f"{manifest.ref} is stored in format 'linearized' but its weights do not "
-                        f"rebuild a linearized {manifest.architecture.get('factory')!r}: {e}") from e
-            else:
-                model.load_state_dict(state, strict=True)
+            model = rebuild(manifest.format, network, state)
+        except ConfigError as e:
+            raise RegistryError(
+                f"{manifest.ref} is stored in format {manifest.format!r} but its weights do not "
+                f"rebuild a {manifest.architecture.get('factory')!r} in it: {e}") from e
         except RuntimeError as e:
             raise ModelError(f"{manifest.ref}: weights do not fit the architecture "
                              f"{manifest.architecture}: {e}") from e
@@ -336,8 +330,8 @@ class Registry:
             spec = ModelSpec.from_dict(dict(spec))
         if not isinstance(spec, ModelSpec):
             raise RegistryError(f"spec must be a ModelSpec, got {type(spec).__name__}")
-        if format not in FORMATS:
-            raise RegistryError(f"format {format!r} is not one of {list(FORMATS)}")
+        if format not in formats():
+            raise RegistryError(f"format {format!r} is not one of {formats()}")
         try:
             class_ids = [operator.index(c) for c in classes]
         except TypeError:

@@ -20,7 +20,7 @@ from graceful_ray.methods import UpgradeContext
 
 def warm_start(model: nn.Module, registry: str | None, ctx: UpgradeContext) -> None:
     """Load the old model ``ctx.old_ref`` from ``registry`` into ``model`` (in place)."""
-    from graceful_ray.lqf import LinearizedModel
+    from graceful_ray.methods.lqf import LinearizedModel
     from graceful_ray.methods.lqf import load_pretrained
     from graceful_ray.registry import Registry
 

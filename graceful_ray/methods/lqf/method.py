@@ -3,14 +3,14 @@
 The network is fine-tuned as its first-order Taylor expansion around the
 pretrained weights ``w0``,
 
-    f_lin(x; w) = f(x; w0) + J(x; w0)(w - w0)      (graceful_ray.lqf.LinearizedModel)
+    f_lin(x; w) = f(x; w0) + J(x; w0)(w - w0)      (graceful_ray.methods.lqf.LinearizedModel)
 
 with a squared loss on scaled one-hot targets instead of cross-entropy,
 
     L = 0.5 * mean_i ||f_lin(x_i; w) - s * onehot(y_i)||^2    (part "lqf"),
 
 so the objective is a convex quadratic in ``w``, optimized by SGD with momentum
-on K-FAC-preconditioned gradients (graceful_ray.lqf.KFACOptimizer; plain SGD
+on K-FAC-preconditioned gradients (graceful_ray.methods.lqf.KFACOptimizer; plain SGD
 with ``lqf_kfac=false``). Weight decay acts on ``w - w0``. Use leaky-ReLU
 backbones (``--model-arg activation=leaky_relu``): a ReLU network's Jacobian
 is zero for every inactive unit, which the linear model can never switch on.
@@ -19,7 +19,7 @@ Hyperparameters (prefix ``lqf_``):
 
 * ``kfac`` (true): precondition with K-FAC; false = SGD with momentum.
 * ``damping`` (1e-2): K-FAC Tikhonov damping ``lambda``, relative to each
-  layer's mean curvature (see graceful_ray/lqf/kfac.py).
+  layer's mean curvature (see graceful_ray/methods/lqf/kfac.py).
 * ``update_every`` (10): refresh the K-FAC factors and inverses every N steps.
 * ``target_scale`` (1.0): ``s``, the height of the one-hot regression targets.
 * ``layers`` ("all"): which parameters are linearized: ``all``, ``last:N``
@@ -71,11 +71,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.methods.lqf.kfac import KFACOptimizer
+from graceful_ray.methods.lqf.linearize import LinearizedModel
 from graceful_ray.methods.base import (MethodBatch, UpgradeContext, UpgradeMethod, check_nonnegative,
                                        check_positive, upcast)
 from graceful_ray.methods.registry import register_method
+from graceful_ray.models.formats import register_format
 
 EXPORT_FORMATS = ("linearized", "network")
+# How the registry rebuilds what LQF publishes: the network it linearizes around
+# plus the displacement (see LQF.export).
+register_format("linearized", LinearizedModel.from_state_dict)
 
 
 def squared_loss(logits: Tensor, y: Tensor, target_scale: float = 1.0) -> Tensor:
@@ -174,8 +180,6 @@ class LQF(UpgradeMethod):
         """The linearized network. When set up (training), ``w0`` is first loaded
         per ``lqf_init``; without set-up (rebuilding a checkpoint) the weights
         come from the state dict loaded afterwards."""
-        from graceful_ray.lqf import LinearizedModel
-
         if self.ctx is not None and self.init != "model":
             self._load_initial_weights(model)
         lin = LinearizedModel(model, layers=self.layers)
@@ -188,8 +192,6 @@ class LQF(UpgradeMethod):
         return lin
 
     def make_optimizer(self, model: nn.Module, *, lr: float, weight_decay: float = 0.0):
-        from graceful_ray.lqf import KFACOptimizer
-
         params = [p for p in model.parameters() if p.requires_grad]
         if self.kfac:
             return KFACOptimizer(model, lr=lr, momentum=self.momentum, weight_decay=weight_decay,
@@ -204,8 +206,6 @@ class LQF(UpgradeMethod):
 
     # ------------------------------------------------------------- internals
     def _load_initial_weights(self, model: nn.Module) -> None:
-        from graceful_ray.lqf import LinearizedModel
-
         ctx = self._require_setup()
         ref = ctx.old_ref if self.init == "parent" else self.init
         _, source = ctx.load_model(ref, root=self.registry or None)

@@ -154,7 +154,7 @@ def conv_factors(module: nn.Module, x: Tensor, g: Tensor, bias: bool) -> tuple[T
 
 
 def kfac_layers(model: nn.Module) -> list[KFACLayer]:
-    """The K-FAC layers of a :class:`~graceful_ray.lqf.LinearizedModel`: its
+    """The K-FAC layers of a :class:`~graceful_ray.methods.lqf.LinearizedModel`: its
     linearized Linear/Conv layers, paired with their ``delta`` tensors."""
     deltas = model.delta_parameters()
     out = []
