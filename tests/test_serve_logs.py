@@ -29,7 +29,7 @@ configure_component_logger(component_name="router", component_id="r1", component
                            logging_config=LoggingConfig(logs_dir=sys.argv[1]), max_bytes=10**6, backup_count=1)
 from graceful_ray.serve.logs import to_serve_logs
 
-to_serve_logs()  # what each deployment's constructor does
+to_serve_logs(only_in_replica=False)  # what each deployment's constructor does in a replica
 logging.getLogger("graceful_ray.serve.shadow").warning("the candidate shadow failed 3 calls in a row")
 logging.getLogger("graceful_ray.serve.router").info("router ready")
 for h in logging.getLogger("ray.serve").handlers:

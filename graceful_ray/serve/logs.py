@@ -26,8 +26,24 @@ class ServeLogHandler(logging.Handler):
         logging.getLogger(SERVE_LOGGER).handle(record)
 
 
-def to_serve_logs(level: int = logging.INFO) -> None:
-    """Send ``graceful_ray`` records at ``level`` and above to Serve's replica log (idempotent)."""
+def in_replica() -> bool:
+    """Whether this process is a Serve replica (not, e.g., a test building the class)."""
+    from ray import serve
+
+    try:
+        serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - RayServeException outside a replica
+        return False
+    return True
+
+
+def to_serve_logs(level: int = logging.INFO, *, only_in_replica: bool = True) -> None:
+    """Send ``graceful_ray`` records at ``level`` and above to Serve's replica log (idempotent).
+
+    Outside a replica (``only_in_replica``: a unit test constructing a deployment's
+    class in its own process) logging is left as the process has it."""
+    if only_in_replica and not in_replica():
+        return
     logger = logging.getLogger(PROJECT_LOGGER)
     logger.setLevel(level)
     if not any(isinstance(h, ServeLogHandler) for h in logger.handlers):
