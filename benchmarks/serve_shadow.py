@@ -8,7 +8,7 @@ Measures, in one run on one machine (loopback only):
      (what a user would otherwise write);
    - the shadow application with the shadow off, and at 100%;
    - the alternative layout, primary in its own deployment (``--layouts``).
-2. Primary latency, open loop at a steady rate (``--rate``, default 40% of the
+2. Primary latency, open loop at a steady rate (``--rate``, default 50% of the
    shadow app's closed-loop throughput), shadow off vs. 100%, rounds
    interleaved so machine noise hits both; for a normal shadow, a shadow that
    sleeps 1 s per batch, one that always raises, and (``eager``) the normal
@@ -455,7 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              ("app_on", "app_off"))}
 
         # 2. primary latency at a steady open-loop rate, off vs on, alternating
-        rate = args.rate or max(10.0, round(0.4 * results["app_on"]["throughput"]))
+        rate = args.rate or max(10.0, round(0.5 * results["app_on"]["throughput"]))
         results["rate"] = rate
         for name in args.shadows.split(","):
             phases: dict[str, list] = {"off": [], "on": []}
@@ -645,7 +645,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="throughput rounds (order rotated)")
     p.add_argument("--latency-rounds", type=int, default=4,
                    help="alternating off/on latency rounds per shadow kind")
-    p.add_argument("--rate", type=float, default=None, help="open-loop req/s (default: 40%% "
+    p.add_argument("--rate", type=float, default=None, help="open-loop req/s (default: 50%% "
                                                             "of the shadow-on throughput)")
     p.add_argument("--levers", choices=["default", "throughput", "haproxy"],
                    default="haproxy", help="haproxy (the service's default ingress): "
