@@ -37,6 +37,7 @@ from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig, Sh
 from graceful_ray.serve.gates import evaluate, explain, watch
 from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
                                       ShadowEvent)
+from graceful_ray.serve.heap import LongLivedHeap
 from graceful_ray.serve.logs import to_serve_logs
 from graceful_ray.serve.prometheus import ComparatorMetrics
 from graceful_ray.serve.comparison_log import LABELS_DIR, RecordLog
@@ -444,6 +445,7 @@ class Comparator:
         self._lock: asyncio.Lock | None = None
         self._arrived: asyncio.Condition | None = None
         self._loop_task: asyncio.Task | None = None
+        self._heap = LongLivedHeap()
         self._registry = None
         if config.production_alias:
             # Import (and open) the registry now: on the first cutover it would
@@ -521,6 +523,7 @@ class Comparator:
                 core.restore_pending({}, labels)
                 log.error("could not write the labels (%s); kept in memory and retried", e)
                 return {"status": 503, "detail": f"cannot write the labels: {e}"}
+            self._heap.settle()  # the records kept for feedback stay out of the GC's walks
             predict, search = core.books[PREDICT.name], core.books[SEARCH.name]
             return {"status": 200, "written": written.get(PREDICT.name, 0),
                     "records_written": predict.written,
