@@ -208,6 +208,7 @@ def _payloads(n: int = 256, seed: int = 0, rows: int = 1) -> list[bytes]:
 
 LOADAVG: list[float] = []  # 1-minute load average after every phase
 STEAL: list[float] = []    # share of CPU time the hypervisor took, per phase (a shared VM)
+SETTLE: list[dict] = []    # seconds each app's comparator needed to catch up before a phase
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -315,6 +316,25 @@ def _set_fraction(base: str, prefix: str, fraction: float) -> None:
     r.raise_for_status()
 
 
+def _settle(base: str, prefix: str, deadline_s: float = 600.0) -> float:
+    """Wait until the app's comparator has taken in every request already answered
+    (its report's request count stops moving), so one phase's backlog is not
+    measured as the next phase's cost; returns the seconds it took."""
+    import httpx
+
+    t0, last, still = time.monotonic(), None, 0
+    while time.monotonic() - t0 < deadline_s:
+        n = httpx.get(f"{base}{prefix}/v1/shadow/report", timeout=60).json()["requests"]
+        still = still + 1 if n == last else 0
+        if still >= 2:  # unchanged over two 0.5 s polls
+            break
+        last = n
+        time.sleep(0.5)
+    waited = time.monotonic() - t0
+    SETTLE.append({"app": prefix.strip("/"), "s": round(waited, 1)})
+    return waited
+
+
 def _publish(root: str) -> None:
     import torch
 
@@ -420,6 +440,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, list] = {key: [] for key, _, _ in configs}
         for r in range(args.rounds):
             for key, app, fraction in configs[r % len(configs):] + configs[:r % len(configs)]:
+                for busy in {c[1] for c in configs if c[2] is not None}:
+                    _settle(base, f"/{busy}")  # every phase starts with no backlog anywhere
                 if fraction is not None:
                     _set_fraction(base, f"/{app}", fraction)
                 log.info("round %d: %s, closed loop", r, key)
@@ -441,6 +463,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.rounds):
                 n = len(batch_configs)
                 for key, app, fraction in batch_configs[r % n:] + batch_configs[:r % n]:
+                    for busy in {c[1] for c in batch_configs if c[2] is not None}:
+                        _settle(base, f"/{busy}")
                     if fraction is not None:
                         _set_fraction(base, f"/{app}", fraction)
                     log.info("round %d: %s, closed loop, %d inputs per request", r, key,
@@ -462,6 +486,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in range(args.latency_rounds):
                 order = ((0.0, "off"), (1.0, "on")) if r % 2 == 0 else ((1.0, "on"), (0.0, "off"))
                 for fraction, key in order:
+                    _settle(base, f"/{name}")
                     _set_fraction(base, f"/{name}", fraction)
                     time.sleep(0.3)
                     log.info("%s shadow, round %d, %s: open loop at %.0f req/s", name, r, key,
@@ -481,6 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ray.shutdown()
     results["loadavg_1min_per_phase"] = LOADAVG
     results["steal_per_phase"] = STEAL
+    results["settle_s"] = SETTLE
     return results
 
 
@@ -537,6 +563,15 @@ SHADOW_LABELS = (("normal", "normal (v2)"), ("slow", "sleeps 1 s per batch"),
                  ("eager", "normal, no SCHED_IDLE, 10 ms window"))
 
 
+def _settle_line(settles: list[dict]) -> str:
+    waits = [w["s"] for w in settles]
+    worst = max(settles, key=lambda w: w["s"])
+    return (f" Before every phase the benchmark waits until each shadow app's comparator has "
+            f"taken in every answered request ({len(waits)} waits, {sum(waits):.0f} s in all, "
+            f"the longest {worst['s']:.0f} s for `{worst['app']}`): a backlog left by one "
+            "phase would otherwise be measured as the next phase's cost.")
+
+
 def to_markdown(res: dict[str, Any], command: str) -> str:
     loads = res["loadavg_1min_per_phase"] or [float("nan")]
     tr = res["throughput_ratios"]
@@ -553,14 +588,14 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {res['machine']['cpus']} CPUs, {res['machine']['platform']}, Python "
-        f"{res['machine']['python']}. Shared with other jobs: the 1-minute load average "
-        f"after each phase ranged {min(loads):.1f} to {max(loads):.1f}, so absolute numbers "
-        "are noisy. Every configuration is measured in short phases interleaved in rounds "
+        f"{res['machine']['python']}. The 1-minute load average after each phase (the "
+        f"benchmark's own processes included) ranged {min(loads):.1f} to {max(loads):.1f}. Every configuration is measured in short phases interleaved in rounds "
         "(order rotated), and ratios are the median of per-round ratios of adjacent phases. "
         f"Serve levers: `{res['levers']}`. Model: cnn1d (1x40 input, 32 channels, depth 3), "
         "one input per request. Loopback only." + (
             f" CPU time taken by the hypervisor (steal) per phase: up to "
-            f"{100 * max(res['steal_per_phase']):.1f}%." if res.get("steal_per_phase") else ""),
+            f"{100 * max(res['steal_per_phase']):.1f}%." if res.get("steal_per_phase") else "")
+        + (_settle_line(res["settle_s"]) if res.get("settle_s") else ""),
         "",
     ]
     if "app_on" in res:
