@@ -149,23 +149,44 @@ def _builtin() -> dict[str, MethodInfo]:
     return out
 
 
+def declaration(module: str, name: str) -> MethodInfo | None:
+    """What ``module`` itself declares for ``name`` (``None``: nothing), reading no
+    other module: registering a class never depends on the rest of the catalogue."""
+    if module.startswith(PACKAGE + "."):
+        found = [i for i in _builtin().values() if i.module == module]
+    else:
+        found = list(_read_module(module) or ())
+    return next((i for i in found if i.name == name), None)
+
+
 @functools.lru_cache(maxsize=8)
 def _extensions(value: str) -> tuple[MethodInfo, ...]:
     out: list[MethodInfo] = []
     for module in dict.fromkeys(m.strip() for m in value.split(",") if m.strip()):
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        found = _read_module(module)
+        if found is None:
             raise ConfigError(f"${MODULES_ENV} names {module!r}, which is not an importable Python source "
                               "file (is its directory on PYTHONPATH?)")
-        found = read_declarations(Path(spec.origin).read_text(), module, spec.origin)
         if not found:
-            raise ConfigError(f"${MODULES_ENV} names {module!r}, but {spec.origin} declares no method "
+            raise ConfigError(f"${MODULES_ENV} names {module!r}, but it declares no method "
                               f"(a module-level {DECLARATION} = {{...}})")
         out.extend(found)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_module(module: str) -> tuple[MethodInfo, ...] | None:
+    """The declarations in ``module``'s source, found without executing it (``None``: no source)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    source = Path(spec.origin).read_text()
+    if not _DECLARES.search(source):
+        return ()
+    return tuple(read_declarations(source, module, spec.origin))
 
 
 def read_declarations(source: str, module: str, where: str = "") -> list[MethodInfo]:

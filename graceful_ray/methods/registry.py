@@ -36,7 +36,7 @@ def register_method(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         if name in METHODS and METHODS[name] is not cls:
             raise ConfigError(f"method name {name!r} is already registered to {METHODS[name].__name__}")
-        declared = catalog.info(name)
+        declared = catalog.declaration(cls.__module__, name)
         if declared is not None:  # an undeclared class (a test's) is buildable but not listed
             check_declaration(cls, declared)
         METHODS[name] = cls
