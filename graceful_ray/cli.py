@@ -118,7 +118,12 @@ def run_job(command: list[str], parser: argparse.ArgumentParser, argv: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(command_of(argv))  # no known command: all of them, for --help and the error
+    try:
+        # no known command: all of them, for --help and the error. Building a parser
+        # reads the method declarations, which a bad $GRACEFUL_RAY_METHOD_MODULES breaks.
+        parser = build_parser(command_of(argv))
+    except GracefulRayError as e:
+        return _refuse(e)
     args = parser.parse_args(argv)
     apply_root(args.shared_root)
     logging.basicConfig(
@@ -128,9 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GracefulRayError as e:
-        # Expected bad input: one clear line, no traceback.
-        print(f"graceful-ray: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
+
+
+def _refuse(e: GracefulRayError) -> int:
+    """Expected bad input: one clear line, no traceback, exit status 2."""
+    print(f"graceful-ray: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

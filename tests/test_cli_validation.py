@@ -65,11 +65,14 @@ def test_tune_refuses_bad_arguments_before_ray(dataset, no_ray, tmp_path, capsys
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_the_torch_free_method_names_are_the_registry_s():
-    from graceful_ray.methods import METHODS
-    from graceful_ray.train.checks import METHOD_NAMES
+def test_the_torch_free_method_names_are_the_registry_s(monkeypatch):
+    """The CLI checks names against the methods' declarations (read without torch):
+    every declared method registers a class, and every registered one is declared."""
+    from graceful_ray.methods import METHODS, catalog, load_methods
 
-    assert sorted(METHOD_NAMES) == sorted(METHODS)
+    monkeypatch.delenv(catalog.MODULES_ENV, raising=False)
+    load_methods()
+    assert sorted(catalog.names()) == sorted(METHODS)
 
 
 _VALIDATE_ONLY = """

@@ -5,30 +5,34 @@ given a batch (labels, new outputs, old outputs) return the loss and its parts.
 Methods compose with ``+``; :func:`build_method` turns a spec such as
 ``"bct+fd"`` and prefixed hyperparameters (``bct_lambda``, ``fd_beta`` ...) into
 one object the trainer drives without knowing which method it is.
+
+A method is one file under this package (or a module named in
+``$GRACEFUL_RAY_METHOD_MODULES``): the class, registered with
+``@register_method(name)``, and its ``METHOD_INFO`` declaration (help line,
+hyperparameters and defaults, Tune ranges), which :mod:`.catalog` reads.
+
+Importing this package does not import torch: the catalogue (what methods
+exist, their help and hyperparameters) is all the CLI needs to list them and to
+refuse an unknown ``--method``, in milliseconds. The classes, losses and the
+registry (:mod:`.api`, torch) load on first use of any of their names.
 """
 
-from graceful_ray.methods.base import (Composite, LossOutput, MethodBatch, UpgradeContext, UpgradeMethod,
-                                       cross_entropy, shared_class_index)
-from graceful_ray.methods.registry import (METHODS, build_method, parse_spec, register_method,
-                                           valid_hyperparameters)
-from graceful_ray.methods.plain import Plain
-from graceful_ray.methods.bct import BCT, bct_influence_loss, extend_old_head
-from graceful_ray.methods.l2 import L2, l2_embedding_loss
-from graceful_ray.methods.focal_distillation import (FocalDistillation, FocalDistillationKL,
-                                                     FocalDistillationLM, KnowledgeDistillation,
-                                                     distillation_distance, focal_distillation_loss,
-                                                     focal_weights, kl_divergence_loss, logit_matching_loss,
-                                                     standardized_logit_matching_loss)
-from graceful_ray.methods.elodi import ELODI, ensemble_logits, logit_difference_inhibition_loss
-from graceful_ray.methods.new_error import NewError, new_error_loss, strict_imitation_loss
-from graceful_ray.methods.lqf import LQF, squared_loss
+from __future__ import annotations
 
-__all__ = [
-    "UpgradeContext", "MethodBatch", "LossOutput", "UpgradeMethod", "Composite", "cross_entropy",
-    "shared_class_index", "METHODS", "register_method", "build_method", "parse_spec",
-    "valid_hyperparameters", "Plain", "BCT", "bct_influence_loss", "extend_old_head", "L2",
-    "l2_embedding_loss", "FocalDistillation", "FocalDistillationKL", "FocalDistillationLM",
-    "KnowledgeDistillation", "focal_weights", "kl_divergence_loss", "logit_matching_loss",
-    "distillation_distance", "standardized_logit_matching_loss", "focal_distillation_loss", "ELODI", "logit_difference_inhibition_loss",
-    "LQF", "squared_loss", "ensemble_logits", "NewError", "new_error_loss", "strict_imitation_loss",
-]
+import importlib
+from typing import Any
+
+# an attribute of the package from the start, so ``from graceful_ray.methods import
+# catalog`` never falls through to __getattr__ (which loads torch)
+from graceful_ray.methods import catalog  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the torch side (classes, losses, the registry) on first use, not at import
+    if name.startswith("__"):
+        raise AttributeError(name)
+    api = importlib.import_module("graceful_ray.methods.api")
+    try:
+        return getattr(api, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

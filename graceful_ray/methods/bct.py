@@ -38,6 +38,14 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.methods.base import MethodBatch, UpgradeContext, UpgradeMethod, check_nonnegative, upcast
 from graceful_ray.methods.registry import register_method
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+METHOD_INFO = {
+    "bct": {"help": "backward-compatible training: influence loss through the frozen old head; "
+                    "shares the old embedding space",
+            "hyperparameters": {"bct_lambda": 1.0, "bct_kind": "auto", "bct_scale": 16.0},
+            "space": {"bct_lambda": "loguniform:0.1:10"}},
+}
+
 
 def extend_old_head(old_head_weight: Tensor, old_head_bias: Tensor | None, old_classes: list[int],
                     num_classes: int, old_class_means: dict[int, Tensor] | None) -> tuple[Tensor, Tensor]:

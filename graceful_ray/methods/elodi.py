@@ -27,6 +27,15 @@ from graceful_ray.methods.base import MethodBatch, UpgradeContext, check_nonnega
 from graceful_ray.methods.focal_distillation import _Distillation
 from graceful_ray.methods.registry import register_method
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+METHOD_INFO = {
+    "elodi": {"help": "logit difference inhibition against the old logits, or the mean logits of "
+                      "reference models (elodi_refs=NAME@v1,NAME@v5)",
+              "hyperparameters": {"elodi_lambda": 1.0, "elodi_xi": 0.5, "elodi_p": 2.0, "elodi_refs": ""},
+              "space": {"elodi_lambda": "loguniform:0.01:10", "elodi_xi": "uniform:0.1:1"},
+              "tradeoff": {"order": 30}},
+}
+
 
 def logit_difference_inhibition_loss(new_logits: Tensor, ref_logits: Tensor, xi: float = 0.5,
                                      p: float = 2.0) -> Tensor:

@@ -35,6 +35,37 @@ from graceful_ray.methods.base import (MethodBatch, UpgradeContext, UpgradeMetho
                                        check_positive, shared_class_index, upcast)
 from graceful_ray.methods.registry import register_method
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+# Tune's ranges: distillation weights span six decades on purpose. The useful scale
+# of logit matching depends on the old model's logit magnitude (``sum_k z_k^2`` is
+# ~2,000 for a cnn1d trained to convergence on MNIST-1D, so the paper's lambda = 1
+# is already far too strong there; see benchmarks/results/tune_tradeoff.md), and the
+# point of the search is to find where NFR falls and where accuracy starts to pay.
+# The temperature only matters for KL distillation (the paper needs T ~ 100). In the
+# default search across methods, fd runs on standardized logits (``lm-std``): raw
+# logit matching fought cross-entropy on every MNIST-1D scenario
+# (benchmarks/results/upgrade_methods.md).
+METHOD_INFO = {
+    "fd": {"help": "focal distillation: distil more where the old model was right "
+                   "(fd_kind lm, lm-std or kl); lowers the negative flip rate",
+           "hyperparameters": {"fd_kind": "lm", "fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0,
+                               "fd_temperature": 100.0},
+           "space": {"fd_lambda": "loguniform:1e-5:10", "fd_beta": "uniform:0:10"},
+           "space_if": {"fd_kind=kl": {"fd_temperature": "loguniform:1:200"}},
+           "tradeoff": {"order": 10, "space": {"fd_lambda": "loguniform:0.01:3", "fd_beta": "uniform:0:10"},
+                        "fixed": {"fd_kind": "lm-std"}}},
+    "fd-kl": {"help": "focal distillation with T^2-scaled KL divergence (fd with fd_kind=kl)",
+              "hyperparameters": {"fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0, "fd_temperature": 100.0},
+              "space": {"fd_lambda": "loguniform:1e-5:10", "fd_beta": "uniform:0:10",
+                        "fd_temperature": "loguniform:1:200"}},
+    "fd-lm": {"help": "focal distillation with logit matching (fd with fd_kind=lm)",
+              "hyperparameters": {"fd_alpha": 1.0, "fd_beta": 5.0, "fd_lambda": 1.0},
+              "space": {"fd_lambda": "loguniform:1e-5:10", "fd_beta": "uniform:0:10"}},
+    "kd": {"help": "plain knowledge distillation (focal distillation with beta = 0), a baseline",
+           "hyperparameters": {"kd_kind": "lm", "kd_lambda": 1.0, "kd_temperature": 100.0},
+           "space": {"kd_lambda": "loguniform:1e-5:10"}},
+}
+
 KINDS = ("kl", "lm", "lm-std")
 
 

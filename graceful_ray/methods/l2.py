@@ -13,6 +13,13 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.methods.base import MethodBatch, UpgradeContext, UpgradeMethod, check_nonnegative, upcast
 from graceful_ray.methods.registry import register_method
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+METHOD_INFO = {
+    "l2": {"help": "embedding regression onto the old model (the baseline BCT beats)",
+           "hyperparameters": {"l2_lambda": 1.0},
+           "space": {"l2_lambda": "loguniform:1e-4:10"}},
+}
+
 
 def l2_embedding_loss(new_embedding: Tensor, old_embedding: Tensor) -> Tensor:
     """Per-sample squared distance ``||phi_n - phi_o||^2``, shape ``(B,)``; old is a constant."""

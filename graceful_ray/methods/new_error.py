@@ -31,6 +31,15 @@ from graceful_ray.methods.base import MethodBatch, check_nonnegative, upcast
 from graceful_ray.methods.focal_distillation import _Distillation
 from graceful_ray.methods.registry import register_method
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+METHOD_INFO = {
+    "new-error": {"help": "BackwardCompatibilityML's new-error losses: cross-entropy plus a penalty on "
+                          "the samples the old model got right (ne_kind weighted or strict)",
+                  "hyperparameters": {"ne_lambda": 1.0, "ne_kind": "weighted"},
+                  "space": {"ne_lambda": "loguniform:0.1:10", "ne_kind": "choice:weighted,strict"},
+                  "tradeoff": {"order": 20}},
+}
+
 KINDS = ("weighted", "strict")
 
 

@@ -2,41 +2,26 @@
 
 A spec names one method or several joined by ``+`` (``"bct+fd"``). Every
 hyperparameter is routed by its prefix to exactly one method, so a composite is
-unambiguous:
+unambiguous.
 
-================  ==========================================================
-method            hyperparameters (defaults)
-================  ==========================================================
-``plain``         none
-``bct``           ``bct_lambda`` (1.0), ``bct_kind`` ("auto": cosine when classes are added, else linear),
-                  ``bct_scale`` (16, cosine only)
-``l2``            ``l2_lambda`` (1.0)
-``fd``            ``fd_kind`` ("lm", or "lm-std", "kl"), ``fd_alpha`` (1), ``fd_beta`` (5),
-                  ``fd_lambda`` (1), ``fd_temperature`` (100, kl only)
-``fd-kl``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``, ``fd_temperature``
-``fd-lm``         ``fd_alpha``, ``fd_beta``, ``fd_lambda``
-``kd``            ``kd_kind`` ("lm"), ``kd_lambda`` (1), ``kd_temperature`` (100)
-``elodi``         ``elodi_lambda`` (1), ``elodi_xi`` (0.5), ``elodi_p`` (2),
-                  ``elodi_refs`` ("": the old model; or "NAME@v1,NAME@v5": an ensemble)
-``new-error``     ``ne_lambda`` (1), ``ne_kind`` ("weighted", or "strict"):
-                  BackwardCompatibilityML's new-error losses
-``lqf``           ``lqf_kfac`` (true), ``lqf_damping`` (1e-2), ``lqf_update_every``
-                  (10), ``lqf_target_scale`` (1), ``lqf_layers`` ("all"),
-                  ``lqf_momentum`` (0.9), ``lqf_init`` ("parent"),
-                  ``lqf_registry`` (""), ``lqf_export_format`` ("linearized"),
-                  ``lqf_head_scale`` ("auto"); squared loss instead of
-                  cross-entropy (see methods/lqf/)
-================  ==========================================================
-
-Adding a method is one module with a class decorated ``@register_method(name)``,
-imported by ``graceful_ray/methods/__init__.py``; the trainer does not change.
+A method is one file: its class, decorated ``@register_method(name)``, and its
+declaration (``METHOD_INFO``: help line, hyperparameters with their defaults,
+Tune ranges; see :mod:`graceful_ray.methods.catalog`). The registry imports
+every declaring module (:func:`load_methods`) before it looks a name up, so
+neither this file, the package's ``__init__``, the CLI nor Tune change when a
+method is added. ``graceful-ray train --help`` lists the methods with their
+hyperparameters and defaults.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any, Callable, TypeVar
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.methods import catalog
+from graceful_ray.methods.base import Composite
 
 METHODS: dict[str, type] = {}
 
@@ -51,14 +36,47 @@ def register_method(name: str) -> Callable[[T], T]:
     def deco(cls: T) -> T:
         if name in METHODS and METHODS[name] is not cls:
             raise ConfigError(f"method name {name!r} is already registered to {METHODS[name].__name__}")
+        declared = catalog.declaration(cls.__module__, name)
+        if declared is not None:  # an undeclared class (a test's) is buildable but not listed
+            check_declaration(cls, declared)
         METHODS[name] = cls
         return cls
 
     return deco
 
 
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """``{"<prefix>_<suffix>": default}`` of a method class's keyword arguments."""
+    params = inspect.signature(cls.__init__).parameters
+    return {full: params[kwarg].default for full, kwarg in cls.hyperparameter_names().items()}
+
+
+def check_declaration(cls: type, info: catalog.MethodInfo) -> None:
+    """``cls`` must live in the module that declares ``info`` and take exactly the
+    declared hyperparameters, with the declared defaults."""
+    if cls.__module__ != info.module:
+        raise ConfigError(f"method name {info.name!r} is declared by {info.module}; "
+                          f"{cls.__module__}.{cls.__name__} cannot register it")
+    actual = declared_defaults(cls)
+    if actual != info.hyperparameters:
+        raise ConfigError(f"method {info.name!r}: {info.module} declares hyperparameters "
+                          f"{info.hyperparameters} but {cls.__name__} takes {actual}; make them equal")
+
+
+def load_methods() -> None:
+    """Import every module that declares a method (each registers its classes on import)."""
+    for module in catalog.modules():
+        importlib.import_module(module)
+    missing = [(i.name, i.module) for i in catalog.declared().values() if i.name not in METHODS]
+    if missing:
+        raise ConfigError(f"declared methods with no registered class: "
+                          f"{', '.join(f'{n} (in {m})' for n, m in missing)}; "
+                          "decorate the class with @register_method(name)")
+
+
 def parse_spec(spec: str) -> list[str]:
     """``"bct + fd"`` -> ``["bct", "fd"]``, checking every name is registered and used once."""
+    load_methods()
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"empty method spec {spec!r}; use one of {sorted(METHODS)} or several joined by '+'")
     names = [part.strip().lower() for part in spec.split("+")]
@@ -95,8 +113,6 @@ def build_method(spec: str, **hparams: Any):
     sees one type. Unknown names or hyperparameters raise
     :class:`~graceful_ray.errors.ConfigError` listing the valid ones.
     """
-    from graceful_ray.methods.base import Composite
-
     names = parse_spec(spec)
     routes: dict[str, tuple[int, str]] = {}
     for i, n in enumerate(names):

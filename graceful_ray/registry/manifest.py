@@ -17,13 +17,20 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import graceful_ray.methods  # noqa: F401 - every method registers its storage format (LQF: linearized)
 from graceful_ray.errors import ModelError, RegistryError
+from graceful_ray.methods.registry import load_methods
+from graceful_ray.models import formats as model_formats
 from graceful_ray.models.factory import ModelSpec
-from graceful_ray.models.formats import formats
 
 #: Bumped when the manifest layout changes incompatibly; readers refuse newer ones.
 SCHEMA_VERSION = 1
+
+
+def formats() -> list[str]:
+    """The storable formats: ``network`` and those the methods register beside their
+    code when they are imported (LQF's ``linearized``), so every declared method is."""
+    load_methods()
+    return model_formats.formats()
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

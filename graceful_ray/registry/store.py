@@ -57,8 +57,8 @@ import pyarrow.fs as pafs
 from graceful_ray.errors import (ConfigError, IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
 from graceful_ray.models.factory import ModelSpec, build_model
-from graceful_ray.models.formats import formats, rebuild
-from graceful_ray.registry.manifest import (RESERVED_FILES, Manifest, utc_now,
+from graceful_ray.models.formats import rebuild
+from graceful_ray.registry.manifest import (RESERVED_FILES, Manifest, formats, utc_now,
                                             valid_name, valid_relpath)
 from graceful_ray.storage import Location, Staged, resolve
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import textwrap
 
 from graceful_ray.keyvalue import parse_kv
+from graceful_ray.methods import catalog
 from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig
 
 logger = logging.getLogger(__name__)
@@ -18,7 +21,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="model factory argument, e.g. channels=64 (repeatable)")
     p.add_argument("--method", default="plain",
-                   help="training objective, composable with '+': plain, bct, l2, fd, fd-kl, fd-lm, kd, elodi, bct+fd")
+                   help=f"training objective, composable with '+' (e.g. bct+fd): {', '.join(catalog.names())}")
     p.add_argument("--hp", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. fd_lambda=1 fd_beta=5 bct_lambda=1 (repeatable)")
     p.add_argument("--old", help="the old model as NAME@VERSION or NAME@ALIAS (omit to train a first version)")
@@ -112,11 +115,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _width() -> int:
+    return max(shutil.get_terminal_size().columns - 2, 40)  # what argparse wraps the options to
+
+
+def methods_help() -> str:
+    """The method list of ``train --help``: each declared method, its help line and
+    its hyperparameters with their defaults (from the methods' own declarations)."""
+    infos = list(catalog.declared().values())
+    pad = max(len(i.name) for i in infos) + 4
+    width = _width()
+    lines = textwrap.wrap("methods (--method NAME, several joined by '+'; hyperparameters with --hp NAME=VALUE; "
+                          f"methods from other modules with ${catalog.MODULES_ENV}=module,...):", width)
+    for i in infos:
+        text = i.help
+        if i.hyperparameters:
+            text += " [" + ", ".join(f"{k}={v!r}" for k, v in i.hyperparameters.items()) + "]"
+        lines += textwrap.wrap(text, width, initial_indent=f"  {i.name:<{pad - 2}}", subsequent_indent=" " * pad)
+    return "\n".join(lines)
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a new model compatible with an old one (Ray Train)",
-        description="Train a model on Ray Train with a compatibility objective and publish it to the "
-                    "registry with its lineage. Re-using --run-name resumes that run.")
+        description=textwrap.fill("Train a model on Ray Train with a compatibility objective and publish it to "
+                                  "the registry with its lineage. Re-using --run-name resumes that run.", _width()),
+        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.add_argument("--alias", help="point this registry alias (e.g. production) at the new version")
     p.set_defaults(func=run_train)

@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.methods import catalog
 from graceful_ray.train.config import LR_SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
                         "tradeoff: search across methods (--methods), their weights and the lr schedule, with plain "
                         "always among the trials")
     g.add_argument("--methods", default=None, metavar="A,B",
-                   help="the methods a search across methods chooses from (default: fd,new-error,elodi; "
-                        "plain is always added)")
+                   help="the methods a search across methods chooses from (default: "
+                        f"{','.join(i.name for i in catalog.tradeoff_methods())}; plain is always added)")
     g.add_argument("--init-from-old", action="store_true",
                    help="warm start every trial from --old's weights (same --model and --model-arg)")
     g.add_argument("--model", default="cnn1d", help="zoo model (for --search edge: the small-model family)")

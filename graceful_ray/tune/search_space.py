@@ -13,9 +13,12 @@ sampled value goes in the :class:`~graceful_ray.train.config.UpgradeConfig`:
 
 Spaces compose with ``+``, so the trade-off search is
 ``for_method("fd") + learning_rate()`` and the edge search is
-``architecture("cnn1d", embedding_dim=64) + for_method("bct")``. Defaults
-per method are in :data:`METHOD_SPACES`; any range can be replaced from the
-command line as ``NAME=KIND:LOW:HIGH`` (see :meth:`Param.parse`).
+``architecture("cnn1d", embedding_dim=64) + for_method("bct")``. The default
+ranges of a method, and whether and how it takes part in the search across
+methods, are declared in the method's own file (``METHOD_INFO``, read through
+:mod:`graceful_ray.methods.catalog`); this module has no per-method knowledge.
+Any range can be replaced from the command line as ``NAME=KIND:LOW:HIGH`` (see
+:meth:`Param.parse`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.methods import catalog
 
 KINDS = ("loguniform", "uniform", "int", "choice")
 MODEL_PREFIX = "model."
@@ -125,35 +129,9 @@ def _scalar(text: str) -> Any:
     return text
 
 
-#: Default ranges per method (by hyperparameter prefix). Distillation weights
-#: span six decades on purpose: the useful scale of logit matching depends on
-#: the old model's logit magnitude (``sum_k z_k^2`` is ~2,000 for a cnn1d
-#: trained to convergence on MNIST-1D, so the paper's lambda = 1 is already far
-#: too strong there; see benchmarks/results/tune_tradeoff.md), and the point of
-#: the search is to find where NFR falls and where accuracy starts to pay.
-METHOD_SPACES: dict[str, tuple[Param, ...]] = {
-    "fd": (Param("fd_lambda", "loguniform", 1e-5, 10.0), Param("fd_beta", "uniform", 0.0, 10.0)),
-    "bct": (Param("bct_lambda", "loguniform", 0.1, 10.0),),
-    "l2": (Param("l2_lambda", "loguniform", 1e-4, 10.0),),
-    "kd": (Param("kd_lambda", "loguniform", 1e-5, 10.0),),
-    "elodi": (Param("elodi_lambda", "loguniform", 0.01, 10.0), Param("elodi_xi", "uniform", 0.1, 1.0)),
-    "ne": (Param("ne_lambda", "loguniform", 0.1, 10.0), Param("ne_kind", "choice", choices=("weighted", "strict"))),
-}
-
-#: The default trade-off search: these methods (and plain, always), each with the
-#: ranges where it lowered flips in benchmarks/results/upgrade_methods.md, and the
-#: lr schedule (it decides how many flips there are to remove: the retrain-const
-#: rows there). Focal distillation on standardized logits: raw logit matching
-#: fought cross-entropy on every MNIST-1D scenario.
-ACROSS_METHODS: dict[str, tuple[tuple[Param, ...], dict[str, Any]]] = {
-    "fd": ((Param("fd_lambda", "loguniform", 0.01, 3.0), Param("fd_beta", "uniform", 0.0, 10.0)),
-           {"fd_kind": "lm-std"}),
-    "new-error": (METHOD_SPACES["ne"], {}),
-    "elodi": (METHOD_SPACES["elodi"], {}),
-}
+#: The lr schedules the default search across methods tries: the schedule decides how
+#: many flips there are to remove (the retrain-const rows of benchmarks/results/upgrade_methods.md).
 SCHEDULES = ("cosine", "constant")
-#: Temperature only matters for KL distillation (the paper needs T ~ 100).
-KL_TEMPERATURE = Param("fd_temperature", "loguniform", 1.0, 200.0)
 
 #: Architecture ranges of the small (edge) models, per zoo model.
 ARCH_SPACES: dict[str, tuple[Param, ...]] = {
@@ -283,48 +261,51 @@ def _plain(value: Any) -> Any:
 def for_method(method: str, fixed_hparams: dict[str, Any] | None = None) -> SearchSpace:
     """Default ranges for every part of ``method`` (``fd``, ``bct``, ``bct+fd`` ...).
 
-    Hyperparameters given in ``fixed_hparams`` (e.g. ``fd_kind=kl`` or a pinned
-    ``fd_beta``) are not searched. The KL temperature is searched only when the
-    distillation is KL (``fd-kl``, or ``fd`` with ``fd_kind=kl``).
+    Each method's ranges are its declared ``space``, plus the ``space_if`` blocks
+    that ``fixed_hparams`` select (``fd`` with ``fd_kind=kl`` also searches the KL
+    temperature). Hyperparameters given in ``fixed_hparams`` (e.g. ``fd_kind=kl``
+    or a pinned ``fd_beta``) are not searched.
     """
-    from graceful_ray.methods import METHODS, parse_spec
+    from graceful_ray.methods import parse_spec  # torch: the registry imports the method modules
 
     fixed = dict(fixed_hparams or {})
     space = SearchSpace(fixed=fixed)
     for name in parse_spec(method):
-        prefix = METHODS[name].prefix
-        params = list(METHOD_SPACES.get(prefix, ()))
-        if prefix == "fd" and (name == "fd-kl" or fixed.get("fd_kind") == "kl"):
-            params.append(KL_TEMPERATURE)
-        if not params:
-            lam = f"{prefix}_lambda" if prefix else None
-            if lam and lam in METHODS[name].hyperparameter_names():
-                params.append(Param(lam, "loguniform", 0.01, 10.0))
-        for p in params:
-            if p.name not in fixed:
-                space = space + SearchSpace({p.name: p})
+        info = catalog.info(name)  # None: a class registered in-process without a declaration
+        ranges = info.search_ranges(fixed) if info is not None else {}
+        for pname, text in ranges.items():
+            if pname not in fixed:
+                space = space + SearchSpace({pname: Param.parse(pname, text)})
     return space
+
+
+def tradeoff_methods() -> tuple[str, ...]:
+    """The methods the default search across methods chooses from (besides plain), in order."""
+    return tuple(i.name for i in catalog.tradeoff_methods())
 
 
 def across_methods(methods: tuple[str, ...] | None = None, fixed_hparams: dict[str, Any] | None = None, *,
                    schedules: tuple[str, ...] = SCHEDULES) -> SearchSpace:
     """The default trade-off search: which method (plain always among them), its weights, the lr schedule.
 
-    ``methods`` are keys of :data:`ACROSS_METHODS` (default: all of them). Every
-    trial samples every range, and :meth:`SearchSpace.apply` keeps the ones its
-    method takes. ``fixed_hparams`` (``--hp``) pin values as in :func:`for_method`.
+    ``methods`` are methods that declare a ``tradeoff`` (default: all of them, in
+    their declared order). Every trial samples every range, and
+    :meth:`SearchSpace.apply` keeps the ones its method takes. ``fixed_hparams``
+    (``--hp``) pin values as in :func:`for_method`.
     """
-    names = tuple(methods) if methods else tuple(ACROSS_METHODS)
-    unknown = [m for m in names if m not in ACROSS_METHODS]
+    declared = {i.name: i.tradeoff for i in catalog.tradeoff_methods()}
+    names = tuple(methods) if methods else tuple(declared)
+    unknown = [m for m in names if m not in declared]
     if unknown:
         raise ConfigError(f"no default search range for {unknown}; the search across methods knows "
-                          f"{sorted(ACROSS_METHODS)} (or pass --method for a one-method search)")
+                          f"{sorted(declared)} (or pass --method for a one-method search)")
     fixed = dict(fixed_hparams or {})
     space = SearchSpace({METHOD_KEY: Param(METHOD_KEY, "choice", choices=(PLAIN, *names))})
     for name in names:
-        params, pinned = ACROSS_METHODS[name]
-        space = space + SearchSpace({p.name: p for p in params if p.name not in fixed},
-                                    {k: v for k, v in pinned.items() if k not in fixed})
+        tradeoff = declared[name]
+        assert tradeoff is not None
+        space = space + SearchSpace({k: Param.parse(k, v) for k, v in tradeoff.space.items() if k not in fixed},
+                                    {k: v for k, v in tradeoff.fixed.items() if k not in fixed})
     if len(schedules) > 1:
         space = space + SearchSpace({SCHEDULE_KEY: Param(SCHEDULE_KEY, "choice", choices=tuple(schedules))})
     return SearchSpace(space.params, {**space.fixed, **fixed})

@@ -78,6 +78,16 @@ from graceful_ray.methods.base import (MethodBatch, UpgradeContext, UpgradeMetho
 from graceful_ray.methods.registry import register_method
 from graceful_ray.models.formats import register_format
 
+# Read by graceful_ray/methods/catalog.py without importing this file (a plain literal).
+METHOD_INFO = {
+    "lqf": {"help": "linear quadratic fine-tuning: the linearized network, a squared loss and K-FAC "
+                    "(use leaky-ReLU backbones)",
+            "hyperparameters": {"lqf_kfac": True, "lqf_damping": 1e-2, "lqf_update_every": 10,
+                                "lqf_target_scale": 1.0, "lqf_layers": "all", "lqf_momentum": 0.9,
+                                "lqf_init": "parent", "lqf_registry": "", "lqf_export_format": "linearized",
+                                "lqf_head_scale": "auto"}},
+}
+
 EXPORT_FORMATS = ("linearized", "network")
 # How the registry rebuilds what LQF publishes: the network it linearizes around
 # plus the displacement (see LQF.export).
