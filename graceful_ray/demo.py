@@ -14,13 +14,14 @@ service is always deployed afresh, with a new comparison log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from typing import Any
 
 from graceful_ray.keyvalue import parse_gates
+from graceful_ray.metrics.tables import side_by_side
+from graceful_ray.serve.client import ShadowClient
 from graceful_ray.serve.report_text import format_shadow_report
 
 logger = logging.getLogger(__name__)
@@ -344,7 +345,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     for line in relaxed_gates(gates):
         print(f"    {line}")
     try:
-        outcome = _traffic_and_cutover(args, base, token, data, registry_root, load_split)
+        outcome = _traffic_and_cutover(args, ShadowClient(base, token), data, registry_root, load_split)
         if args.keep_serving:
             _wait_while_serving(base, token)
     finally:
@@ -358,7 +359,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     return outcome, where
 
 
-def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: str, registry_root: str,
+def _traffic_and_cutover(args: argparse.Namespace, client: ShadowClient, data: str, registry_root: str,
                          load_split) -> str:
     from graceful_ray.registry import Registry
 
@@ -368,9 +369,7 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
     ids: list[str] = []
     t0 = time.perf_counter()
     for start in range(0, len(flat), args.batch):
-        status, body = _http("POST", f"{base}/v1/predict", {"inputs": flat[start:start + args.batch].tolist()})
-        if status != 200:
-            raise RuntimeError(f"POST /v1/predict answered {status}: {body}")
+        body = client.predict(flat[start:start + args.batch].tolist())
         ids += [p["request_id"] for p in body["predictions"]]
         if start == 0:
             first = [p["decision"] for p in body["predictions"][:8]]
@@ -378,14 +377,11 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
     sent_s = time.perf_counter() - t0
     print(f"    POST /v1/predict: {len(ids)} rows in {-(-len(flat) // args.batch)} requests of up to "
           f"{args.batch}, {sent_s:.1f}s ({len(ids) / max(sent_s, 1e-9):.0f} rows/s)")
-    _wait_for_records(base, len(ids))  # every row compared (or its shadow error recorded)
+    client.wait_for_records(len(ids))  # every row compared (or its shadow error recorded)
     flips = {"negative": 0, "positive": 0}
     for start in range(0, len(ids), 1000):  # delayed labels, in batches
-        chunk = [{"request_id": i, "label": int(lbl)}
-                 for i, lbl in zip(ids[start:start + 1000], y[start:start + 1000])]
-        status, body = _http("POST", f"{base}/v1/feedback", {"labels": chunk})
-        if status != 200 or set(body["status_counts"]) != {"200"}:
-            raise RuntimeError(f"POST /v1/feedback answered {status}: {str(body)[:500]}")
+        body = client.feedback([{"request_id": i, "label": int(lbl)}
+                                for i, lbl in zip(ids[start:start + 1000], y[start:start + 1000])])
         for r in body["results"]:
             if r.get("flip") in flips:
                 flips[r["flip"]] += 1
@@ -393,9 +389,7 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
           "positive flips among them")
 
     _step(8, "the gate report (GET /v1/shadow/report), then POST /v1/admin/cutover")
-    status, report = _http("GET", f"{base}/v1/shadow/report")
-    if status != 200:
-        raise RuntimeError(f"GET /v1/shadow/report answered {status}: {report}")
+    report = client.report()
     print(format_shadow_report(report, sent=len(ids)))
     gates_pass = bool(report["gates"]["passed"])
     force = bool(args.force_cutover) and not gates_pass
@@ -403,9 +397,8 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
         print("    the gates fail; asking for the cutover anyway " + (
             "with force (--force-cutover: the service records it as forced)" if force
             else "without force, so the service must refuse it"))
-    status, body = _http("POST", f"{base}/v1/admin/cutover",
-                         {"force": force, "reason": "graceful-ray demo" + (" (--force-cutover)" if force else "")},
-                         token=token)
+    status, body = client.cutover(force=force,
+                                  reason="graceful-ray demo" + (" (--force-cutover)" if force else ""))
     print(f"    POST /v1/admin/cutover -> {status}: {body.get('detail', body)}")
     production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
     if status != 200:
@@ -416,26 +409,13 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
         print(f"    ERROR: the service cut over but the registry's production alias is {production}, "
               f"not {report['candidate']}")
         return "failed"
-    _, after = _http("POST", f"{base}/v1/predict", {"input": flat[0].tolist()})
+    after = client.predict_one(flat[0].tolist())
     # This request is recorded too: the log (and `shadow replay` over it) holds one
     # more request than the traffic above.
     print(f"    registry: production -> {production} (was {report['baseline']}); the next request "
           f"(the log's {len(ids) + 1}th) is answered by {after.get('model')}, and {report['baseline']} "
           "keeps running as the shadow (POST /v1/admin/rollback undoes it at once)")
     return "forced" if force else "done"
-
-
-def _wait_for_records(base: str, n: int, timeout_s: float = 120.0) -> dict[str, Any]:
-    """The report once every row sent has its record (both answers, or the shadow's error)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status, report = _http("GET", f"{base}/v1/shadow/report")
-        if status == 200 and report["requests"] >= n and report.get("in_flight", 0) == 0:
-            return report
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"after {timeout_s:.0f}s the service has recorded "
-                               f"{report.get('requests') if status == 200 else '?'} of {n} rows")
-        time.sleep(0.5)
 
 
 def _demo_gates(flip_budget: float) -> dict[str, Any]:
@@ -496,29 +476,6 @@ def _wait_while_serving(base: str, token: str) -> None:
         print("\n    Ctrl-C: shutting Serve down")
 
 
-def _http(method: str, url: str, body: Any = None, *, token: str | None = None,
-          timeout: float = 120.0) -> tuple[int, Any]:
-    """``(status, parsed JSON body)``; the standard library only, so the demo needs no HTTP client."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    try:
-        with opener.open(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else {}
-    except ValueError:
-        return status, {"detail": raw.decode(errors="replace")[:500]}
-
-
 def _free_port() -> int:
     import socket
 
@@ -534,33 +491,6 @@ def _ray_dashboard_url() -> str | None:
         return get_dashboard_url() or None
     except Exception:  # noqa: BLE001 - Ray not started, or started without the dashboard
         return None
-
-
-def side_by_side(reports: dict[str, dict[str, Any]]) -> str:
-    labels = list(reports)
-    lines = [f"    {'':<22}" + "".join(f"{l:>16}" for l in labels)]
-
-    def row(name: str, get) -> None:
-        vals = []
-        for label in labels:
-            try:
-                vals.append(get(reports[label]))
-            except (KeyError, TypeError):
-                vals.append("-")
-        lines.append(f"    {name:<22}" + "".join(f"{v:>16}" for v in vals))
-
-    def rate(key):
-        return lambda r: f"{100 * r['flips']['metrics'][key]['value']:.2f}%"
-
-    row("error rate old", rate("error_rate_old"))
-    row("error rate new", rate("error_rate_new"))
-    row("NFR", rate("nfr"))
-    row("NFR 95% upper", lambda r: f"{100 * r['flips']['metrics']['nfr']['high']:.2f}%")
-    row("PFR", rate("pfr"))
-    row("M(new,old) top-1", lambda r: f"{r['retrieval']['m_new_old']['top1']:.4f}")
-    row("M(old,old) top-1", lambda r: f"{r['retrieval']['m_old_old']['top1']:.4f}")
-    row("compatible", lambda r: str(r["retrieval"]["compatible_top1"]))
-    return "\n".join(lines)
 
 
 def add_parser(subparsers) -> None:
