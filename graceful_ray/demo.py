@@ -4,8 +4,9 @@ The first thing a new user runs. Each step says what it does and why: data,
 v1, v2 plain and compatible, the side-by-side flip report, a small Ray Tune
 trade-off search that publishes a candidate under a flip budget, the candidate
 in shadow mode on Ray Serve with the test split replayed over HTTP and its
-labels posted later, the gate report and the cutover, and where the plots,
-TensorBoard logs and dashboards are. A second run reuses what the first one
+labels posted later, the gate report and the cutover, and where the plots and
+TensorBoard logs are (the Ray and Serve dashboards' links are printed when they
+start, "while the demo runs": they stop with it). A second run reuses what the first one
 built (the dataset, every model whose run already finished and was published,
 and a finished search), so it is quick to re-run after a change; the shadow
 service is always deployed afresh, with a new comparison log.
@@ -145,6 +146,11 @@ def run_demo(args: argparse.Namespace) -> int:
     ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    dashboard = _ray_dashboard_url()
+    if dashboard:  # a local Ray's dashboard ends with the demo: say so where the link is printed
+        print(f"    Ray dashboard: http://{dashboard} " + ("(the cluster's)" if joined else
+              "while the demo runs (Train runs, Tune trials, Serve replicas; --keep-serving keeps it up)"))
     registry = Registry(registry_root)
     common = dict(data=data, registry=registry_root, storage=storage, name=MODEL_NAME, epochs=args.epochs,
                   cpus_per_worker=1.0, workers=1, max_failures=1)
@@ -192,9 +198,7 @@ def run_demo(args: argparse.Namespace) -> int:
         where.update(serve_where)
 
     _step(9, "where everything is")
-    dashboard = _ray_dashboard_url()
-    where["Ray dashboard"] = f"http://{dashboard}" if dashboard else \
-        "not running (started without it: --no-dashboard, or joined a cluster without one)"
+    where["Ray dashboard"] = ray_dashboard_after(dashboard, joined)
     where["registry"] = f"{registry_root} (graceful-ray registry list --registry {registry_root})"
     for what, at in where.items():
         print(f"    {what + ':':<24}{at}")
@@ -341,6 +345,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(config, timeout_s=300)
     print(f"    deployed in {time.perf_counter() - t0:.0f}s on {base} (comparison log {storage})")
+    print(f"    Serve dashboard: {base}/dashboard while the demo runs (--keep-serving keeps it up)")
     print(f"    gates: {', '.join(f'{k}={v}' for k, v in gates.to_dict().items())}")
     for line in relaxed_gates(gates):
         print(f"    {line}")
@@ -355,7 +360,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
         print(f"    application {config.app_name!r} deleted"
               + ("" if args.keep_serving else " (--keep-serving leaves it up until Ctrl-C)"))
     where = {"shadow comparison log": storage,
-             "Serve dashboard": f"{base}/dashboard" + ("" if args.keep_serving else " (while serving)")}
+             "Serve dashboard": "deleted with the application (step 6 printed it; --keep-serving keeps it up)"}
     return outcome, where
 
 
@@ -469,6 +474,9 @@ def _wait_while_serving(base: str, token: str) -> None:
     print(f"      curl -s -X POST {base}/v1/admin/rollback -H 'Authorization: Bearer {token}' "
           "-H 'Content-Type: application/json' -d '{\"reason\": \"trying rollback\"}'")
     print(f"      open {base}/dashboard")
+    dashboard = _ray_dashboard_url()
+    if dashboard:
+        print(f"      open http://{dashboard}  (Ray's dashboard: the replicas, the Train and Tune runs)")
     try:
         while True:
             time.sleep(3600)
@@ -482,6 +490,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_dashboard_after(url: str | None, joined: bool) -> str:
+    """What the closing summary says of the Ray dashboard at ``url`` (``host:port``): a
+    link only where it still works after the demo, a cluster's that it joined."""
+    if not url:
+        return "none (started without it: --no-dashboard, or joined a cluster without one)"
+    if joined:
+        return f"http://{url} (the cluster's; it outlives the demo)"
+    return "stopped with the demo's Ray (step 1 printed it; --keep-serving keeps it up)"
 
 
 def _ray_dashboard_url() -> str | None:

@@ -129,3 +129,12 @@ def test_upgrade_reports_side_by_side_show_a_dash_where_one_has_no_value():
     rows = {ln[:26].strip(): ln[26:].split() for ln in lines[1:]}
     assert rows["NFR"] == ["2.00%", "1.00%"] and rows["NFR 95% upper"] == ["3.00%", "2.00%"]
     assert rows["M(new,old) top-1"] == ["-", "0.7500"] and rows["M(old,old) top-1"] == ["0.5000", "0.5000"]
+
+
+def test_the_closing_summary_prints_no_link_to_a_dashboard_that_stops_with_the_demo():
+    from graceful_ray.demo import ray_dashboard_after
+
+    local = ray_dashboard_after("127.0.0.1:8265", joined=False)
+    assert "http" not in local and "stopped with the demo" in local
+    assert ray_dashboard_after("10.0.0.1:8265", joined=True).startswith("http://10.0.0.1:8265 ")
+    assert "http" not in ray_dashboard_after(None, joined=False)
