@@ -143,7 +143,7 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
+    started = ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
@@ -194,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.skip_serve:
         print("\n    (--skip-serve: no shadow deployment and no cutover)")
     else:
-        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate)
+        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate, started_local_ray=started)
         where.update(serve_where)
 
     _step(9, "where everything is")
@@ -310,7 +310,7 @@ def _finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] |
 
 # ------------------------------------------------------------------ serve
 def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, production: str,
-           candidate: str) -> tuple[str, dict[str, str]]:
+           candidate: str, *, started_local_ray: bool) -> tuple[str, dict[str, str]]:
     """Shadow the candidate behind production on Ray Serve, replay the test split, gate, cut over.
 
     Returns the cutover outcome (``done``, ``refused``, ``failed``) and URLs.
@@ -320,6 +320,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     from ray import serve
 
     from graceful_ray.data import load_split
+    from graceful_ray.raycluster import end_serve
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
 
@@ -355,8 +356,8 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
             _wait_while_serving(base, token)
     finally:
         serve.delete(config.app_name)  # writes the last records to Parquet
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
-            serve.shutdown()  # a cluster we joined keeps Serve (and its other applications)
+        # a cluster we joined keeps Serve (and its other applications); a local Ray ends here
+        end_serve(started_local_ray=started_local_ray, joined=bool(args.address or os.environ.get("RAY_ADDRESS")))
         print(f"    application {config.app_name!r} deleted"
               + ("" if args.keep_serving else " (--keep-serving leaves it up until Ctrl-C)"))
     where = {"shadow comparison log": storage,
