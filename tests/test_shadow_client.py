@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 
@@ -15,7 +16,7 @@ from graceful_ray.serve.client import ServiceError, ShadowClient, call
 class _Service(BaseHTTPRequestHandler):
     """Answers like the shadow service's routes; records every request it saw."""
 
-    seen: list[tuple[str, str, str | None, object]] = []
+    seen: ClassVar[list[tuple[str, str, str | None, object]]] = []
     recorded = 0
 
     def _answer(self, status: int, body: object, raw: bytes | None = None) -> None:
