@@ -143,7 +143,7 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    started = ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
+    local_ray = ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
@@ -194,7 +194,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.skip_serve:
         print("\n    (--skip-serve: no shadow deployment and no cutover)")
     else:
-        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate, started_local_ray=started)
+        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate, started_local_ray=local_ray)
         where.update(serve_where)
 
     _step(9, "where everything is")
