@@ -4,8 +4,9 @@ The first thing a new user runs. Each step says what it does and why: data,
 v1, v2 plain and compatible, the side-by-side flip report, a small Ray Tune
 trade-off search that publishes a candidate under a flip budget, the candidate
 in shadow mode on Ray Serve with the test split replayed over HTTP and its
-labels posted later, the gate report and the cutover, and where the plots,
-TensorBoard logs and dashboards are. A second run reuses what the first one
+labels posted later, the gate report and the cutover, and where the plots and
+TensorBoard logs are (the Ray and Serve dashboards' links are printed when they
+start, "while the demo runs": they stop with it). A second run reuses what the first one
 built (the dataset, every model whose run already finished and was published,
 and a finished search), so it is quick to re-run after a change; the shadow
 service is always deployed afresh, with a new comparison log.
@@ -14,13 +15,14 @@ service is always deployed afresh, with a new comparison log.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from typing import Any
 
 from graceful_ray.keyvalue import parse_gates
+from graceful_ray.metrics.tables import side_by_side
+from graceful_ray.serve.client import ShadowClient
 from graceful_ray.serve.report_text import format_shadow_report
 
 logger = logging.getLogger(__name__)
@@ -141,9 +143,14 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
+    local_ray = ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    dashboard = _ray_dashboard_url()
+    if dashboard:  # a local Ray's dashboard ends with the demo: say so where the link is printed
+        print(f"    Ray dashboard: http://{dashboard} " + ("(the cluster's)" if joined else
+              "while the demo runs (Train runs, Tune trials, Serve replicas; --keep-serving keeps it up)"))
     registry = Registry(registry_root)
     common = dict(data=data, registry=registry_root, storage=storage, name=MODEL_NAME, epochs=args.epochs,
                   cpus_per_worker=1.0, workers=1, max_failures=1)
@@ -187,13 +194,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.skip_serve:
         print("\n    (--skip-serve: no shadow deployment and no cutover)")
     else:
-        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate)
+        outcome, serve_where = _serve(args, root, data, registry_root, v1, candidate, started_local_ray=local_ray)
         where.update(serve_where)
 
     _step(9, "where everything is")
-    dashboard = _ray_dashboard_url()
-    where["Ray dashboard"] = f"http://{dashboard}" if dashboard else \
-        "not running (started without it: --no-dashboard, or joined a cluster without one)"
+    where["Ray dashboard"] = ray_dashboard_after(dashboard, joined)
     where["registry"] = f"{registry_root} (graceful-ray registry list --registry {registry_root})"
     for what, at in where.items():
         print(f"    {what + ':':<24}{at}")
@@ -305,7 +310,7 @@ def _finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] |
 
 # ------------------------------------------------------------------ serve
 def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, production: str,
-           candidate: str) -> tuple[str, dict[str, str]]:
+           candidate: str, *, started_local_ray: bool) -> tuple[str, dict[str, str]]:
     """Shadow the candidate behind production on Ray Serve, replay the test split, gate, cut over.
 
     Returns the cutover outcome (``done``, ``refused``, ``failed``) and URLs.
@@ -315,6 +320,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     from ray import serve
 
     from graceful_ray.data import load_split
+    from graceful_ray.raycluster import end_serve
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
 
@@ -340,25 +346,26 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(config, timeout_s=300)
     print(f"    deployed in {time.perf_counter() - t0:.0f}s on {base} (comparison log {storage})")
+    print(f"    Serve dashboard: {base}/dashboard while the demo runs (--keep-serving keeps it up)")
     print(f"    gates: {', '.join(f'{k}={v}' for k, v in gates.to_dict().items())}")
     for line in relaxed_gates(gates):
         print(f"    {line}")
     try:
-        outcome = _traffic_and_cutover(args, base, token, data, registry_root, load_split)
+        outcome = _traffic_and_cutover(args, ShadowClient(base, token), data, registry_root, load_split)
         if args.keep_serving:
             _wait_while_serving(base, token)
     finally:
         serve.delete(config.app_name)  # writes the last records to Parquet
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
-            serve.shutdown()  # a cluster we joined keeps Serve (and its other applications)
+        # a cluster we joined keeps Serve (and its other applications); a local Ray ends here
+        end_serve(started_local_ray=started_local_ray, joined=bool(args.address or os.environ.get("RAY_ADDRESS")))
         print(f"    application {config.app_name!r} deleted"
               + ("" if args.keep_serving else " (--keep-serving leaves it up until Ctrl-C)"))
     where = {"shadow comparison log": storage,
-             "Serve dashboard": f"{base}/dashboard" + ("" if args.keep_serving else " (while serving)")}
+             "Serve dashboard": "deleted with the application (step 6 printed it; --keep-serving keeps it up)"}
     return outcome, where
 
 
-def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: str, registry_root: str,
+def _traffic_and_cutover(args: argparse.Namespace, client: ShadowClient, data: str, registry_root: str,
                          load_split) -> str:
     from graceful_ray.registry import Registry
 
@@ -368,9 +375,7 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
     ids: list[str] = []
     t0 = time.perf_counter()
     for start in range(0, len(flat), args.batch):
-        status, body = _http("POST", f"{base}/v1/predict", {"inputs": flat[start:start + args.batch].tolist()})
-        if status != 200:
-            raise RuntimeError(f"POST /v1/predict answered {status}: {body}")
+        body = client.predict(flat[start:start + args.batch].tolist())
         ids += [p["request_id"] for p in body["predictions"]]
         if start == 0:
             first = [p["decision"] for p in body["predictions"][:8]]
@@ -378,14 +383,11 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
     sent_s = time.perf_counter() - t0
     print(f"    POST /v1/predict: {len(ids)} rows in {-(-len(flat) // args.batch)} requests of up to "
           f"{args.batch}, {sent_s:.1f}s ({len(ids) / max(sent_s, 1e-9):.0f} rows/s)")
-    _wait_for_records(base, len(ids))  # every row compared (or its shadow error recorded)
+    client.wait_for_records(len(ids))  # every row compared (or its shadow error recorded)
     flips = {"negative": 0, "positive": 0}
     for start in range(0, len(ids), 1000):  # delayed labels, in batches
-        chunk = [{"request_id": i, "label": int(lbl)}
-                 for i, lbl in zip(ids[start:start + 1000], y[start:start + 1000])]
-        status, body = _http("POST", f"{base}/v1/feedback", {"labels": chunk})
-        if status != 200 or set(body["status_counts"]) != {"200"}:
-            raise RuntimeError(f"POST /v1/feedback answered {status}: {str(body)[:500]}")
+        body = client.feedback([{"request_id": i, "label": int(lbl)}
+                                for i, lbl in zip(ids[start:start + 1000], y[start:start + 1000])])
         for r in body["results"]:
             if r.get("flip") in flips:
                 flips[r["flip"]] += 1
@@ -393,9 +395,7 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
           "positive flips among them")
 
     _step(8, "the gate report (GET /v1/shadow/report), then POST /v1/admin/cutover")
-    status, report = _http("GET", f"{base}/v1/shadow/report")
-    if status != 200:
-        raise RuntimeError(f"GET /v1/shadow/report answered {status}: {report}")
+    report = client.report()
     print(format_shadow_report(report, sent=len(ids)))
     gates_pass = bool(report["gates"]["passed"])
     force = bool(args.force_cutover) and not gates_pass
@@ -403,9 +403,8 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
         print("    the gates fail; asking for the cutover anyway " + (
             "with force (--force-cutover: the service records it as forced)" if force
             else "without force, so the service must refuse it"))
-    status, body = _http("POST", f"{base}/v1/admin/cutover",
-                         {"force": force, "reason": "graceful-ray demo" + (" (--force-cutover)" if force else "")},
-                         token=token)
+    status, body = client.cutover(force=force,
+                                  reason="graceful-ray demo" + (" (--force-cutover)" if force else ""))
     print(f"    POST /v1/admin/cutover -> {status}: {body.get('detail', body)}")
     production = Registry(registry_root).get(f"{MODEL_NAME}@production").ref
     if status != 200:
@@ -416,26 +415,13 @@ def _traffic_and_cutover(args: argparse.Namespace, base: str, token: str, data: 
         print(f"    ERROR: the service cut over but the registry's production alias is {production}, "
               f"not {report['candidate']}")
         return "failed"
-    _, after = _http("POST", f"{base}/v1/predict", {"input": flat[0].tolist()})
+    after = client.predict_one(flat[0].tolist())
     # This request is recorded too: the log (and `shadow replay` over it) holds one
     # more request than the traffic above.
     print(f"    registry: production -> {production} (was {report['baseline']}); the next request "
           f"(the log's {len(ids) + 1}th) is answered by {after.get('model')}, and {report['baseline']} "
           "keeps running as the shadow (POST /v1/admin/rollback undoes it at once)")
     return "forced" if force else "done"
-
-
-def _wait_for_records(base: str, n: int, timeout_s: float = 120.0) -> dict[str, Any]:
-    """The report once every row sent has its record (both answers, or the shadow's error)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status, report = _http("GET", f"{base}/v1/shadow/report")
-        if status == 200 and report["requests"] >= n and report.get("in_flight", 0) == 0:
-            return report
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"after {timeout_s:.0f}s the service has recorded "
-                               f"{report.get('requests') if status == 200 else '?'} of {n} rows")
-        time.sleep(0.5)
 
 
 def _demo_gates(flip_budget: float) -> dict[str, Any]:
@@ -489,34 +475,14 @@ def _wait_while_serving(base: str, token: str) -> None:
     print(f"      curl -s -X POST {base}/v1/admin/rollback -H 'Authorization: Bearer {token}' "
           "-H 'Content-Type: application/json' -d '{\"reason\": \"trying rollback\"}'")
     print(f"      open {base}/dashboard")
+    dashboard = _ray_dashboard_url()
+    if dashboard:
+        print(f"      open http://{dashboard}  (Ray's dashboard: the replicas, the Train and Tune runs)")
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\n    Ctrl-C: shutting Serve down")
-
-
-def _http(method: str, url: str, body: Any = None, *, token: str | None = None,
-          timeout: float = 120.0) -> tuple[int, Any]:
-    """``(status, parsed JSON body)``; the standard library only, so the demo needs no HTTP client."""
-    import urllib.error
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    try:
-        with opener.open(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else {}
-    except ValueError:
-        return status, {"detail": raw.decode(errors="replace")[:500]}
 
 
 def _free_port() -> int:
@@ -527,6 +493,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_dashboard_after(url: str | None, joined: bool) -> str:
+    """What the closing summary says of the Ray dashboard at ``url`` (``host:port``): a
+    link only where it still works after the demo, a cluster's that it joined."""
+    if not url:
+        return "none (started without it: --no-dashboard, or joined a cluster without one)"
+    if joined:
+        return f"http://{url} (the cluster's; it outlives the demo)"
+    return "stopped with the demo's Ray (step 1 printed it; --keep-serving keeps it up)"
+
+
 def _ray_dashboard_url() -> str | None:
     try:
         from ray._private.worker import get_dashboard_url
@@ -534,33 +510,6 @@ def _ray_dashboard_url() -> str | None:
         return get_dashboard_url() or None
     except Exception:  # noqa: BLE001 - Ray not started, or started without the dashboard
         return None
-
-
-def side_by_side(reports: dict[str, dict[str, Any]]) -> str:
-    labels = list(reports)
-    lines = [f"    {'':<22}" + "".join(f"{l:>16}" for l in labels)]
-
-    def row(name: str, get) -> None:
-        vals = []
-        for label in labels:
-            try:
-                vals.append(get(reports[label]))
-            except (KeyError, TypeError):
-                vals.append("-")
-        lines.append(f"    {name:<22}" + "".join(f"{v:>16}" for v in vals))
-
-    def rate(key):
-        return lambda r: f"{100 * r['flips']['metrics'][key]['value']:.2f}%"
-
-    row("error rate old", rate("error_rate_old"))
-    row("error rate new", rate("error_rate_new"))
-    row("NFR", rate("nfr"))
-    row("NFR 95% upper", lambda r: f"{100 * r['flips']['metrics']['nfr']['high']:.2f}%")
-    row("PFR", rate("pfr"))
-    row("M(new,old) top-1", lambda r: f"{r['retrieval']['m_new_old']['top1']:.4f}")
-    row("M(old,old) top-1", lambda r: f"{r['retrieval']['m_old_old']['top1']:.4f}")
-    row("compatible", lambda r: str(r["retrieval"]["compatible_top1"]))
-    return "\n".join(lines)
 
 
 def add_parser(subparsers) -> None:

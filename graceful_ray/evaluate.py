@@ -22,6 +22,7 @@ import torch
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import resolve
 from graceful_ray.data import load_split
+from graceful_ray.metrics.tables import format_generations, retrieval_table
 
 logger = logging.getLogger(__name__)
 
@@ -106,24 +107,6 @@ def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: st
     return result
 
 
-def retrieval_table(r: dict[str, Any]) -> str:
-    rows = [("M(old, old)", r["m_old_old"]), ("M(new, new)", r["m_new_new"])]
-    if r.get("m_new_old"):
-        rows.append(("M(new, old)", r["m_new_old"]))
-    if r.get("m_ref_ref"):
-        rows.append((f"M(ref, ref)", r["m_ref_ref"]))
-    lines = ["retrieval (leave-one-out)      top-1    top-5      mAP"]
-    for name, m in rows:
-        lines.append(f"  {name:<27} {m['top1']:7.4f}  {m['top5']:7.4f}  {m['map']:7.4f}")
-    if r.get("m_new_old"):
-        lines.append(f"  compatible (M(new,old) > M(old,old)): top-1 {r['compatible_top1']}, mAP {r['compatible_map']}")
-    if "update_gain_top1" in r:
-        lines.append(f"  update gain: top-1 {r['update_gain_top1']:.3f}, mAP {r['update_gain_map']:.3f}")
-    if r.get("note"):
-        lines.append("  " + r["note"])
-    return "\n".join(lines)
-
-
 def evaluate_generations(data: str, refs: list[str], *, registry_root: str, split: str = "test",
                          metrics: tuple[str, ...] = ("top1", "map")) -> dict[str, Any]:
     """The compatibility matrix ``M(v_i, v_j)`` of generations ``refs`` (oldest first), with AC and AM.
@@ -147,24 +130,6 @@ def evaluate_generations(data: str, refs: list[str], *, registry_root: str, spli
         result[metric] = compatibility_matrix([p.embeddings for p in preds], y, metric=metric,
                                               full=True).to_dict()
     return result
-
-
-def format_generations(result: dict[str, Any]) -> str:
-    refs = result["models"]
-    lines = []
-    for metric in ("top1", "map"):
-        if metric not in result:
-            continue
-        m = result[metric]
-        lines.append(f"M(query, gallery) {metric}: AC = {m['ac']:.3f}, AM = {m['am']:.4f} "
-                     "(rows: query model, columns: gallery model; AC/AM use the lower triangle)")
-        width = max(max(len(r) for r in refs), 7) + 2
-        lines.append(" " * width + "".join(f"{r:>{width}}" for r in refs))
-        for ref, row in zip(refs, m["matrix"]):
-            lines.append(f"{ref:<{width}}" + "".join(f"{v:>{width}.4f}" for v in row))
-        lines.append("")
-    lines.append("embedding spaces: " + ", ".join(f"{r} -> {s}" for r, s in result["spaces"].items()))
-    return "\n".join(lines)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

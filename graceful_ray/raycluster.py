@@ -9,9 +9,22 @@ import os
 logger = logging.getLogger(__name__)
 
 
+#: The logger of Ray's token-auth notice ("Token authentication is enabled for this
+#: Ray cluster ..."), which every command that starts or joins a Ray printed.
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+#: Ray warns ("N PYTHON worker processes have been started ... which is 4x the
+#: maximum expected startup concurrency") once a node's worker processes reach 4x
+#: the number it starts at once, by default the node's cores: 8 on 2 cores, which
+#: the demo's Train, Tune and Serve actors pass by design (fractional-CPU actors).
+#: A local Ray starts at least this many at once, so the warning means 32.
+MIN_STARTUP_CONCURRENCY = 8
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
-               include_dashboard: bool = False, quiet: bool = False) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray.
+               include_dashboard: bool = False, quiet: bool = False) -> bool:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; True
+    when this call started a local Ray (which then ends with this process).
 
     ``include_dashboard`` starts the Ray dashboard with a local Ray (on
     127.0.0.1; the demo does, so a new user can watch the trials and replicas).
@@ -27,21 +40,50 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     import ray
 
     if ray.is_initialized():
-        return
+        return False
+    token_notice = logging.getLogger(TOKEN_NOTICE_LOGGER)
+    if token_notice.level == logging.NOTSET:  # unless a user configured it
+        # Its warning says token auth is on (Ray's default since 2.5x) with a link; the
+        # setting that would silence it, RAY_AUTH_MODE=token, must be set before
+        # `import ray` (set later, it breaks token auth), so the notice is what goes.
+        token_notice.setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=not quiet, **_quiet_init(quiet))
-    else:
-        # Twice the cores as logical CPUs: Train workers with fractional CPUs
-        # must leave room for Ray Data's read tasks or ingest starves.
-        cpus = num_cpus or 2 * (os.cpu_count() or 1)
-        logger.info("starting a local Ray with %d logical CPUs", cpus)
-        with _dashboard_agent_port(agent_port()):
-            ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
-                     log_to_driver=not quiet,
-                     **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}),
-                     **_quiet_init(quiet))
+        return False
+    # Twice the cores as logical CPUs: Train workers with fractional CPUs
+    # must leave room for Ray Data's read tasks or ingest starves.
+    cpus = num_cpus or 2 * (os.cpu_count() or 1)
+    # Ray's own default is the cores (at most the CPUs); only small machines get more.
+    startup = max(MIN_STARTUP_CONCURRENCY, min(os.cpu_count() or 1, cpus))
+    logger.info("starting a local Ray with %d logical CPUs", cpus)
+    with _dashboard_agent_port(agent_port()):
+        ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
+                 log_to_driver=not quiet,
+                 _system_config={"worker_maximum_startup_concurrency": startup},
+                 **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}),
+                 **_quiet_init(quiet))
+    return True
+
+
+def end_serve(*, started_local_ray: bool, joined: bool) -> None:
+    """Stop Serve after a command that deployed its application and deleted it.
+
+    On a local Ray this command started, Ray itself is shut down: it would end
+    with the process anyway, and ``serve.shutdown()`` made Ray print
+    ``Task ServeController.graceful_shutdown failed ... will be retried`` (the
+    controller's intended exit, reported as a failed task; no switch turns the
+    line off). A cluster joined through an address keeps Serve and its other
+    applications; a Ray someone else started in this process loses only Serve.
+    """
+    import ray
+    from ray import serve
+
+    if started_local_ray:
+        ray.shutdown()
+    elif not joined:
+        serve.shutdown()
 
 
 #: The variable cluster/local.sh reads for the same port, so one setting moves both.

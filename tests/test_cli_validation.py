@@ -92,12 +92,32 @@ def test_refusing_train_arguments_imports_neither_torch_nor_ray(dataset, tmp_pat
     """The CLI answers a bad method or a missing dataset at once: it imports only the
     command's module and checks names and the dataset before torch and Ray (each takes
     seconds to import; `train --method bogus` took 10-12 s, then 6 s)."""
+    _refused_without_torch_or_ray(["train", "--data", dataset, "--root", str(tmp_path / "root"), *extra],
+                                  tmp_path, message)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "bogus"], "unknown method 'bogus'"),
+    (["--method", "fd+bogus", "--data", "MISSING"], "unknown method 'bogus'"),
+    (["--methods", "fd,bogus"], "unknown method 'bogus'"),
+    (["--data", "MISSING"], "dataset.json is missing"),
+    (["--val-split", "nosuch"], "no split 'nosuch'"),
+])
+def test_refusing_tune_arguments_imports_neither_torch_nor_ray(dataset, tmp_path, extra, message):
+    """`tune` as `train`: its method names, dataset and splits are checked before the
+    search space and model factory import torch (`tune --method bogus` took 2.8 s)."""
+    _refused_without_torch_or_ray(["tune", "--data", dataset, "--old", "m@v1", "--flip-budget", "0.02",
+                                   "--root", str(tmp_path / "root"), *extra], tmp_path, message)
+
+
+def _refused_without_torch_or_ray(args: list[str], tmp_path, message: str) -> None:
+    """``graceful-ray ARGS`` in a fresh interpreter: exit 2, one error line naming
+    ``message``, and neither torch, Ray nor pandas imported."""
     import json
     import os
     import subprocess
     import sys
 
-    args = ["train", "--data", dataset, "--root", str(tmp_path / "root"), *extra]
     args = [str(tmp_path / "nope") if a == "MISSING" else a for a in args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}

@@ -112,3 +112,29 @@ def test_the_demo_names_its_model_and_data_as_the_readme_s_commands_do(tmp_path)
     data = demo_data_dir(str(tmp_path), args.samples, args.seed)
     assert os.path.basename(data) == "mnist1d" and re.search(r"--data data/mnist1d\b", readme)
     assert demo_data_dir(str(tmp_path), 2000, 0) != data  # another size keeps its own directory
+
+
+def test_upgrade_reports_side_by_side_show_a_dash_where_one_has_no_value():
+    """The demo's step-4 table (graceful_ray.metrics.tables, shared with evaluate): one
+    column per report, and ``-`` for M(new, old) across embedding dims."""
+    from graceful_ray.metrics.tables import side_by_side
+
+    def report(nfr: float, m_new_old):
+        rate = {"value": nfr, "high": nfr + 0.01}
+        return {"flips": {"metrics": {"error_rate_old": rate, "error_rate_new": rate, "nfr": rate, "pfr": rate}},
+                "retrieval": {"m_old_old": {"top1": 0.5}, "m_new_old": m_new_old, "compatible_top1": True}}
+
+    lines = side_by_side({"plain": report(0.02, None), "bct": report(0.01, {"top1": 0.75})}).splitlines()
+    assert lines[0].split() == ["plain", "bct"]
+    rows = {ln[:26].strip(): ln[26:].split() for ln in lines[1:]}
+    assert rows["NFR"] == ["2.00%", "1.00%"] and rows["NFR 95% upper"] == ["3.00%", "2.00%"]
+    assert rows["M(new,old) top-1"] == ["-", "0.7500"] and rows["M(old,old) top-1"] == ["0.5000", "0.5000"]
+
+
+def test_the_closing_summary_prints_no_link_to_a_dashboard_that_stops_with_the_demo():
+    from graceful_ray.demo import ray_dashboard_after
+
+    local = ray_dashboard_after("127.0.0.1:8265", joined=False)
+    assert "http" not in local and "stopped with the demo" in local
+    assert ray_dashboard_after("10.0.0.1:8265", joined=True).startswith("http://10.0.0.1:8265 ")
+    assert "http" not in ray_dashboard_after(None, joined=False)

@@ -175,7 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from graceful_ray.raycluster import ensure_ray
+    from graceful_ray.raycluster import end_serve, ensure_ray
     from graceful_ray.serve.app import deploy
     from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 
@@ -191,7 +191,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.info("%s", choose_ingress(args.python_proxy))
     else:
         log.info("%s", cluster_ingress(args.python_proxy))
-    ensure_ray(args.address)
+    started = ensure_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     deploy(config)
     base = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
@@ -206,8 +206,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("shutting down: writing the last records to %s", config.storage)
     serve.delete(config.app_name)
-    if not joined:  # a cluster we joined keeps Serve (and its other applications) running
-        serve.shutdown()
+    end_serve(started_local_ray=started, joined=joined)  # a joined cluster keeps Serve running
     return 0
 
 

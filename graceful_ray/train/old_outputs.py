@@ -136,7 +136,15 @@ def compute_old_outputs(data_root: str, split: str, *, registry_root: str, old_r
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=num_cpus,
     )
-    ds.write_parquet(out_dir.path, filesystem=out_dir.fs)
+    # The pass runs in a Ray task, not in this process: Ray Data's actor pool makes
+    # Ray Core log an ERROR line ("... has constructor arguments in the object store
+    # and max_restarts > 0 ... the actor restart will fail") from the process that
+    # creates the actors, which on the driver went straight to the user's terminal;
+    # a task's goes where Ray's other worker output does (the terminal only with
+    # log_to_driver, as the same line from Ray Train's own actors). The only switch,
+    # map_batches(max_restarts=0), would drop the pool's restart of a crashed worker.
+    # (no retry: a second attempt would write into the same attempt directory)
+    ray.get(ray.remote(num_cpus=0, max_retries=0)(_write_parquet_task).remote(ds, out_dir.path, out_dir.fs))
     written = sorted(f.path for f in out_dir.list() if f.path.endswith(".parquet"))
     rows = sum(pq.read_metadata(f, filesystem=out_dir.fs).num_rows for f in written)
     if rows != split_info.rows:
@@ -147,6 +155,10 @@ def compute_old_outputs(data_root: str, split: str, *, registry_root: str, old_r
               "dataset_checksum": info.checksum}
     _split_dir(data_root, key, split).join("_SUCCESS.json").write_bytes(json.dumps(marker, indent=1).encode())
     return CachedSplit(root, written, rows, key)
+
+
+def _write_parquet_task(ds, path: str, filesystem) -> None:
+    ds.write_parquet(path, filesystem=filesystem)
 
 
 def old_class_means(cached: CachedSplit) -> dict[int, np.ndarray]:
