@@ -40,12 +40,20 @@ def _serve_ingress() -> None:
     choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))
 
 
+# Behind HAProxy, Serve keeps a deleted app's ingress replica reachable for this long
+# before it stops, so that an external load balancer (an ALB) can deregister it; 30 s
+# by default, which every app deletion and Ctrl-C in the tests waited out. In the tests
+# nothing but this session's own HAProxy fronts Serve, and no request is in flight then.
+DRAIN_ENV, TEST_DRAIN_S = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"
+
+
 def start_local_ray(attempts: int = 3):
     """Start the test Ray; retried because Ray waits a fixed 30 s for its raylet,
     which a heavily loaded 2-core machine can miss."""
     import ray
 
     _serve_ingress()  # read by Serve's processes when they start: before Ray
+    os.environ.setdefault(DRAIN_ENV, TEST_DRAIN_S)  # likewise (every Ray worker inherits it)
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False,
