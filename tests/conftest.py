@@ -8,12 +8,12 @@ over HTTP, not against a mock patched into boto.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import tempfile
 import uuid
 
 import pytest
+
+from tests.helpers import free_port
+from tests.local_ray import remove_haproxy_dirs, start_local_ray
 
 # Ray Data's Parquet reader is the product's own choice (graceful_ray.data.reader:
 # V1 for the few files of a split, which on 2 cores costs 0.2-1 s where Ray
@@ -23,18 +23,12 @@ import pytest
 # (graceful_ray.train.trainer.CONTROLLER_POLL_S).
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """An S3-compatible server (moto) on 127.0.0.1; sets AWS_* env for the session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -69,66 +63,16 @@ def storage_root(request, tmp_path):
     return request.getfixturevalue("s3_root")
 
 
-# HAProxy's files: Ray's default is one fixed /tmp/haproxy-serve per machine, where
-# two test sessions (or a session and a real service) would share a config and an
-# admin socket. Each session gets its own.
-HAPROXY_PATHS = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
-                 "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
-                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
-                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
-                 "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state"}
-
-
-_HAPROXY_DIRS: list[str] = []  # removed when the session's Ray stops
-
-
-def _serve_ingress() -> None:
-    """Serve in the tests runs behind HAProxy, as ``graceful-ray serve`` does by
-    default (GRACEFUL_RAY_TEST_PYTHON_PROXY=1: Serve's Python proxy instead)."""
-    from graceful_ray.serve.ingress import choose_ingress
-
-    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
-        # short: Serve adds a 56-character node id, and HAProxy's socket paths
-        # must stay under 98 characters
-        base = tempfile.mkdtemp(prefix="grh-", dir="/tmp")
-        _HAPROXY_DIRS.append(base)
-        for key, name in HAPROXY_PATHS.items():
-            os.environ.setdefault(key, os.path.join(base, name) if name else base)
-        # and its own stats/metrics ports (Serve's are fixed: 8404, 9101)
-        for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            os.environ.setdefault(key, str(_free_port()))
-    choose_ingress(python_proxy=bool(os.environ.get("GRACEFUL_RAY_TEST_PYTHON_PROXY")))
-
-
-def _start_local_ray(attempts: int = 3):
-    """Start the test Ray; retried because Ray waits a fixed 30 s for its raylet,
-    which a heavily loaded 2-core machine can miss."""
-    import ray
-
-    _serve_ingress()  # read by Serve's processes when they start: before Ray
-    for attempt in range(attempts):
-        try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-            break
-        except Exception as e:  # Ray raises a bare Exception for this timeout
-            if "timed out during startup" not in str(e) or attempt == attempts - 1:
-                raise
-            ray.shutdown()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 @pytest.fixture(scope="session")
 def _ray_for_session():
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    _start_local_ray()
+    start_local_ray()
     yield
     ray.shutdown()
-    for base in _HAPROXY_DIRS:
-        shutil.rmtree(base, ignore_errors=True)
+    remove_haproxy_dirs()
 
 
 @pytest.fixture
@@ -144,7 +88,7 @@ def ray_session(_ray_for_session):
     import ray
 
     if not ray.is_initialized():
-        _start_local_ray()
+        start_local_ray()
     return ray
 
 
@@ -154,7 +98,7 @@ def ray_module(_ray_for_session):
     import ray
 
     if not ray.is_initialized():
-        _start_local_ray()
+        start_local_ray()
     return ray
 
 

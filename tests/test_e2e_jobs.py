@@ -27,7 +27,6 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import free_port, wait_report
 
 httpx = pytest.importorskip("httpx")
 
@@ -61,11 +62,6 @@ def readme_tune_job(**replace: str) -> list[str]:
     assert all(a.startswith("--") for a in argv[::2]), argv  # flag/value pairs only
     return [a if i % 2 == 0 else replace.get(argv[i - 1], a) for i, a in enumerate(argv)]
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -80,9 +76,9 @@ def cluster(tmp_path_factory):
     env.update(
         PATH=os.path.dirname(PY) + os.pathsep + env.get("PATH", ""),  # `ray` and `python` of this env
         WORKERS="1", CPUS_PER_NODE="2", WORKER_PORT_BASE=str(WORKER_PORT_BASE),
-        RAY_GCS_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(_free_port()),
-        RAY_DASHBOARD_AGENT_PORT=str(_free_port()), RAY_CLIENT_PORT=str(_free_port()),
-        SERVE_PORT=str(_free_port()))
+        RAY_GCS_PORT=str(free_port()), RAY_DASHBOARD_PORT=str(free_port()),
+        RAY_DASHBOARD_AGENT_PORT=str(free_port()), RAY_CLIENT_PORT=str(free_port()),
+        SERVE_PORT=str(free_port()))
     started = subprocess.run(["bash", str(LOCAL_SH), "start"], env=env, capture_output=True, text=True,
                              timeout=300)
     try:
@@ -222,7 +218,7 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
             models.add(r.json()["model"])
         assert models == {v1} and len(set(ids)) == n
 
-        report = _wait_report(http, lambda rep: rep["requests"] >= n and rep["in_flight"] == 0)
+        report = wait_report(http, lambda rep: rep["requests"] >= n and rep["in_flight"] == 0)
         assert report["requests"] == n and report["compared"] == n, report
         assert report["labelled"] == 0 and report["baseline"] == v1 and report["candidate"] == candidate.ref
 
@@ -257,12 +253,3 @@ def test_upgrade_as_ray_jobs_then_shadow_and_cutover(cluster):
         assert (last["action"], last["from"], last["to"], last["forced"]) == ("cutover", v1, candidate.ref, False)
         assert final["primary"]["ref"] == candidate.ref and final["labelled"] == n
 
-
-def _wait_report(http, predicate, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        r = http.get("/v1/shadow/report")
-        assert r.status_code == 200, r.text
-        if predicate(r.json()) or time.monotonic() > deadline:
-            return r.json()
-        time.sleep(0.5)

@@ -266,8 +266,9 @@ def test_auto_rollback_after_a_cutover_that_regresses_on_one_class(tmp_path):
         mine, other = (cand, y) if primary == CANDIDATE else (y, cand)
         shadow = BASELINE if primary == CANDIDATE else CANDIDATE
         await comparator.ingest([
-            PrimaryEvent("predict", ids, 0, epoch, primary, mine, 1.0, True, segment="eu"),
-            ShadowEvent("predict", ids, shadow, other, 1.0)])
+            PrimaryEvent(kind="predict", ids=ids, time_ms=0, epoch=epoch, role=primary,
+                         answer=mine, ms=1.0, shadowed=True, segment="eu"),
+            ShadowEvent(kind="predict", ids=ids, role=shadow, answer=other, ms=1.0)])
         served += n
         return await comparator.feedback(list(zip(ids, y.tolist())))
 
@@ -327,10 +328,12 @@ def test_segment_is_logged_and_restored(tmp_path):
     refs = {BASELINE: "m@v1", CANDIDATE: "m@v2"}
     core = ComparatorCore(config, refs, list(range(10)))
     ids = [f"r{i}" for i in range(6)]
-    core.ingest([PrimaryEvent("predict", ids[:3], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True,
-                              segment="eu"),
-                 PrimaryEvent("predict", ids[3:], 0, 0, BASELINE, np.array([1, 2, 3]), 1.0, True),
-                 ShadowEvent("predict", ids, CANDIDATE, np.array([1, 2, 4, 1, 2, 4]), 1.0)])
+    core.ingest([PrimaryEvent(kind="predict", ids=ids[:3], time_ms=0, epoch=0, role=BASELINE,
+                              answer=np.array([1, 2, 3]), ms=1.0, shadowed=True, segment="eu"),
+                 PrimaryEvent(kind="predict", ids=ids[3:], time_ms=0, epoch=0, role=BASELINE,
+                              answer=np.array([1, 2, 3]), ms=1.0, shadowed=True),
+                 ShadowEvent(kind="predict", ids=ids, role=CANDIDATE,
+                             answer=np.array([1, 2, 4, 1, 2, 4]), ms=1.0)])
     for rid, y in zip(ids, [1, 2, 3, 1, 2, 3]):
         assert core.label(rid, y)["status"] == 200
     before = core.stats.summary()["per_segment"]

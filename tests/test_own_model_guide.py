@@ -39,8 +39,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_e2e_jobs import _wait_report
-from tests.test_serve_cli import _free_port
+from tests.helpers import free_port, wait_report
+from tests.local_ray import start_local_ray
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),
@@ -108,13 +108,11 @@ def guide_ray(monkeypatch):
     the session's Ray is stopped for it and comes back for the next test that asks."""
     import ray
 
-    from tests.conftest import _start_local_ray
-
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         p for p in (str(USERPKG), str(REPO), os.environ.get("PYTHONPATH")) if p))
-    _start_local_ray()
+    start_local_ray()
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -139,7 +137,7 @@ def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     work.mkdir()
     (work / "tests").symlink_to(REPO / "tests")
     _shims(tmp_path / "bin")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
            "RAY_ADDRESS": guide_ray, "RAY_SERVE_LOG_TO_STDERR": "0",
@@ -251,10 +249,10 @@ def _send_traffic(port: int, data: Path, load_split) -> None:
                 ids += [p["request_id"] for p in r.json()["predictions"]]
             labels += [int(v) for v in y]
         n = len(ids)
-        report = _wait_report(http, lambda rep: rep["requests"] >= n and rep["in_flight"] == 0, 300)
+        report = wait_report(http, lambda rep: rep["requests"] >= n and rep["in_flight"] == 0, 300)
         assert report["compared"] == n, report
         fb = http.post("/v1/feedback", json={"labels": [
             {"request_id": i, "label": label} for i, label in zip(ids, labels)]})
         assert fb.status_code == 200, fb.text
-        report = _wait_report(http, lambda rep: rep["labelled"] >= n, 300)
+        report = wait_report(http, lambda rep: rep["labelled"] >= n, 300)
         assert report["labelled"] == n and report["gates"]["passed"], report["gates"]

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from graceful_ray.cli import main
-from graceful_ray.data.builtin import _features_tables
 from graceful_ray.data import write_dataset
 from graceful_ray.errors import ConfigError, ModelError
 from graceful_ray.models import ModelSpec, build_model
@@ -25,6 +24,7 @@ from graceful_ray.models.wrapped import WrappedClassifier, to_registry_keys, to_
 from graceful_ray.registry import Registry
 from graceful_ray.registry.exporter import export_model
 from graceful_ray.registry.importer import import_model, parse_classes, parse_input_shape
+from tests.helpers import feature_tables
 
 USERPKG = Path(__file__).parent / "userpkg"
 FACTORY = "shopnet.model:build"
@@ -210,7 +210,7 @@ def test_evaluate_prints_test_accuracy_and_maps_class_names(tmp_path, capsys):
     y = perm[head_pred].copy()
     y[:15] = (y[:15] + 1) % 5
     idx = np.arange(60)
-    tables = _features_tables(x, y, {"train": idx[:20], "val": idx[20:30], "test": idx[30:]})
+    tables = feature_tables(x, y, {"train": idx[:20], "val": idx[20:30], "test": idx[30:]})
     data = str(tmp_path / "data")
     write_dataset(data, tables, name="shop", num_classes=5, class_names=names)
     weights = tmp_path / "v1.pt"

@@ -12,7 +12,6 @@ import pytest
 from graceful_ray.data import load_split
 from graceful_ray.evaluate import predict
 from graceful_ray.metrics import m_score
-from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.retrieval import (BackfillConfig, BackfillError, EmbeddingSpaceError, Gallery,
                                     GallerySearcher, apply_transform, build_gallery, run_backfill,
@@ -21,28 +20,7 @@ from graceful_ray.retrieval.backfill import load_plan
 from graceful_ray.retrieval.errors import SimulatedCrash
 from graceful_ray.retrieval.gallery import embeddings_array
 from graceful_ray.retrieval.transform import fit_transform_local
-
-
-def _fit(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 15):
-    """A small MLP trained in-process: seconds, where Ray Train would spend a minute starting."""
-    import torch
-
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        spec = ModelSpec("mlp", (40,), 10, {"width": 64, "depth": 2, "embedding_dim": 32})
-        model = build_model(spec)
-        opt = torch.optim.Adam(model.parameters(), 3e-3)
-        X, Y = torch.tensor(x), torch.tensor(y)
-        for _ in range(epochs):
-            perm = torch.randperm(len(X))
-            for i in range(0, len(X), 128):
-                idx = perm[i:i + 128]
-                loss = torch.nn.functional.cross_entropy(model(X[idx]), Y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    return spec, model
+from tests.helpers import fit_mlp
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +30,12 @@ def world(tmp_path_factory, mnist1d_small):
     reg = Registry(str(root / "registry"))
     x_old, y_old, _ = load_split(mnist1d_small, "old_train")
     x, y, _ = load_split(mnist1d_small, "train")
-    spec, m1 = _fit(x_old, y_old, 0)
+    spec, m1 = fit_mlp(x_old, y_old, 0)
     v1 = reg.publish("emb", m1, spec=spec, classes=list(range(10)))
-    spec, m2 = _fit(x, y, 1)
+    spec, m2 = fit_mlp(x, y, 1)
     v2 = reg.publish("emb", m2, spec=spec, classes=list(range(10)), parent=v1.ref, method="bct",
                      compatible_with_parent=True)
-    spec, mp = _fit(x, y, 2)
+    spec, mp = fit_mlp(x, y, 2)
     p = reg.publish("plain", mp, spec=spec, classes=list(range(10)), parent=v1.ref, method="plain")
     return {"root": root, "data": mnist1d_small, "registry": reg.uri, "reg": reg, "v1": v1.ref,
             "v2": v2.ref, "p": p.ref}

@@ -1,6 +1,7 @@
 """The shadow service live on Ray Serve, over HTTP on loopback.
 
-Three applications share one Serve instance on the session's Ray:
+Four applications share one Serve instance on the session's Ray (tests/serve_harness.py
+stands it up and stops it):
 
 * ``main`` (``/``): production v1, candidate v2 (v1 with perturbed weights), two
   router replicas; predict, bad input, auth, feedback and flips, gates, cutover
@@ -41,6 +42,7 @@ from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
 from graceful_ray.serve.ingress import haproxy_binary, haproxy_enabled
+from tests.serve_harness import serve_apps, wait_healthy
 
 httpx = pytest.importorskip("httpx")
 
@@ -57,12 +59,6 @@ CLASSES = list(range(10))
 SHADOW_SLEEP_S = 5.0
 LENIENT = {"min_labelled": 20, "max_nfr": 0.5, "min_agreement": 0.3, "max_latency_ratio": 100.0,
            "max_error_rate": 0.5, "min_latency_samples": 5}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -100,94 +96,26 @@ def _config(registry, storage, name, prefix, candidate, **kw) -> ShadowConfig:
 
 @pytest.fixture(scope="module")
 def service(ray_module, registry, tmp_path_factory):
-    """Serve on a free loopback port with the three applications deployed at once."""
-    from ray import serve
-
-    from graceful_ray.serve.app import deploy
-
+    """Serve on a free loopback port with the four applications deployed at once."""
     logs = tmp_path_factory.mktemp("shadow-logs")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    configs = {
-        "main": _config(registry, str(logs / "main"), "main", "/", "m@candidate",
-                        router=Resources(num_replicas=2, num_cpus=0.2),
-                        shadow_timeout_s=10.0),
-        "iso": _config(registry, str(logs / "iso"), "iso", "/iso", "m@v3",
-                       shadow_timeout_s=SHADOW_SLEEP_S + 2, production_alias=None),
-        # only its exceptions count; one call per copy, and a breaker that stays open
-        # for the longest cool-down the config allows
+    configs = [
+        _config(registry, str(logs / "main"), "main", "/", "m@candidate",
+                router=Resources(num_replicas=2, num_cpus=0.2), shadow_timeout_s=10.0),
+        _config(registry, str(logs / "iso"), "iso", "/iso", "m@v3",
+                shadow_timeout_s=SHADOW_SLEEP_S + 2, production_alias=None),
         # scale-out: two router replicas, two comparator shards, its own log, no
         # registry alias to move
-        "scale": _config(registry, str(logs / "scale"), "scale", "/scale", "m@candidate",
-                         router=Resources(num_replicas=2, num_cpus=0.2), shadow_timeout_s=30.0,
-                         production_alias=None, comparator_shards=2),
-        "fail": _config(registry, str(logs / "fail"), "fail", "/fail", "m@v4",
-                        shadow_timeout_s=30.0, production_alias=None, shadow_coalesce_s=0.0,
-                        shadow_breaker_failures=3, shadow_breaker_cooldown_s=30.0),
-    }
-    deploy(*configs.values())
-    svc = Service(f"http://127.0.0.1:{port}", configs)
-    yield svc
-    svc.close()
-    for name in configs:
-        try:
-            serve.delete(name)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
-    serve.shutdown()
-
-
-class Service:
-    """HTTP clients plus the count of rows each app has served (for the record check)."""
-
-    def __init__(self, base: str, configs: dict[str, ShadowConfig]) -> None:
-        self.base = base
-        self.configs = configs
-        self.client = httpx.Client(base_url=base, timeout=30.0)
-        self.served = {name: 0 for name in configs}
-        self.labelled = {name: 0 for name in configs}
-        self._lock = threading.Lock()
-
-    def url(self, app: str, path: str) -> str:
-        prefix = self.configs[app].route_prefix.rstrip("/")
-        return f"{prefix}{path}"
-
-    def predict(self, app: str, inputs: np.ndarray, client=None) -> httpx.Response:
-        body = ({"input": inputs.tolist()} if inputs.ndim == 1
-                else {"inputs": inputs.tolist()})
-        r = (client or self.client).post(self.url(app, "/v1/predict"), json=body)
-        if r.status_code == 200:
-            with self._lock:
-                self.served[app] += 1 if inputs.ndim == 1 else len(inputs)
-        return r
-
-    def report(self, app: str) -> dict:
-        r = self.client.get(self.url(app, "/v1/shadow/report"))
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def settled(self, app: str, timeout: float = 60.0) -> dict:
-        """The report once every row served so far is a complete record at the comparator.
-
-        With two router replicas a copy of an earlier request may still be on its way
-        (its primary event not sent yet, or its shadow still answering): a report taken
-        then counts that pair later, inside the next test's before/after window."""
-        rep = self.wait_report(app, lambda r: r["requests"] == self.served[app]
-                               and r["in_flight"] == 0, timeout)
-        assert rep["requests"] == self.served[app] and rep["in_flight"] == 0, \
-            (rep["requests"], self.served[app], rep["in_flight"])
-        return rep
-
-    def wait_report(self, app: str, predicate, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            rep = self.report(app)
-            if predicate(rep) or time.monotonic() > deadline:
-                return rep
-            time.sleep(0.2)
-
-    def close(self) -> None:
-        self.client.close()
+        _config(registry, str(logs / "scale"), "scale", "/scale", "m@candidate",
+                router=Resources(num_replicas=2, num_cpus=0.2), shadow_timeout_s=30.0,
+                production_alias=None, comparator_shards=2),
+        # only its exceptions count; one call per copy, and a breaker that stays open
+        # for the longest cool-down the config allows
+        _config(registry, str(logs / "fail"), "fail", "/fail", "m@v4",
+                shadow_timeout_s=30.0, production_alias=None, shadow_coalesce_s=0.0,
+                shadow_breaker_failures=3, shadow_breaker_cooldown_s=30.0),
+    ]
+    with serve_apps(*configs) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
@@ -591,7 +519,7 @@ def test_two_routers_under_concurrent_traffic_count_and_log_every_request_once(s
     service.labelled[app] += n
 
     rep = service.wait_report(app, lambda r: r["requests"] == n and r["in_flight"] == 0
-                              and r["compared"] == n, timeout=120)
+                              and r["compared"] == n, timeout_s=120)
     assert (rep["requests"], rep["compared"], rep["labelled"], rep["labelled_pairs"]) == \
         (n, n, n, n), rep
     assert rep["duplicate_events"] == 0 and rep["comparator_shards"] == 2
@@ -612,7 +540,7 @@ def test_batching_changes_live_through_user_config(service, registry, tmp_path):
     user_config then reaches the running replica through reconfigure: the same
     process (no restart, no redeploy) serves with the new batching.
 
-    Slow (about 90 s on the loaded 2-core machine): it builds and starts its own app,
+    Slow (about a minute on the loaded 2-core machine): it builds and starts its own app,
     because only a declarative deploy lets Serve update a deployment in place; a
     `serve.run` of the same app always restarts its replicas."""
     from ray import serve
@@ -630,16 +558,7 @@ def test_batching_changes_live_through_user_config(service, registry, tmp_path):
             "deployments": [{"name": "router", "user_config": user_config}]}]}))
 
     def health(predicate) -> dict:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                r = service.client.get("/live/healthz")
-                if r.status_code == 200 and predicate(r.json()):
-                    return r.json()
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the live app did not get there in 300 s"
-            time.sleep(0.5)
+        return wait_healthy(service.client, "/live/healthz", predicate, timeout_s=300)
 
     try:
         apply({"max_batch_size": 16, "batch_wait_timeout_s": 0.002})
@@ -651,7 +570,9 @@ def test_batching_changes_live_through_user_config(service, registry, tmp_path):
         r = service.client.post("/live/v1/predict", json={"inputs": inputs(4, 80).tolist()})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
     finally:
-        serve.delete("live")
+        # not waited for: its replicas shut down while the next tests run, and the
+        # module's teardown (serve_harness.stop_serve) waits for every app at once
+        serve.delete("live", _blocking=False)
 
 
 # ------------------------------------------------------------ isolation
@@ -870,13 +791,29 @@ def test_records_are_all_in_parquet_after_shutdown_and_replay_agrees(service, re
 
 
 def test_admin_token_never_reaches_the_logs(service):
+    """Every log file of the session (Serve's controller, proxy and replica logs, the
+    workers' stdout and stderr, Ray's own) is free of the token, which every admin call
+    above sent. The check must have found the logs to read: Serve's controller log and
+    the ``main`` app's replica logs, and the workers' output, with something in them.
+
+    (Under RAY_SERVE_THROUGHPUT_OPTIMIZED, which the service sets, a replica log buffers
+    1000 records in memory and writes them out only when full or on an ERROR record, so
+    the replica logs themselves may still be empty here.)"""
     import ray
 
     session = ray._private.worker._global_node.get_session_dir_path()
+    files = [p for p in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True)
+             if os.path.isfile(p)]
+    names = [os.path.basename(p) for p in files]
+    found = {"controller": [n for n in names if n.startswith("controller_")],
+             "main replicas": [n for n in names if n.startswith("replica_main_")],
+             "workers": [n for n in names if n.startswith("worker-")]}
+    assert all(found.values()), (f"missing logs under {session}/logs: "
+                                 f"{[k for k, v in found.items() if not v]}; found {sorted(names)[:50]}")
+    assert sum(os.path.getsize(p) for p in files) > 0, files
     hits = []
-    for path in glob.glob(os.path.join(session, "logs", "**", "*"), recursive=True):
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                if TOKEN.encode() in f.read():
-                    hits.append(path)
+    for path in files:
+        with open(path, "rb") as f:
+            if TOKEN.encode() in f.read():
+                hits.append(path)
     assert not hits

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +18,12 @@ import torch
 
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
+from tests.helpers import free_port
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 SPEC = ModelSpec("mlp", (40,), 10, {"width": 16, "depth": 1, "embedding_dim": 8})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
@@ -47,7 +41,7 @@ def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
         reg.publish("digits", build_model(SPEC), spec=SPEC, classes=list(range(10)))
     reg.set_alias("digits", "production", 1)
     reg.set_alias("digits", "candidate", 2)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRACEFUL_RAY_ADMIN_TOKEN": "cli-token", "RAY_SERVE_LOG_TO_STDERR": "0"}
     cmd = [sys.executable, "-m", "graceful_ray.cli", "serve", "--old", "digits@production",
            "--new", "digits@candidate", "--registry", root, "--storage", storage,

@@ -9,22 +9,21 @@ affords): a model outside the gallery's space (plain@v1) refused as the primary 
 deploy time and skipped as the shadow, and the route's answer when no gallery is
 configured (tests/test_serve.py checks that one over HTTP too).
 
-The models are small MLPs trained in-process (``tests.test_retrieval_backfill._fit``)
+The models are small MLPs trained in-process (``tests.helpers.fit_mlp``)
 on the shared ``mnist1d_small`` dataset; every deployment asks for a fraction of a CPU.
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import numpy as np
 import pytest
 
 from graceful_ray.registry import Registry
 from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
-from tests.test_retrieval_backfill import _fit
+from tests.serve_harness import router_without_replica, serve_apps
+from tests.helpers import fit_mlp
 
 httpx = pytest.importorskip("httpx")
 
@@ -33,12 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TOKEN = "search-admin-token-7c1d"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 K = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -53,12 +46,12 @@ def world(tmp_path_factory, mnist1d_small):
     reg = Registry(str(root / "registry"))
     x_old, y_old, _ = load_split(mnist1d_small, "old_train")
     x, y, _ = load_split(mnist1d_small, "train")
-    spec, m1 = _fit(x_old, y_old, 0, epochs=8)
+    spec, m1 = fit_mlp(x_old, y_old, 0, epochs=8)
     v1 = reg.publish("emb", m1, spec=spec, classes=list(range(10)))
-    spec, m2 = _fit(x, y, 1, epochs=8)
+    spec, m2 = fit_mlp(x, y, 1, epochs=8)
     v2 = reg.publish("emb", m2, spec=spec, classes=list(range(10)), parent=v1.ref, method="bct",
                      compatible_with_parent=True)
-    spec, mp = _fit(x, y, 2, epochs=3)
+    spec, mp = fit_mlp(x, y, 2, epochs=3)
     p = reg.publish("plain", mp, spec=spec, classes=list(range(10)), parent=v1.ref,
                     method="plain")
     gallery = str(root / "gallery")
@@ -83,70 +76,10 @@ def _config(world, name: str, prefix: str, candidate: str, **kw) -> ShadowConfig
     return ShadowConfig(**base).with_admin_token(TOKEN)
 
 
-class Service:
-    def __init__(self, base: str, configs: dict[str, ShadowConfig]) -> None:
-        self.base = base
-        self.configs = configs
-        self.client = httpx.Client(base_url=base, timeout=60.0)
-        self.searched = {name: 0 for name in configs}
-
-    def url(self, app: str, path: str) -> str:
-        return self.configs[app].route_prefix.rstrip("/") + path
-
-    def search(self, app: str, x: np.ndarray, k: int | None = None) -> httpx.Response:
-        body: dict = {"input": x.tolist()} if x.ndim == 1 else {"inputs": x.tolist()}
-        if k is not None:
-            body["k"] = k
-        r = self.client.post(self.url(app, "/v1/search"), json=body)
-        if r.status_code == 200:
-            self.searched[app] += 1 if x.ndim == 1 else len(x)
-        return r
-
-    def search_all(self, app: str, x: np.ndarray, k: int | None = None) -> list[dict]:
-        """Search ``x`` in requests of at most 16 rows; the per-row results in order."""
-        out = []
-        for chunk in np.array_split(x, -(-len(x) // 16)):
-            r = self.search(app, chunk, k)
-            assert r.status_code == 200, r.text
-            out += r.json()["results"]
-        return out
-
-    def report(self, app: str) -> dict:
-        r = self.client.get(self.url(app, "/v1/shadow/report"))
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def settled(self, app: str, timeout: float = 30.0) -> dict:
-        """The report once every search row served so far is recorded and paired."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rep = self.report(app)
-            ret = rep["retrieval"]
-            if (ret["searches"] == self.searched[app] and ret["in_flight"] == 0) \
-                    or time.monotonic() > deadline:
-                return rep
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def service(ray_module, world):
-    from ray import serve
-
-    from graceful_ray.serve.app import deploy
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    configs = {"search": _config(world, "search", "/", world["v2"])}
-    deploy(*configs.values())
-    svc = Service(f"http://127.0.0.1:{port}", configs)
-    yield svc
-    svc.client.close()
-    for name in configs:
-        try:
-            serve.delete(name)
-        except Exception:  # noqa: BLE001 - best-effort cleanup
-            pass
-    serve.shutdown()
+    with serve_apps(_config(world, "search", "/", world["v2"]), timeout_s=60.0) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
@@ -258,14 +191,9 @@ def test_without_a_gallery_search_says_how_to_enable_it():
     from fastapi import HTTPException
 
     from graceful_ray.serve.prometheus import RouterMetrics
-    from graceful_ray.serve.router import ShadowRouter
     from graceful_ray.serve.schemas import SearchRequest
 
-    class Unstarted(ShadowRouter.func_or_class):
-        def __del__(self) -> None:  # no replica to shut down
-            pass
-
-    router = object.__new__(Unstarted)  # the route's own logic, without a replica
+    router = router_without_replica()  # the route's own logic
     router._cfg = ShadowConfig(registry="reg", baseline="m@v1", candidate="m@v2", storage="log")
     router._started = True
     router._metrics = RouterMetrics("unit")
@@ -297,8 +225,10 @@ def test_a_model_outside_the_gallery_space(world, tmp_path):
     top = np.arange(2 * K).reshape(2, K)
     primary = SearchAnswer(ids=top, scores=np.ones((2, K), np.float32), labels=top % 10,
                            snapshot=1, k=K)
-    core.ingest([PrimaryEvent("search", ["a", "b"], 0, 0, BASELINE, primary, 1.0, True),
-                 ShadowEvent("search", ["a", "b"], CANDIDATE, skipped=answer.refused)])
+    core.ingest([PrimaryEvent(kind="search", ids=["a", "b"], time_ms=0, epoch=0, role=BASELINE,
+                              answer=primary, ms=1.0, shadowed=True),
+                 ShadowEvent(kind="search", ids=["a", "b"], role=CANDIDATE,
+                             skipped=answer.refused)])
     ret = core.report()["retrieval"]
     cand = ret["models"]["candidate"]
     assert ret["searches"] == 2 and ret["compared"] == 0 and cand["shadow_searches"] == 2

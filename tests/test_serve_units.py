@@ -35,6 +35,7 @@ from graceful_ray.serve.schemas import InputError, PredictRequest, parse_inputs
 from graceful_ray.serve.gallery_search import SearchAnswer
 from graceful_ray.serve.shadow import CircuitBreaker, ShadowCaller, ShadowFailure
 from graceful_ray.serve.stats import ShadowStats
+from tests.serve_harness import router_without_replica
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -115,13 +116,11 @@ def test_serve_config_yaml_is_accepted_by_serve(tmp_path):
 def test_batching_is_each_deployments_user_config(tmp_path):
     """build_app gives the router the primary's batching and each model deployment its
     shadow batching as Serve user_config, which reconfigure applies in place."""
-    from graceful_ray.serve.router import ShadowRouter
-
     with pytest.raises(ConfigError, match="max_batch_size must be an integer"):
         Batching.from_user_config({"max_batch_size": 0}, "router user_config")
     with pytest.raises(ConfigError, match="unknown router user_config field"):
         Batching.from_user_config({"max_batch": 8}, "router user_config")
-    router = object.__new__(ShadowRouter.func_or_class)  # reconfigure alone, no replica
+    router = router_without_replica()  # reconfigure alone
     router.reconfigure({"max_batch_size": 5, "batch_wait_timeout_s": 0.03})
     assert router._primary_batch._get_max_batch_size() == 5
     assert router._primary_batch._get_batch_wait_timeout_s() == 0.03
@@ -246,11 +245,14 @@ def _core(tmp_path, **kw) -> ComparatorCore:
 def test_comparator_pairs_events_in_any_order_and_labels(tmp_path):
     core = _core(tmp_path)
     x = np.zeros((3, 40), np.float32)
-    core.ingest([ShadowEvent("predict", ["b"], CANDIDATE, np.array([5]), 2.0)])  # shadow first
-    core.ingest([PrimaryEvent("predict", ["a", "b", "c"], 0, 0, BASELINE, np.array([1, 5, 7]),
-                              1.0, True, x),
-                 ShadowEvent("predict", ["a"], CANDIDATE, np.array([2]), 2.0),
-                 ShadowEvent("predict", ["c"], CANDIDATE, error="timeout")])
+    core.ingest([ShadowEvent(kind="predict", ids=["b"], role=CANDIDATE, answer=np.array([5]),
+                             ms=2.0)])  # shadow first
+    core.ingest([PrimaryEvent(kind="predict", ids=["a", "b", "c"], time_ms=0, epoch=0,
+                              role=BASELINE, answer=np.array([1, 5, 7]), ms=1.0, shadowed=True,
+                              features=x),
+                 ShadowEvent(kind="predict", ids=["a"], role=CANDIDATE, answer=np.array([2]),
+                             ms=2.0),
+                 ShadowEvent(kind="predict", ids=["c"], role=CANDIDATE, error="timeout")])
     assert core.stats.requests == 3 and core.stats.compared == 2 and core.stats.agreed == 1
     assert core.stats.models[CANDIDATE].shadow_errors["timeout"] == 1
     assert core.label("a", 1)["flip"] == "negative"
@@ -270,9 +272,10 @@ def test_comparator_log_roundtrip_and_resume(tmp_path):
     x = np.random.default_rng(0).normal(size=(n, 40)).astype(np.float32)
     ids = [f"r{i}" for i in range(n)]
     dec = np.arange(n) % 10
-    core.ingest([PrimaryEvent("predict", ids, 1000, 0, BASELINE, dec, 1.0, True, x),
-                 ShadowEvent("predict", ids, CANDIDATE, (dec + (np.arange(n) % 7 == 0)) % 10,
-                             2.0)])
+    core.ingest([PrimaryEvent(kind="predict", ids=ids, time_ms=1000, epoch=0, role=BASELINE,
+                              answer=dec, ms=1.0, shadowed=True, features=x),
+                 ShadowEvent(kind="predict", ids=ids, role=CANDIDATE,
+                             answer=(dec + (np.arange(n) % 7 == 0)) % 10, ms=2.0)])
     for i in range(0, n, 2):
         core.label(ids[i], int(dec[i]))
     cols, labels = core.take_pending()
@@ -674,9 +677,12 @@ def test_a_request_id_is_never_counted_twice_when_a_batch_is_sent_again(tmp_path
     """A router re-sends a batch whose ingest raised part-way (router._flush_events):
     the records already made from it must not be made again."""
     core = _core(tmp_path)
-    batch = [PrimaryEvent("predict", ["a", "b"], 0, 0, BASELINE, np.array([1, 2]), 1.0, True),
-             ShadowEvent("predict", ["a", "b"], CANDIDATE, np.array([1, 3]), 2.0),
-             PrimaryEvent("predict", ["c"], 0, 0, BASELINE, np.array([4]), 1.0, False)]
+    batch = [PrimaryEvent(kind="predict", ids=["a", "b"], time_ms=0, epoch=0, role=BASELINE,
+                          answer=np.array([1, 2]), ms=1.0, shadowed=True),
+             ShadowEvent(kind="predict", ids=["a", "b"], role=CANDIDATE, answer=np.array([1, 3]),
+                         ms=2.0),
+             PrimaryEvent(kind="predict", ids=["c"], time_ms=0, epoch=0, role=BASELINE,
+                          answer=np.array([4]), ms=1.0, shadowed=False)]
     core.ingest(batch)
     core.ingest(batch)  # the whole batch again
     core.ingest(batch[1:2])  # and only its shadow answers
@@ -839,17 +845,20 @@ def test_two_comparator_shards_report_what_one_comparator_reports(tmp_path):
             shadow = SearchAnswer(ids=np.where(rng.random((rows, 4)) < 0.5, top, top + 1),
                                   scores=np.ones((rows, 4), np.float32), labels=top % 10,
                                   snapshot=1, k=4)
-            events += [PrimaryEvent("search", ids, 0, 0, BASELINE, answer, 1.0 + r, True),
-                       ShadowEvent("search", ids, CANDIDATE, shadow, 2.0 + r)]
+            events += [PrimaryEvent(kind="search", ids=ids, time_ms=0, epoch=0, role=BASELINE,
+                                    answer=answer, ms=1.0 + r, shadowed=True),
+                       ShadowEvent(kind="search", ids=ids, role=CANDIDATE, answer=shadow,
+                                   ms=2.0 + r)]
         else:
-            events.append(PrimaryEvent("predict", ids, 0, 0, BASELINE, dec, 1.0 + r, True,
-                                       rng.normal(size=(rows, 40)).astype(np.float32),
-                                       "eu" if r % 2 else None))
-            events.append(ShadowEvent("predict", ids, CANDIDATE, None, None, "timeout")
+            events.append(PrimaryEvent(kind="predict", ids=ids, time_ms=0, epoch=0, role=BASELINE,
+                                       answer=dec, ms=1.0 + r, shadowed=True,
+                                       features=rng.normal(size=(rows, 40)).astype(np.float32),
+                                       segment="eu" if r % 2 else None))
+            events.append(ShadowEvent(kind="predict", ids=ids, role=CANDIDATE, error="timeout")
                           if r % 17 == 3 else
-                          ShadowEvent("predict", ids, CANDIDATE,
-                                      np.where(rng.random(rows) < 0.2, (dec + 1) % 10, dec),
-                                      2.0 + r))
+                          ShadowEvent(kind="predict", ids=ids, role=CANDIDATE,
+                                      answer=np.where(rng.random(rows) < 0.2, (dec + 1) % 10, dec),
+                                      ms=2.0 + r))
         labels += [(rid, int(y)) for rid, y in zip(ids, dec)]
 
     async def scenario():
@@ -888,3 +897,44 @@ def test_two_comparator_shards_report_what_one_comparator_reports(tmp_path):
     logged = read_log(str(tmp_path / "two")).column("request_id").to_pylist()
     assert sorted(logged) == sorted(read_log(str(tmp_path / "one")).column(
         "request_id").to_pylist()) and len(set(logged)) == len(logged)
+
+
+# ---------------------------------------------------------- graceful shutdown
+def test_serve_awaits_the_final_flush_and_the_collector_gets_no_coroutine(tmp_path):
+    """Serve's graceful shutdown calls a deployment's ``__del__`` on the replica's loop and
+    awaits what it returns: the comparator's final flush writes what it still holds. Python
+    calls ``__del__`` again when it collects the object, and for an instance built here
+    (never served, or not even initialised): then no coroutine may be made, which nothing
+    would await (the suite's "coroutine 'Comparator.__del__' was never awaited"). The
+    router is an ``@serve.ingress`` class: Serve's wrapper owns its ``__del__``
+    (tests/serve_harness.router_without_replica)."""
+    import gc
+    import warnings
+
+    from graceful_ray.serve.comparator import Comparator
+
+    config = cfg(tmp_path, production_alias=None, background_nice=0, feedback_grace_s=0.0)
+
+    async def served_then_shut_down():
+        comparator = Comparator.func_or_class(config, REFS, list(range(10)))
+        await comparator.ingest([
+            PrimaryEvent(kind="predict", ids=["a"], time_ms=0, epoch=0, role=BASELINE,
+                         answer=np.array([1]), ms=1.0, shadowed=True),
+            ShadowEvent(kind="predict", ids=["a"], role=CANDIDATE, answer=np.array([2]), ms=2.0)])
+        shutdown = comparator.__del__()  # what Serve's call_destructor calls, then awaits
+        assert inspect.iscoroutine(shutdown)
+        await shutdown
+        assert comparator.__del__() is None  # the collector's call, after Serve's
+        return comparator
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = asyncio.run(served_then_shut_down())
+        unserved = Comparator.func_or_class(config, REFS, list(range(10)))
+        assert unserved.__del__() is None  # no event loop: nothing could await a flush
+        bare = object.__new__(Comparator.func_or_class)  # the constructor never ran
+        assert bare.__del__() is None
+        del served, unserved, bare
+        gc.collect()
+    assert not [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert read_log(config.storage).column("request_id").to_pylist() == ["a"]

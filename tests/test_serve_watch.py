@@ -10,7 +10,6 @@ request fails and every served row reaches the report.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -21,6 +20,7 @@ import torch
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
+from tests.serve_harness import serve_apps
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -31,22 +31,12 @@ KW = {"width": 16, "depth": 1, "embedding_dim": 8}
 CLASSES = list(range(10))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _inputs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 40)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def setup(ray_module, tmp_path_factory):
-    from ray import serve
-
-    from graceful_ray.serve.app import deploy
-
     root = tmp_path_factory.mktemp("watch")
     switch = root / "regress"
     reg = Registry(str(root / "registry"))
@@ -74,17 +64,8 @@ def setup(ray_module, tmp_path_factory):
         gates=GateConfig(min_labelled=200, max_nfr=0.05, min_compared=100,
                          min_latency_samples=5, max_latency_ratio=100.0,
                          auto_rollback=True)).with_admin_token(TOKEN)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(config)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0)
-    yield client, switch, v1, cls, reg
-    client.close()
-    try:
-        serve.delete("watch")
-    except Exception:  # noqa: BLE001 - best-effort cleanup
-        pass
-    serve.shutdown()
+    with serve_apps(config) as service:
+        yield service.client, switch, v1, cls, reg
 
 
 def test_auto_rollback_when_the_new_primary_regresses_on_one_class(setup):

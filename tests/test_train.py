@@ -93,14 +93,14 @@ def test_cached_outputs_reach_the_loop_through_ray_datas_default_reader(v1, work
     """The old-output cache as a worker reads it, through Ray Data's default (V2) Parquet reader."""
     from graceful_ray.data import read_info
     from graceful_ray.data.tensors import inputs_from_arrow
-    from graceful_ray.train.pipeline import INPUT, collect, decoded
-    from graceful_ray.train.trainer import _read_split
+    from graceful_ray.train.pipeline import INPUT, collect
+    from graceful_ray.train.trainer import prepare_upgrade
 
     info = read_info(workspace["data"])
     cached = compute_old_outputs(workspace["data"], "val", registry_root=workspace["registry"], old_ref=v1.model_ref)
-    ds = _read_split(_cfg(workspace, old=v1.model_ref, method="fd"), info, "val", cached)
-    ds = decoded(ds, feature_shape=info.feature_shape, classes=list(range(10)), with_old=True)
-    got = collect(ds.iter_torch_batches(batch_size=256))
+    # the validation dataset exactly as the trainer hands it to the loop's workers
+    _, datasets, _ = prepare_upgrade(_cfg(workspace, old=v1.model_ref, method="fd"))
+    got = collect(datasets["val"].iter_torch_batches(batch_size=256))
     table = cached.read()
     n = table.num_rows
     want = {

@@ -21,6 +21,7 @@ from graceful_ray.methods import (MethodBatch, UpgradeContext, build_method, ens
                                   strict_imitation_loss)
 from graceful_ray.methods.lqf import load_pretrained
 from graceful_ray.models import ModelSpec, build_model
+from tests.helpers import feature_tables
 
 MLP = {"width": 64, "depth": 1, "embedding_dim": 32}
 SPEC = ModelSpec("mlp", (64,), 10, MLP)
@@ -259,12 +260,11 @@ def test_warm_start_and_interpolation_lower_negative_flips(problem, tmp_path):
 
     # interpolation through the registry and the CLI's function, on a dataset written in the contract
     from graceful_ray.data import write_dataset
-    from graceful_ray.data.builtin import _features_tables
     from graceful_ray.registry import Registry
 
     x_val, y_val = p["x_test"][:1000].numpy(), p["y_test"][:1000].numpy()
     data = str(tmp_path / "data")
-    write_dataset(data, _features_tables(x_val, y_val, {"val": np.arange(len(y_val))}), name="peers",
+    write_dataset(data, feature_tables(x_val, y_val, {"val": np.arange(len(y_val))}), name="peers",
                   num_classes=10, class_names=[str(i) for i in range(10)], feature_shape=(64,))
     reg = Registry(str(tmp_path / "registry"))
     reg.publish("m", p["old"], spec=SPEC, classes=list(range(10)))
@@ -304,12 +304,11 @@ def test_interpolation_refuses_other_architectures_and_the_test_split(problem, t
 def test_interpolate_cli(problem, tmp_path, capsys):
     from graceful_ray.cli import main
     from graceful_ray.data import write_dataset
-    from graceful_ray.data.builtin import _features_tables
     from graceful_ray.registry import Registry
 
     data = str(tmp_path / "data")
     x_val, y_val = problem["x_test"][:500].numpy(), problem["y_test"][:500].numpy()
-    write_dataset(data, _features_tables(x_val, y_val, {"val": np.arange(len(y_val))}), name="peers",
+    write_dataset(data, feature_tables(x_val, y_val, {"val": np.arange(len(y_val))}), name="peers",
                   num_classes=10, class_names=[str(i) for i in range(10)], feature_shape=(64,))
     registry = str(tmp_path / "registry")
     reg = Registry(registry)

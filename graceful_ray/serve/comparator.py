@@ -35,6 +35,7 @@ from ray import serve
 from graceful_ray.errors import ConfigError, GracefulRayError, StorageError
 from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig, ShadowConfig, other
 from graceful_ray.serve.gates import evaluate, explain, watch
+from graceful_ray.serve.lifecycle import on_serve_shutdown
 from graceful_ray.serve.kinds import (KINDS, PREDICT, SEARCH, Book, PrimaryEvent, Record,
                                       ShadowEvent)
 from graceful_ray.serve.heap import LongLivedHeap
@@ -695,10 +696,14 @@ class Comparator:
         name, _, version = ref.partition("@")
         self._registry.set_alias(name, alias, version)
 
-    async def __del__(self) -> None:
-        """Serve calls this on graceful shutdown: write everything still in memory."""
+    def __del__(self):
+        """Serve's graceful shutdown: write everything still in memory (see
+        :mod:`graceful_ray.serve.lifecycle` for why this is not ``async def``)."""
         if getattr(self, "_core", None) is None:
-            return
+            return None
+        return on_serve_shutdown(self, self._shutdown)
+
+    async def _shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
         try:
