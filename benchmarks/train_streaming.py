@@ -148,6 +148,7 @@ def run(spec: dict, tree: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2000, help="N for the memory part (runs N, 4N, 16N)")
+    p.add_argument("--factors", default="1,4,16", help="multiples of N the memory part runs (ratios are to the first)")
     p.add_argument("--samples", type=int, default=8000, help="MNIST-1D samples for the speed part")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the speed part")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the speed part")
@@ -156,7 +157,13 @@ def main() -> None:
     p.add_argument("--capped-rows", type=int, default=80_000,
                    help="training rows of the run under a memory limit (0: skip it)")
     p.add_argument("--cap-mb", type=float, default=900.0, help="memory_per_worker_mb of that run")
+    p.add_argument("--capped-cache-budget-mb", type=float,
+                   help="cache_budget_mb of that run (default: the config's, within a quarter of the limit)")
     p.add_argument("--object-store-mb", type=int, default=2048, help="object store of each run's local Ray")
+    p.add_argument("--stream-buffer-mb", type=float,
+                   help="stream_buffer_mb of the image runs (default: the config's)")
+    p.add_argument("--shuffle-buffer-rows", type=int,
+                   help="shuffle_buffer_rows of the image runs (default: the config's)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -170,12 +177,16 @@ def main() -> None:
                   object_store_mb=args.object_store_mb)
     images = dict(common, model="mlp", model_kwargs={"width": 64}, epochs=1, batch_size=256, decode_cpus=1.0,
                   storage=os.path.join(args.root, "runs"), registry=os.path.join(args.root, "registry"))
+    if args.stream_buffer_mb is not None:
+        images["stream_buffer_mb"] = args.stream_buffer_mb
+    if args.shuffle_buffer_rows is not None:
+        images["shuffle_buffer_rows"] = args.shuffle_buffer_rows
     if not args.skip_memory:
         print("## Worker memory, streaming (cache_budget_mb=0), one epoch of 32x32 RGB PNGs\n")
         print("| train rows | worker peak RSS (MiB) | of it: own (anon) | object-store pages (shmem) "
               "| object store peak used (MiB) | created (MiB) | samples/s |\n|---:|---:|---:|---:|---:|---:|---:|")
         base = None
-        for k in (1, 4, 16):
+        for k in (int(f) for f in args.factors.split(",")):
             rows = k * args.rows
             data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
             out = run(dict(images, data=data, cache_budget_mb=0, run_name=f"mem-{rows}"), here)
@@ -189,9 +200,11 @@ def main() -> None:
         rows = args.capped_rows
         decoded_mb = rows * 3 * 32 * 32 * 4 / 2**20
         data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
-        out = run(dict(images, data=data, memory_per_worker_mb=args.cap_mb, run_name=f"capped-{rows}"), here)
+        budget = {} if args.capped_cache_budget_mb is None else {"cache_budget_mb": args.capped_cache_budget_mb}
+        out = run(dict(images, data=data, memory_per_worker_mb=args.cap_mb, run_name=f"capped-{rows}", **budget), here)
         print(f"\n## Under a memory limit: memory_per_worker_mb={args.cap_mb:.0f}, train split {rows} rows "
-              f"= {decoded_mb:.0f} MiB decoded ({decoded_mb / args.cap_mb:.2f}x the limit)\n")
+              f"= {decoded_mb:.0f} MiB decoded ({decoded_mb / args.cap_mb:.2f}x the limit), "
+              f"cache_budget_mb={budget.get('cache_budget_mb', 'default')}\n")
         st = out["object_store"]
         if not out["ok"]:
             print(f"FAILED: {out['error']}\n\nobject store peak {st['peak_used_mb']:.0f} MiB", flush=True)
