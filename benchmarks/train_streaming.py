@@ -232,17 +232,29 @@ def main() -> None:
     if args.baseline_tree:
         variants["materialized (--baseline-tree)"] = ({}, args.baseline_tree)
     rates: dict[str, list[float]] = {v: [] for v in variants}
+    per_round: list[dict[str, float]] = []  # median of each variant's epochs in each round
     for r in range(args.rounds):
+        this: dict[str, float] = {}
         for name, (extra, tree) in variants.items():
             hist = run(dict(speed, **extra, run_name=f"speed-{r}-{len(rates[name])}-{abs(hash(name)) % 10**6}"),
                        tree)["history"]
             rates[name] += [h["samples_per_s"] for h in hist[1:]]
+            this[name] = statistics.median(h["samples_per_s"] for h in hist[1:])
+        per_round.append(dict(this, load=os.getloadavg()[0]))
     print(f"\n## Training samples/s, MNIST-1D {args.samples}, cnn1d channels=16, batch 128, "
           f"epochs 2-{args.epochs}, {args.rounds} rounds\n")
-    ref = statistics.median(rates[list(variants)[-1]])
+    names = list(variants)
+    ref = statistics.median(rates[names[-1]])
     print("| loop | median samples/s | vs last row |\n|---|---:|---:|")
     for name, v in rates.items():
         print(f"| {name} | {statistics.median(v):.0f} | {statistics.median(v) / ref:.2f}x |")
+    print("\nPer round (each variant's median over its epochs; ratios to the last row of that round; "
+          "load: 1-minute load average at the round's end)\n")
+    print("| round | " + " | ".join(names) + " | " + " | ".join(f"{n} / last" for n in names[:-1])
+          + " | load |\n|" + "---:|" * (2 * len(names)) + "---:|")
+    for r, row in enumerate(per_round):
+        print(f"| {r + 1} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " | "
+              + " | ".join(f"{row[n] / row[names[-1]]:.2f}x" for n in names[:-1]) + f" | {row['load']:.1f} |")
 
 
 if __name__ == "__main__":
