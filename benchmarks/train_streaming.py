@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -115,15 +116,16 @@ def one_run(spec: dict) -> dict:
     from graceful_ray.train.trainer import run_upgrade
 
     cpus, store = spec.pop("ray_cpus"), spec.pop("object_store_mb") * 2**20
-    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
+    for attempt in range(6):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, object_store_memory=store)
             break
         except Exception as e:  # Ray raises a bare Exception for this timeout
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 5:
                 raise
             ray.shutdown()
+            time.sleep(10)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sampler = ObjectStoreSampler().start()
     try:
