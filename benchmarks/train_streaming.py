@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -115,15 +116,16 @@ def one_run(spec: dict) -> dict:
     from graceful_ray.train.trainer import run_upgrade
 
     cpus, store = spec.pop("ray_cpus"), spec.pop("object_store_mb") * 2**20
-    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
+    for attempt in range(6):  # Ray waits a fixed 30 s for its raylet, which a loaded machine can miss
         try:
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False, object_store_memory=store)
             break
         except Exception as e:  # Ray raises a bare Exception for this timeout
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 5:
                 raise
             ray.shutdown()
+            time.sleep(10)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sampler = ObjectStoreSampler().start()
     try:
@@ -148,6 +150,7 @@ def run(spec: dict, tree: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2000, help="N for the memory part (runs N, 4N, 16N)")
+    p.add_argument("--factors", default="1,4,16", help="multiples of N the memory part runs (ratios are to the first)")
     p.add_argument("--samples", type=int, default=8000, help="MNIST-1D samples for the speed part")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the speed part")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the speed part")
@@ -156,7 +159,13 @@ def main() -> None:
     p.add_argument("--capped-rows", type=int, default=80_000,
                    help="training rows of the run under a memory limit (0: skip it)")
     p.add_argument("--cap-mb", type=float, default=900.0, help="memory_per_worker_mb of that run")
+    p.add_argument("--capped-cache-budget-mb", type=float,
+                   help="cache_budget_mb of that run (default: the config's, within a quarter of the limit)")
     p.add_argument("--object-store-mb", type=int, default=2048, help="object store of each run's local Ray")
+    p.add_argument("--stream-buffer-mb", type=float,
+                   help="stream_buffer_mb of the image runs (default: the config's)")
+    p.add_argument("--shuffle-buffer-rows", type=int,
+                   help="shuffle_buffer_rows of the image runs (default: the config's)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -170,12 +179,16 @@ def main() -> None:
                   object_store_mb=args.object_store_mb)
     images = dict(common, model="mlp", model_kwargs={"width": 64}, epochs=1, batch_size=256, decode_cpus=1.0,
                   storage=os.path.join(args.root, "runs"), registry=os.path.join(args.root, "registry"))
+    if args.stream_buffer_mb is not None:
+        images["stream_buffer_mb"] = args.stream_buffer_mb
+    if args.shuffle_buffer_rows is not None:
+        images["shuffle_buffer_rows"] = args.shuffle_buffer_rows
     if not args.skip_memory:
         print("## Worker memory, streaming (cache_budget_mb=0), one epoch of 32x32 RGB PNGs\n")
         print("| train rows | worker peak RSS (MiB) | of it: own (anon) | object-store pages (shmem) "
               "| object store peak used (MiB) | created (MiB) | samples/s |\n|---:|---:|---:|---:|---:|---:|---:|")
         base = None
-        for k in (1, 4, 16):
+        for k in (int(f) for f in args.factors.split(",")):
             rows = k * args.rows
             data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
             out = run(dict(images, data=data, cache_budget_mb=0, run_name=f"mem-{rows}"), here)
@@ -189,9 +202,11 @@ def main() -> None:
         rows = args.capped_rows
         decoded_mb = rows * 3 * 32 * 32 * 4 / 2**20
         data = make_images(os.path.join(args.root, f"png-{rows}"), rows)
-        out = run(dict(images, data=data, memory_per_worker_mb=args.cap_mb, run_name=f"capped-{rows}"), here)
+        budget = {} if args.capped_cache_budget_mb is None else {"cache_budget_mb": args.capped_cache_budget_mb}
+        out = run(dict(images, data=data, memory_per_worker_mb=args.cap_mb, run_name=f"capped-{rows}", **budget), here)
         print(f"\n## Under a memory limit: memory_per_worker_mb={args.cap_mb:.0f}, train split {rows} rows "
-              f"= {decoded_mb:.0f} MiB decoded ({decoded_mb / args.cap_mb:.2f}x the limit)\n")
+              f"= {decoded_mb:.0f} MiB decoded ({decoded_mb / args.cap_mb:.2f}x the limit), "
+              f"cache_budget_mb={budget.get('cache_budget_mb', 'default')}\n")
         st = out["object_store"]
         if not out["ok"]:
             print(f"FAILED: {out['error']}\n\nobject store peak {st['peak_used_mb']:.0f} MiB", flush=True)
@@ -219,17 +234,29 @@ def main() -> None:
     if args.baseline_tree:
         variants["materialized (--baseline-tree)"] = ({}, args.baseline_tree)
     rates: dict[str, list[float]] = {v: [] for v in variants}
+    per_round: list[dict[str, float]] = []  # median of each variant's epochs in each round
     for r in range(args.rounds):
+        this: dict[str, float] = {}
         for name, (extra, tree) in variants.items():
             hist = run(dict(speed, **extra, run_name=f"speed-{r}-{len(rates[name])}-{abs(hash(name)) % 10**6}"),
                        tree)["history"]
             rates[name] += [h["samples_per_s"] for h in hist[1:]]
+            this[name] = statistics.median(h["samples_per_s"] for h in hist[1:])
+        per_round.append(dict(this, load=os.getloadavg()[0]))
     print(f"\n## Training samples/s, MNIST-1D {args.samples}, cnn1d channels=16, batch 128, "
           f"epochs 2-{args.epochs}, {args.rounds} rounds\n")
-    ref = statistics.median(rates[list(variants)[-1]])
+    names = list(variants)
+    ref = statistics.median(rates[names[-1]])
     print("| loop | median samples/s | vs last row |\n|---|---:|---:|")
     for name, v in rates.items():
         print(f"| {name} | {statistics.median(v):.0f} | {statistics.median(v) / ref:.2f}x |")
+    print("\nPer round (each variant's median over its epochs; ratios to the last row of that round; "
+          "load: 1-minute load average at the round's end)\n")
+    print("| round | " + " | ".join(names) + " | " + " | ".join(f"{n} / last" for n in names[:-1])
+          + " | load |\n|" + "---:|" * (2 * len(names)) + "---:|")
+    for r, row in enumerate(per_round):
+        print(f"| {r + 1} | " + " | ".join(f"{row[n]:.0f}" for n in names) + " | "
+              + " | ".join(f"{row[n] / row[names[-1]]:.2f}x" for n in names[:-1]) + f" | {row['load']:.1f} |")
 
 
 if __name__ == "__main__":

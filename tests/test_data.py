@@ -14,8 +14,8 @@ import pytest
 
 from graceful_ray.cli import main
 from graceful_ray.data import (
-    DatasetInfo, batch_to_numpy, conform, import_dataset, make_digits, make_mnist1d, ray_dataset, read_info,
-    read_split, split_paths, to_numpy, validate_dataset, validate_table, write_dataset,
+    DatasetInfo, batch_to_numpy, conform, import_dataset, layout, make_digits, make_mnist1d, ray_dataset,
+    read_info, read_split, split_paths, to_numpy, validate_dataset, validate_table, write_dataset,
 )
 from graceful_ray.data.contract import features_type
 from graceful_ray.data.images import encode_png
@@ -107,6 +107,38 @@ def test_digits_scenarios(tmp_path, scenario):
     else:
         assert len(ids_o) == round(0.5 * len(ids_t))
     assert X_o.shape[1:] == (64,) and 0 <= X_o.min() and X_o.max() <= 1
+
+
+def _row_groups(root, split):
+    """(rows, decoded bytes) of every row group of a split, file by file."""
+    info = read_info(root)
+    per_row = 4 * int(np.prod(info.feature_shape))
+    out = []
+    for rel in info.splits[split].files:
+        md = pq.read_metadata(os.path.join(root, rel))
+        out.append([(md.row_group(i).num_rows, md.row_group(i).num_rows * per_row)
+                    for i in range(md.num_row_groups)])
+    return out
+
+
+def test_an_image_split_is_written_in_bounded_row_groups_and_files(tmp_path):
+    """Ray Data reads a split by files (and row groups): one file of one row group
+    would be one read of the whole split, decoded into one run of blocks."""
+    png = encode_png(np.full((32, 32, 3), 7, np.uint8))  # decodes to 12 KiB a row
+    n = 12_000  # ~141 MiB decoded
+    t = pa.table({"id": pa.array(np.arange(n, dtype=np.int64)),
+                  "label": pa.array(np.arange(n, dtype=np.int64) % 3),
+                  "image": pa.array([png] * n, type=pa.binary())})
+    root = str(tmp_path / "png")
+    write_dataset(root, {"train": t}, name="png", num_classes=3)
+    files = _row_groups(root, "train")
+    groups = [g for f in files for g in f]
+    assert len(files) > 1 and len(groups) > 2
+    assert sum(rows for rows, _ in groups) == n
+    assert all(decoded <= layout.ROW_GROUP_BYTES for _, decoded in groups), groups
+    assert all(sum(decoded for _, decoded in f) <= layout.FILE_BYTES for f in files)
+    assert read_split(root, "train").equals(t)
+    validate_dataset(root)
 
 
 def test_scenario_arguments_are_checked(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from graceful_ray.cli import main
 from graceful_ray.data import (
-    ImportOptions, import_source, read_info, read_split, to_numpy, validate_dataset,
+    ImportOptions, import_source, layout, read_info, read_split, to_numpy, validate_dataset,
 )
 from graceful_ray.data.images import encode_png
 from graceful_ray.errors import ConfigError, DatasetError
@@ -217,6 +217,29 @@ def test_image_column_of_relative_paths_and_of_bytes(tmp_path):
     assert a.kind == b.kind == "image"
     for split in a.splits:
         assert read_split(str(tmp_path / "a"), split).equals(read_split(str(tmp_path / "b"), split))
+
+
+def test_imported_images_are_written_in_bounded_row_groups(tmp_path):
+    """However the source is batched, no row group or file is larger than the bounds."""
+    n = 6000
+    png = encode_png(np.full((32, 32, 3), 9, np.uint8))  # decodes to 12 KiB a row
+    pq.write_table(pa.table({"img": pa.array([png] * n, pa.binary()),
+                             "animal": [("cat", "dog")[i % 2] for i in range(n)]}),
+                   tmp_path / "src.parquet")
+    info = import_source(str(tmp_path / "src.parquet"), str(tmp_path / "ds"), image_col="img",
+                         label_col="animal", batch_rows=999, rows_per_file=3000)
+    per_row = 4 * int(np.prod(info.feature_shape))
+    for split, si in info.splits.items():
+        groups = []
+        for rel in si.files:
+            md = pq.read_metadata(tmp_path / "ds" / rel)
+            assert md.num_rows <= 3000
+            groups += [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        assert sum(groups) == si.rows
+        assert all(rows * per_row <= layout.ROW_GROUP_BYTES for rows in groups), (split, groups)
+    train = info.splits["train"]
+    assert train.rows * per_row > 2 * layout.ROW_GROUP_BYTES and len(train.files) >= 2
+    validate_dataset(str(tmp_path / "ds"))
 
 
 def test_old_ids_file(tmp_path):

@@ -210,3 +210,32 @@ def test_memory_cap_stops_a_worker_over_it_and_says_why(tmp_path):
     code = "import time; from graceful_ray.train.worker import MemoryWatch; MemoryWatch(10).start(); time.sleep(120)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9 and "passed memory_per_worker_mb=10" in proc.stderr
+
+
+def test_what_a_worker_streams_is_bounded_in_bytes_not_only_rows():
+    """Decode blocks, the local shuffle buffer and Ray Data's queue ahead of the workers
+    are bounded by bytes, so larger images do not make them larger."""
+    from graceful_ray.train.pipeline import (
+        DECODE_BLOCK_BYTES,
+        decode_batch_rows,
+        eval_batch_rows,
+        shuffle_buffer_rows,
+    )
+    from graceful_ray.train.trainer import ingest_options
+
+    small, image, large = (40,), (3, 32, 32), (3, 224, 224)
+    assert decode_batch_rows(small) == 1024  # features: as many rows as before
+    assert decode_batch_rows(image) * 4 * 3 * 32 * 32 <= DECODE_BLOCK_BYTES < (decode_batch_rows(image) + 1) * 12288
+    assert decode_batch_rows(large) == 32  # never fewer rows than this per task
+    mib16 = 16 * 2**20
+    assert shuffle_buffer_rows(4096, mib16, small, 128) == 4096
+    assert shuffle_buffer_rows(4096, mib16, image, 128) == mib16 // 12288
+    assert shuffle_buffer_rows(4096, mib16, large, 256) == 256  # at least one batch
+    assert shuffle_buffer_rows(0, mib16, image, 128) == 0  # 0 rows: no shuffling
+    assert eval_batch_rows(small) == 4096 and eval_batch_rows(image) == mib16 // 12288
+    cfg = UpgradeConfig(data="unused")
+    assert ingest_options(cfg).resource_limits.object_store_memory == cfg.stream_buffer_mb * 2**20 > 0
+    assert ingest_options(UpgradeConfig(data="unused", stream_buffer_mb=0)).resource_limits.object_store_memory \
+        == float("inf")
+    with pytest.raises(ConfigError, match="stream_buffer_mb"):
+        UpgradeConfig(data="unused", stream_buffer_mb=-1)

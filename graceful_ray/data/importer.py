@@ -32,14 +32,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from graceful_ray.data import layout
 from graceful_ray.data.contract import (
     FEATURES, ID, IMAGE, LABEL, OLD_TRAIN, TRAIN, DatasetInfo, Expectations,
     SplitInfo, dataset_checksum, features_type, now_iso,
 )
 from graceful_ray.data.images import ImageDecodeError, natural_shape, open_image
-from graceful_ray.data.write import DEFAULT_ROWS_PER_FILE, publish, target_entries
 from graceful_ray.data.sources import FORMATS, IMAGE_PATH, Part, open_parts
 from graceful_ray.data.validate import validate_table
+from graceful_ray.data.write import DEFAULT_ROWS_PER_FILE, publish, target_entries
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
 from graceful_ray.storage import Location, resolve
 
@@ -50,9 +51,6 @@ VAL, TEST = "val", "test"
 SPLIT_ALIASES = {"training": TRAIN, "validation": VAL, "valid": VAL, "dev": VAL, "testing": TEST}
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _INT_TEXT = re.compile(r"^\s*-?\d+\s*$")
-#: A split's rows are buffered up to this many before a Parquet row group is written.
-ROW_GROUP_ROWS = 65_536
-ROW_GROUP_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -722,13 +720,18 @@ def _converted(parts: list[Part], m: _Mapping, keys: _Keys,
 
 
 class _SplitWriter:
-    """One split's Parquet files, written as rows arrive (row groups of up to
-    ``ROW_GROUP_ROWS``; a new file every ``rows_per_file`` rows)."""
+    """One split's Parquet files, written as rows arrive, in row groups and files
+    bounded by bytes (:mod:`graceful_ray.data.layout`; a file also by
+    ``rows_per_file`` rows). ``feature_shape`` gives the rows' decoded shape once
+    the conversion has seen the first row (it counts in a row's bytes)."""
 
-    def __init__(self, dest: Location, split: str, rows_per_file: int):
+    def __init__(self, dest: Location, split: str, rows_per_file: int,
+                 feature_shape: Callable[[], Sequence[int] | None] = lambda: None):
         self.dest, self.split, self.rows_per_file = dest, split, rows_per_file
+        self.feature_shape = feature_shape
         self.pending: list[pa.Table] = []
-        self.pending_rows = self.pending_bytes = 0
+        self.pending_rows = 0
+        self.row_bytes = 1  # the largest seen: the bound holds for every group
         self.rows = 0
         self.files: list[str] = []
         self.hashes: dict[str, str] = {}
@@ -738,8 +741,8 @@ class _SplitWriter:
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
         self.pending_rows += table.num_rows
-        self.pending_bytes += table.nbytes
-        if self.pending_rows >= ROW_GROUP_ROWS or self.pending_bytes >= ROW_GROUP_BYTES:
+        self.row_bytes = max(self.row_bytes, layout.row_bytes(table, self.feature_shape()))
+        if self.pending_rows >= layout.rows_per_row_group(self.row_bytes):
             self._flush()
 
     def _open(self, schema: pa.Schema) -> None:
@@ -759,25 +762,31 @@ class _SplitWriter:
             rel = self.files[-1]
             self.hashes[rel] = _sha256_file(self.dest.join(rel))
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
+        """Write the pending rows as whole row groups, starting a new file where the
+        current one is full; the rows short of a group wait for more unless ``final``."""
         if not self.pending:
             return
         table = pa.concat_tables(self.pending).combine_chunks()
-        self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
+        group = layout.rows_per_row_group(self.row_bytes)
+        per_file = layout.rows_per_file(self.row_bytes, self.rows_per_file)
+        end = table.num_rows if final else table.num_rows - table.num_rows % group
+        self.pending = [table.slice(end)] if end < table.num_rows else []
+        self.pending_rows = table.num_rows - end
         start = 0
-        while start < table.num_rows:
+        while start < end:
             if self._writer is None:
                 self._open(table.schema)
-            take = min(table.num_rows - start, self.rows_per_file - self._file_rows)
-            self._writer.write_table(table.slice(start, take), row_group_size=ROW_GROUP_ROWS)
+            take = min(end - start, per_file - self._file_rows, group)
+            self._writer.write_table(table.slice(start, take), row_group_size=group)
             self._file_rows += take
             self.rows += take
             start += take
-            if self._file_rows >= self.rows_per_file:
+            if self._file_rows >= per_file:
                 self._close_file()
 
     def finish(self, subset_of: str | None) -> SplitInfo:
-        self._flush()
+        self._flush(final=True)
         self._close_file()
         return SplitInfo.build(self.rows, self.files, self.hashes, subset_of)
 
@@ -836,7 +845,8 @@ def import_source(source: str, out: str, options: ImportOptions | None = None,
 
     def run(dest: Location | None) -> dict[str, SplitInfo]:
         state.clear()
-        writers = {s: _SplitWriter(dest, s, opts.rows_per_file) for s in split_names} if dest else {}
+        writers = ({s: _SplitWriter(dest, s, opts.rows_per_file, lambda: state.get("shape"))
+                    for s in split_names} if dest else {})
         try:
             for s, table in _converted(parts, m, keys, opts, state):
                 # The contract's own check, as a guard: the conversion above has

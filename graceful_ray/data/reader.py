@@ -10,7 +10,11 @@ which reads two splits, took 1.31x as long with V2 (41.9 s against 32.0 s,
 benchmarks/results/train_overhead.md).
 
 So reads of up to ``SMALL_READ_FILES`` files go through V1, larger ones (and
-reads that need V2-only arguments) through Ray's default. ``paths`` are files,
+reads that need V2-only arguments) through Ray's default. V1 plans one read task
+per file (and splits each task's output into the blocks its autodetected
+parallelism asks for), V2 plans by row groups: either way a read is as large as
+the layout lets it be, which is why datasets are written in bounded files and
+row groups (:mod:`graceful_ray.data.layout`); no ``override_num_blocks`` is set. ``paths`` are files,
 not directories. Setting ``RAY_DATA_USE_DATASOURCE_V2`` in the environment is an
 explicit choice and always wins: then the ``DataContext`` decides, as in plain
 Ray. (A ``DataContext.use_datasource_v2 = True`` set in code without the

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from graceful_ray.data import layout
 from graceful_ray.data.contract import (
     DATASET_JSON,
     FEATURES,
@@ -47,8 +48,9 @@ from graceful_ray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
-#: Rows per Parquet file; larger splits are written as several files, which
-#: Ray Data reads in parallel.
+#: Rows per Parquet file at most; files and their row groups are also bounded by
+#: bytes (graceful_ray.data.layout), so a split of images is several files that
+#: Ray Data reads in bounded pieces.
 DEFAULT_ROWS_PER_FILE = 250_000
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STAGING = ".staging-"
@@ -155,34 +157,39 @@ def check_target(root: PathLike, split_names: Iterable[str], overwrite: bool = F
     target_entries(as_location(root), set(split_names), overwrite)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows)
     return buf.getvalue().to_pybytes()
 
 
 def _write_splits(dest: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str, str],
-                  rows_per_file: int) -> dict[str, SplitInfo]:
+                  rows_per_file: int, feature_shape: Sequence[int] | None) -> dict[str, SplitInfo]:
     out: dict[str, SplitInfo] = {}
     for split in sorted(tables):
         table = tables[split]
         files, hashes = [], {}
-        n_files = max(1, -(-table.num_rows // rows_per_file))
+        size = layout.row_bytes(table, feature_shape)
+        group_rows = layout.rows_per_row_group(size)
+        file_rows = layout.rows_per_file(size, rows_per_file)
+        n_files = max(1, -(-table.num_rows // file_rows))
         for i in range(n_files):
-            part = table.slice(i * rows_per_file, rows_per_file)
+            part = table.slice(i * file_rows, file_rows)
             rel = f"{split}/part-{i:05d}.parquet"
-            data = _parquet_bytes(part)
+            data = _parquet_bytes(part, group_rows)
             dest.join(rel).write_bytes(data)
             files.append(rel)
             hashes[rel] = sha256_hex(data)
         out[split] = SplitInfo.build(table.num_rows, files, hashes, subsets.get(split))
-        log.debug("wrote split %s: %d rows in %d files", split, table.num_rows, n_files)
+        log.debug("wrote split %s: %d rows in %d files, row groups of up to %d rows", split,
+                  table.num_rows, n_files, group_rows)
     return out
 
 
 def _publish(loc: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str, str],
-             make_info, existing: list[str], rows_per_file: int) -> DatasetInfo:
-    return publish(loc, lambda dest: _write_splits(dest, tables, subsets, rows_per_file),
+             make_info, existing: list[str], rows_per_file: int,
+             feature_shape: Sequence[int] | None) -> DatasetInfo:
+    return publish(loc, lambda dest: _write_splits(dest, tables, subsets, rows_per_file, feature_shape),
                    make_info, existing)
 
 
@@ -256,7 +263,7 @@ def _write_validated(loc: Location, tables: Mapping[str, pa.Table], exp: Expecta
             seed=None if seed is None else int(seed), created_at=now_iso(),
             extra=dict(extra or {}), id_type=exp.id_type or "int64")
 
-    info = _publish(loc, tables, subsets, make_info, existing, rows_per_file)
+    info = _publish(loc, tables, subsets, make_info, existing, rows_per_file, exp.feature_shape)
     log.info("wrote dataset %s to %s: %s, checksum %s", name, loc.uri,
              ", ".join(f"{k} {v.rows}" for k, v in info.splits.items()), info.checksum[:12])
     return info
@@ -300,7 +307,9 @@ def write_dataset(root: PathLike, splits: Mapping[str, pa.Table], *, name: str,
     its rows from (default ``{"old_train": "train"}`` when both exist): its ids
     repeat the parent's, every other id is unique across the dataset.
     Nothing is written when any check fails; an existing dataset is replaced
-    only with ``overwrite=True``.
+    only with ``overwrite=True``. A split's files hold at most ``rows_per_file``
+    rows, and files and row groups are bounded by bytes too
+    (:mod:`graceful_ray.data.layout`).
     """
     shape = _check_args(name, num_classes, class_names, feature_shape, kind, rows_per_file)
     if num_classes is None:

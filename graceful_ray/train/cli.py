@@ -55,6 +55,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-budget-mb", type=float, default=1024.0,
                    help="a worker keeps a split in memory after its first pass when it fits this; "
                         "larger splits stream from Ray Data every epoch (0: always stream)")
+    p.add_argument("--stream-buffer-mb", type=float, default=UpgradeConfig.stream_buffer_mb,
+                   help="object store Ray Data may fill with decoded blocks ahead of the workers, per "
+                        "dataset (default %(default)s; 0: Ray Data's own limit, half the object store)")
+    p.add_argument("--shuffle-buffer-mb", type=float, default=UpgradeConfig.shuffle_buffer_mb,
+                   help="a worker's local shuffle buffer holds at most this much of decoded inputs, and at most "
+                        f"{UpgradeConfig.shuffle_buffer_rows} rows, but at least one batch (default %(default)s)")
     p.add_argument("--memory-per-worker-mb", type=float, default=0.0,
                    help="memory each worker may use (0: no limit): reserved as Ray's memory resource and "
                         "enforced on its own memory (not object-store pages), a worker over it is stopped")
@@ -80,7 +86,8 @@ def config_from_args(args: argparse.Namespace):
         workers=args.workers, use_gpu=args.gpu,
         cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
         memory_per_worker_mb=args.memory_per_worker_mb,
-        cache_budget_mb=args.cache_budget_mb, placement_strategy="SPREAD" if args.spread else "PACK",
+        cache_budget_mb=args.cache_budget_mb, stream_buffer_mb=args.stream_buffer_mb,
+        shuffle_buffer_mb=args.shuffle_buffer_mb, placement_strategy="SPREAD" if args.spread else "PACK",
         max_failures=args.max_failures, registry=args.registry, storage=args.storage, run_name=args.run_name,
     )
 

@@ -80,6 +80,10 @@ class UpgradeConfig:
     decode_cpus: float = 0.25
     # Rows in each worker's local shuffle buffer (0: no shuffling, e.g. evaluation order).
     shuffle_buffer_rows: int = 4096
+    # ... and at most this many MiB of decoded inputs (but at least one batch): the
+    # buffer holds object-store blocks the worker maps (graceful_ray.train.pipeline.
+    # shuffle_buffer_rows). 32x32 RGB images: 1365 rows.
+    shuffle_buffer_mb: float = 16.0
     prefetch_batches: int = 2
     # A worker keeps a split in memory after its first streamed pass when it takes at
     # most this much; larger splits stream every epoch (0: always stream). Streaming a
@@ -87,6 +91,15 @@ class UpgradeConfig:
     # path never slower (benchmarks/results/train_streaming.md); the default is what
     # a worker can spare, not a speed trade-off.
     cache_budget_mb: float = 1024.0
+    # Object store Ray Data may fill ahead of the workers, per dataset (train, val), in
+    # MiB (0: Ray Data's own limit, half the node's object store). Decoding outpaces a
+    # worker, so without a bound the queue of decoded blocks grows with the split up to
+    # that share, and a worker maps every block it reads: its RSS grew with the dataset
+    # by the object-store pages it had mapped, its own memory stayed flat
+    # (benchmarks/results/train_streaming.md). The bound takes effect once a split is
+    # written in bounded files and row groups (graceful_ray.data.layout); a split of
+    # one file is one read that no limit can hold back.
+    stream_buffer_mb: float = 64.0
     # Memory each worker may use, in MiB (0: no limit). Reserved as Ray's ``memory``
     # resource (so Ray places workers where it is free) and enforced: a worker whose
     # own resident memory (not the object-store pages it maps) passes it is stopped
@@ -124,8 +137,12 @@ class UpgradeConfig:
             raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if not self.decode_cpus > 0:
             raise ConfigError(f"decode_cpus must be > 0, got {self.decode_cpus}")
-        if self.shuffle_buffer_rows < 0 or self.prefetch_batches < 0 or self.cache_budget_mb < 0:
-            raise ConfigError("shuffle_buffer_rows, prefetch_batches and cache_budget_mb must be >= 0")
+        if (self.shuffle_buffer_rows < 0 or self.shuffle_buffer_mb < 0 or self.prefetch_batches < 0
+                or self.cache_budget_mb < 0):
+            raise ConfigError("shuffle_buffer_rows, shuffle_buffer_mb, prefetch_batches and cache_budget_mb "
+                              "must be >= 0")
+        if self.stream_buffer_mb < 0:
+            raise ConfigError(f"stream_buffer_mb must be >= 0 (0: Ray Data's own limit), got {self.stream_buffer_mb}")
         if self.memory_per_worker_mb < 0:
             raise ConfigError(f"memory_per_worker_mb must be >= 0 (0: no limit), got {self.memory_per_worker_mb}")
         if self.memory_per_worker_mb and self.workers == 0:

@@ -31,7 +31,9 @@ from graceful_ray.methods import build_method
 from graceful_ray.models import build_model
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop_config import LoopConfig
-from graceful_ray.train.pipeline import INPUT, StreamedSplit, epoch_key, publish_epoch, rows_of_rank
+from graceful_ray.train.pipeline import (
+    INPUT, StreamedSplit, epoch_key, eval_batch_rows, publish_epoch, rows_of_rank, shuffle_buffer_rows,
+)
 from graceful_ray.train.step import CachedOldOutputs, OldOutputs, OnlineOldOutputs, run_epoch
 from graceful_ray.train.warm_start import warm_start
 from graceful_ray.train.worker import (all_ranks_have, all_reduce_sum, load_checkpoint_dir, lockstep_group,
@@ -142,7 +144,7 @@ def _train(loop: LoopConfig, memory: MemoryWatch) -> dict[str, Any]:
     model = wrap_for_method(method, model)
     optimizer = make_optimizer(method, model, cfg)
 
-    train, val = _streamed_splits(cfg, rank, world_size)
+    train, val = _streamed_splits(loop, rank, world_size)
     # Ray Train splits the training set into equal shards, so every rank takes the same steps;
     # the scheduler needs the count up front.
     steps = math.ceil((loop.train_rows // world_size) / train.batch_size)
@@ -216,19 +218,23 @@ def _train(loop: LoopConfig, memory: MemoryWatch) -> dict[str, Any]:
             "teacher": old_outputs.name}
 
 
-def _streamed_splits(cfg: UpgradeConfig, rank: int, world_size: int) -> tuple[StreamedSplit, StreamedSplit]:
+def _streamed_splits(loop: LoopConfig, rank: int, world_size: int) -> tuple[StreamedSplit, StreamedSplit]:
     """This worker's training shard and validation partition (graceful_ray.train.pipeline)."""
     import ray.data
     import ray.train
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = loop.run
     budget = int(cfg.effective_cache_budget_mb * 2**20)
+    shuffle = shuffle_buffer_rows(cfg.shuffle_buffer_rows, int(cfg.shuffle_buffer_mb * 2**20),
+                                  loop.spec.input_shape, cfg.per_worker_batch_size)
     # Augmented in the pipeline: new crops every epoch, so the training split is never cached.
     train = StreamedSplit(ray.train.get_dataset_shard("train"), batch_size=cfg.per_worker_batch_size,
-                          shuffle_buffer_rows=cfg.shuffle_buffer_rows, prefetch_batches=cfg.prefetch_batches,
+                          shuffle_buffer_rows=shuffle, prefetch_batches=cfg.prefetch_batches,
                           cache_bytes=0 if cfg.augment_images else budget, seed=cfg.seed * 101 + rank)
     # The whole validation set reaches every worker; each evaluates its partition of the rows.
-    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=4096, prefetch_batches=cfg.prefetch_batches,
+    val = StreamedSplit(ray.train.get_dataset_shard("val"), batch_size=eval_batch_rows(loop.spec.input_shape),
+                        prefetch_batches=cfg.prefetch_batches,
                         cache_bytes=budget, keep=rows_of_rank(rank, world_size))
     return train, val
 

@@ -33,6 +33,14 @@ import torch
 from graceful_ray.data.tensors import inputs_from_arrow
 
 INPUT = "x"
+#: Bytes of decoded inputs per decode task (one output block), within DECODE_BATCH_ROWS:
+#: a block is the unit Ray Data queues, prefetches and a worker maps, so large rows
+#: (images) make proportionally fewer rows per block (32x32 RGB: 341 rows).
+DECODE_BLOCK_BYTES = 4 << 20
+DECODE_BATCH_ROWS = (32, 1024)
+#: Validation batches: evaluation needs no gradient, so large, but bounded in bytes.
+EVAL_BATCH_ROWS = 4096
+EVAL_BATCH_BYTES = 16 << 20
 ROW_KEY = "row_key"  # an int64 per row that partitions the validation set over workers
 OLD_STREAMED = ("old_logits", "old_embedding", "old_correct")
 
@@ -147,14 +155,45 @@ def label_lookup(class_positions: dict[int, int]) -> np.ndarray:
     return lookup
 
 
+def input_row_bytes(feature_shape: Sequence[int]) -> int:
+    """Bytes of one decoded model input (float32)."""
+    return 4 * math.prod(feature_shape)
+
+
+def decode_batch_rows(feature_shape: Sequence[int]) -> int:
+    """Rows per decode task: ``DECODE_BLOCK_BYTES`` of decoded inputs, within ``DECODE_BATCH_ROWS``."""
+    lo, hi = DECODE_BATCH_ROWS
+    return max(lo, min(hi, DECODE_BLOCK_BYTES // input_row_bytes(feature_shape)))
+
+
+def eval_batch_rows(feature_shape: Sequence[int], max_rows: int = EVAL_BATCH_ROWS,
+                    max_bytes: int = EVAL_BATCH_BYTES) -> int:
+    """Rows per validation batch: ``max_rows``, within ``max_bytes`` of decoded inputs
+    (a batch, and the batches prefetched, are blocks the worker maps)."""
+    return max(1, min(max_rows, max_bytes // input_row_bytes(feature_shape)))
+
+
+def shuffle_buffer_rows(max_rows: int, max_bytes: int, feature_shape: Sequence[int], batch_size: int) -> int:
+    """Rows of a worker's local shuffle buffer: at most ``max_rows`` and ``max_bytes``
+    of decoded inputs, but at least one batch (0 when ``max_rows`` is 0: no shuffle).
+    Ray Data's buffer holds the blocks it draws from, which are object-store pages the
+    worker maps, so a bound in rows alone grows with the row size (4096 rows of
+    224x224 RGB are 2.3 GiB)."""
+    if not max_rows:
+        return 0
+    return max(batch_size, min(max_rows, max_bytes // input_row_bytes(feature_shape)))
+
+
 def decoded(ds, *, feature_shape: Sequence[int], classes: Sequence[int], with_old: bool,
-            with_row_key: bool = False, decode_cpus: float = 1.0, batch_size: int = 1024,
+            with_row_key: bool = False, decode_cpus: float = 1.0, batch_size: int | None = None,
             augment: ImageAugment | None = None):
     """``ds`` with the decode stage appended: ``decode_cpus`` CPUs in all decode
     (one task of ``min(1, decode_cpus)`` CPUs, up to ``ceil(decode_cpus)`` at once),
-    augmenting the images when ``augment`` is given (the training split's)."""
+    ``batch_size`` rows a task (default :func:`decode_batch_rows`), augmenting the
+    images when ``augment`` is given (the training split's)."""
     import ray.data
 
+    batch_size = batch_size or decode_batch_rows(feature_shape)
     return ds.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=batch_size,
         fn_kwargs=dict(feature_shape=tuple(feature_shape), with_old=with_old, with_row_key=with_row_key,

@@ -171,8 +171,22 @@ def build_trainer(cfg: UpgradeConfig, loop: LoopConfig, datasets: dict[str, Any]
         datasets=datasets,
         # Only the training set is split (into equal shards); every worker streams the
         # whole validation set and evaluates its partition of the rows, so no row is dropped.
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
     )
+
+
+def ingest_options(cfg: UpgradeConfig):
+    """Ray Train's ingest options with the object store Ray Data fills ahead of the
+    workers bounded by ``stream_buffer_mb`` (why: see UpgradeConfig.stream_buffer_mb).
+    Given explicitly: Ray Train resolves its defaults where it configures the
+    datasets, not from this process's DataContext."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    if cfg.stream_buffer_mb:
+        options.resource_limits = options.resource_limits.copy(
+            object_store_memory=int(cfg.stream_buffer_mb * 2**20))
+    return options
 
 
 def fit(trainer):
