@@ -8,6 +8,8 @@ helpers change with its tests) nor from the package's private names.
 from __future__ import annotations
 
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,6 +28,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_line(proc: subprocess.Popen, lines: list[str], marker: str,
+                  timeout_s: float) -> threading.Thread:
+    """Collect ``proc``'s stdout into ``lines`` (in a thread, until it exits) and wait
+    until a line contains ``marker``; fails with the output's tail if ``proc`` exits
+    first or ``timeout_s`` passes. Returns the reader thread (join it for the rest)."""
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout_s
+    while not seen.wait(timeout=1.0):
+        assert proc.poll() is None, f"exited {proc.returncode}:\n" + "".join(lines)[-3000:]
+        assert time.monotonic() < deadline, f"no {marker!r} line:\n" + "".join(lines)[-3000:]
+    return reader
 
 
 def wait_for(fetch: Callable[[], T], predicate: Callable[[T], bool], timeout_s: float,

@@ -31,7 +31,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import free_port, wait_report
+from tests.helpers import free_port, wait_for_line, wait_report
 from tests.local_ray import start_local_ray
 
 httpx = pytest.importorskip("httpx")
@@ -156,7 +155,7 @@ def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
                 server = subprocess.Popen(
                     ["bash", "-c", f"exec {line} --port {port}"], cwd=work,
                     env=sh.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                _wait_up(server, lines)
+                wait_for_line(server, lines, "shadow service up", timeout_s=600)  # slow replicas on 2 cores
                 _send_traffic(port, work / "data" / "shop", load_split)
             else:
                 out = sh.run(line)
@@ -218,22 +217,6 @@ def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
         assert torch.equal(net(x), expected)
         assert torch.allclose(scripted(x), expected, atol=1e-6)
     assert server is not None and server.returncode == 0, "".join(lines)[-3000:]
-
-
-def _wait_up(server: subprocess.Popen, lines: list[str]) -> None:
-    up = threading.Event()
-
-    def read() -> None:
-        for line in server.stdout:
-            lines.append(line)
-            if "shadow service up" in line:
-                up.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 600  # replicas start slowly on a loaded 2-core machine
-    while not up.wait(timeout=1.0):
-        assert server.poll() is None, f"serve exited {server.returncode}:\n" + "".join(lines)[-3000:]
-        assert time.monotonic() < deadline, "serve did not come up:\n" + "".join(lines)[-3000:]
 
 
 def _send_traffic(port: int, data: Path, load_split) -> None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ import torch
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
 from graceful_ray.serve.client import ShadowClient
+from tests.helpers import free_port, wait_for_line
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,6 @@ RAY_NOISE = ("Token authentication is enabled", "worker processes have been star
              "graceful_shutdown failed", "the actor restart will fail")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_on_its_own_ray_prints_none_of_rays_noise(tmp_path):
     reg = Registry(str(tmp_path / "root" / "registry"))
     torch.manual_seed(0)
@@ -49,11 +42,11 @@ def test_serve_on_its_own_ray_prints_none_of_rays_noise(tmp_path):
         reg.publish("digits", build_model(SPEC), spec=SPEC, classes=list(range(10)))
     reg.set_alias("digits", "production", 1)
     reg.set_alias("digits", "candidate", 2)
-    port = _port()
+    port = free_port()
     # its own local Ray, as a user's first `graceful-ray serve` (not the session's)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env.update(GRACEFUL_RAY_ADMIN_TOKEN="noise-token", RAY_SERVE_LOG_TO_STDERR="0",
-               RAY_DASHBOARD_AGENT_PORT=str(_port()),
+               RAY_DASHBOARD_AGENT_PORT=str(free_port()),
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "graceful_ray.cli", "--root", str(tmp_path / "root"), "serve",
@@ -61,18 +54,8 @@ def test_serve_on_its_own_ray_prints_none_of_rays_noise(tmp_path):
            "--router-cpus", "0.2", "--model-cpus", "0.1", "--python-proxy"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "shadow service up" in line:
-                up.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     try:
-        assert up.wait(timeout=400), "".join(lines)[-3000:]
+        reader = wait_for_line(proc, lines, "shadow service up", timeout_s=400)
         client = ShadowClient(f"http://127.0.0.1:{port}")
         for _ in range(20):  # traffic through every replica, the time Ray's late warnings had
             assert len(client.predict([[0.5] * 40] * 4)["predictions"]) == 4
@@ -116,7 +99,7 @@ def test_a_local_ray_does_not_warn_about_the_worker_processes_of_fractional_cpu_
     kind) made Ray warn at 8, 14 and 16 worker processes on 2 cores ("4x the maximum
     expected startup concurrency (2)"): a local Ray starts at least 8 at once."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_DASHBOARD_AGENT_PORT=str(_port()),
+    env.update(RAY_DASHBOARD_AGENT_PORT=str(free_port()),
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _MANY_ACTORS], env=env, capture_output=True, text=True,
@@ -148,7 +131,7 @@ def test_the_old_model_pass_leaves_ray_cores_actor_pool_error_off_the_terminal(t
     torch.manual_seed(0)
     Registry(str(tmp_path / "registry")).publish("m", build_model(spec), spec=spec, classes=range(10))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_DASHBOARD_AGENT_PORT=str(_port()),
+    env.update(RAY_DASHBOARD_AGENT_PORT=str(free_port()),
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _OLD_OUTPUTS, str(tmp_path / "ds"), str(tmp_path / "registry")],

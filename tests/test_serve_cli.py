@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.registry import Registry
-from tests.helpers import free_port
+from tests.helpers import wait_for_line, free_port
 
 httpx = pytest.importorskip("httpx")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -51,18 +50,9 @@ def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
                             text=True)
     base = f"http://127.0.0.1:{port}"
     lines: list[str] = []
-    up = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "shadow service up" in line:
-                up.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    reader = None
     try:
-        assert up.wait(timeout=300), "".join(lines)[-3000:]
+        reader = wait_for_line(proc, lines, "shadow service up", timeout_s=300)
         health = httpx.get(base + "/healthz", timeout=10).json()
         assert health["primary"] == "digits@v1" and health["shadow_fraction"] == 0.5
         x = np.random.default_rng(0).normal(size=(5, 40)).round(4).tolist()
@@ -82,7 +72,8 @@ def test_graceful_ray_serve_end_to_end(ray_session, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        reader.join(timeout=10)
+        if reader is not None:
+            reader.join(timeout=10)
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert "shadow" not in serve.status().applications  # Ctrl-C removed the application
