@@ -215,6 +215,19 @@ def test_only_final_reports_complete_an_optuna_trial(tmp_path):
     assert [t.number for t in study.best_trials] == [0]  # the stopped trial's better numbers are not counted
 
 
+def test_the_searcher_survives_the_pickle_the_tuner_writes(tmp_path):
+    """Ray Tune pickles the searcher into tuner.pkl when the Tuner is built (and into
+    searcher checkpoints); Optuna 5.1's NSGA-II holds a thread lock, which made every
+    search fail at its start. Pickled and restored, it must go on suggesting."""
+    import ray.cloudpickle as cloudpickle
+
+    s = _searcher(tmp_path)
+    assert 0.01 <= s.suggest("before")["fd_lambda"] <= 10
+    restored = cloudpickle.loads(cloudpickle.dumps(s))
+    assert 0.01 <= restored.suggest("after")["fd_lambda"] <= 10
+    restored.on_trial_complete("after", {"val_accuracy": 0.9, "val_nfr": 0.01, COMPLETE_FLAG: 1})
+
+
 def test_population_keeps_several_generations():
     from graceful_ray.tune.search_algorithm import default_population
 

@@ -21,6 +21,7 @@ be inspected with ``optuna.load_study(study_name=RUN, storage=URL)`` or
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,34 @@ class ParetoOptunaSearch(_optuna_search_class()):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
+def _nsgaii_class():
+    from optuna.samplers import NSGAIISampler
+
+    return NSGAIISampler
+
+
+class PicklableNSGAIISampler(_nsgaii_class()):
+    """Optuna's NSGA-II, with its thread lock left out of its pickle.
+
+    Ray Tune pickles the searcher (and with it the study and the sampler) into
+    ``tuner.pkl`` when the Tuner is built, and into every searcher checkpoint.
+    Optuna 5.1's genetic samplers hold a ``threading.Lock`` (``_thread_lock``)
+    and define no ``__getstate__``, so every search failed at its start with
+    "cannot pickle '_thread.lock' object". A fresh lock is made on unpickling.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            self._thread_lock = threading.Lock()
+
+
 def study_storage(url: str):
     """An Optuna RDB storage (``sqlite:///abs/path.db``, ``postgresql://...``)."""
     import optuna
@@ -64,9 +93,7 @@ def make_searcher(objectives: Sequence[Objective], *, study_url: str, study_name
                   population: int | None = None, seed: int = 0,
                   points_to_evaluate: list[dict[str, Any]] | None = None) -> ParetoOptunaSearch:
     """``points_to_evaluate``: trials Optuna runs first, as given (the plain trial of a search across methods)."""
-    import optuna
-
-    sampler = optuna.samplers.NSGAIISampler(population_size=population or default_population(trials), seed=seed)
+    sampler = PicklableNSGAIISampler(population_size=population or default_population(trials), seed=seed)
     return ParetoOptunaSearch(metric=[o.metric for o in objectives], mode=[o.mode for o in objectives],
                               sampler=sampler, storage=study_storage(study_url), study_name=study_name,
                               points_to_evaluate=points_to_evaluate or None)
