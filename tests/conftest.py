@@ -13,7 +13,11 @@ import uuid
 import pytest
 
 from tests.helpers import free_port
-from tests.local_ray import remove_haproxy_dirs, start_local_ray
+from tests.local_ray import PROXY_CHECK_ENV, remove_haproxy_dirs, start_local_ray
+
+# Before any test starts a Ray of its own (a cluster, a CLI's, a job's): see local_ray.
+for _key, _value in PROXY_CHECK_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 # Ray Data's Parquet reader is the product's own choice (graceful_ray.data.reader:
 # V1 for the few files of a split, which on 2 cores costs 0.2-1 s where Ray

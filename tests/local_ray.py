@@ -47,6 +47,16 @@ def _serve_ingress() -> None:
 DRAIN_ENV, TEST_DRAIN_S = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2"
 
 
+# Serve's controller kills its proxy (here HAProxy's manager actor) after 3 health checks
+# in a row that take over 10 s, and a `serve.start` waiting on it then raises
+# ActorDiedError. On a 2-core machine with another process on one core and a Ray
+# Train test beside it, that check was seen to take longer (issue 16's busy-core
+# runs: every Serve test of one module failed on it). The tests give it a minute;
+# the package keeps Ray's defaults.
+PROXY_CHECK_ENV = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                   "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
 def start_local_ray(attempts: int = 3):
     """Start the test Ray; retried because Ray waits a fixed 30 s for its raylet,
     which a heavily loaded 2-core machine can miss."""
@@ -54,6 +64,8 @@ def start_local_ray(attempts: int = 3):
 
     _serve_ingress()  # read by Serve's processes when they start: before Ray
     os.environ.setdefault(DRAIN_ENV, TEST_DRAIN_S)  # likewise (every Ray worker inherits it)
+    for key, value in PROXY_CHECK_ENV.items():
+        os.environ.setdefault(key, value)
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=4, include_dashboard=False,

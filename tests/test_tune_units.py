@@ -219,7 +219,7 @@ def test_the_searcher_survives_the_pickle_the_tuner_writes(tmp_path):
     """Ray Tune pickles the searcher into tuner.pkl when the Tuner is built (and into
     searcher checkpoints); Optuna 5.1's NSGA-II holds a thread lock, which made every
     search fail at its start. Pickled and restored, it must go on suggesting."""
-    import ray.cloudpickle as cloudpickle
+    from ray import cloudpickle
 
     s = _searcher(tmp_path)
     assert 0.01 <= s.suggest("before")["fd_lambda"] <= 10
