@@ -6,6 +6,10 @@ import contextlib
 import logging
 import os
 
+from graceful_ray.errors import ConfigError
+
+# Lazy imports: Ray loads only when a cluster is started or joined, after the CLI has checked its arguments.
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,7 +98,6 @@ def agent_port() -> int | None:
     """The dashboard agent port a local Ray should use: ``$RAY_DASHBOARD_AGENT_PORT``,
     else ``None`` (Ray's fixed default, 52365, which a second Ray on the machine,
     e.g. one cluster/local.sh started, may already hold)."""
-    from graceful_ray.errors import ConfigError
 
     text = os.environ.get(AGENT_PORT_ENV, "").strip()
     if not text:

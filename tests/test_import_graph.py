@@ -156,6 +156,23 @@ def _import_nodes(tree: ast.AST):
     yield from visit(tree, False)
 
 
+def _called_on_import(tree: ast.Module) -> list[ast.FunctionDef]:
+    """The module's functions its top level calls (a class's base, a decorator, a constant):
+    their imports run on import like the module's own."""
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+    def calls(node: ast.AST):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for part in [*child.decorator_list, *child.args.defaults, *child.args.kw_defaults]:
+                    yield from calls(ast.Expression(part)) if part is not None else ()
+                continue
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Name) and child.func.id in functions:
+                yield functions[child.func.id]
+            yield from calls(child)
+    return list({f.name: f for f in calls(tree)}.values())
+
+
 def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     base = node.module or ""
     if node.level:
@@ -199,8 +216,9 @@ class _Module:
         self.source = path.read_text()
         self.top: set[str] = set()        # what its top level imports (package modules and third-party)
         self.late: list[tuple[int, set[str]]] = []  # (line, what) an import inside a function loads
+        run_on_import = _called_on_import(self.tree)
         for node, in_function in _import_nodes(self.tree):
-            if in_function:
+            if in_function and not any(f.lineno <= node.lineno <= f.end_lineno for f in run_on_import):
                 self.late.append((node.lineno, set(self._targets(node))))
             else:
                 self.top |= set(self._targets(node))
@@ -331,6 +349,7 @@ def test_the_lazy_import_check_sees_a_needless_one():
     assert not _unjustified(light)
     assert "graceful_ray.methods.api" in _lazily("graceful_ray.methods", "build_method")
     assert not _lazily("graceful_ray.methods", "catalog")
+    assert "ray" in loads("graceful_ray.tune.search_algorithm")  # a base class imports Ray Tune
     heavy = _Module("graceful_ray.models.factory", MODULES["graceful_ray.models.factory"])
     assert "torch" in loads(heavy.name)
     heavy.late = [(1, {"torch"})]

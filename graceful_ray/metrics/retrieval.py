@@ -40,6 +40,8 @@ import numpy as np
 from graceful_ray.errors import MetricsError
 from graceful_ray.metrics._arrays import json_float, to_numpy
 
+# Lazy imports: faiss loads only for the search that needs it; the other metrics need numpy alone.
+
 #: Above this many ranked gallery items, mAP is truncated at ``map_k``.
 FULL_MAP_MAX_GALLERY = 20_000
 #: ``map_k`` used when the gallery is too large for exact mAP and none is given.

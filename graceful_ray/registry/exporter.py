@@ -30,12 +30,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from graceful_ray.errors import ModelError, RegistryError
 from graceful_ray.models.factory import ModelSpec, build_model
 from graceful_ray.models.wrapped import build_user_model, to_user_keys
+from graceful_ray.registry.store import Registry
 from graceful_ray.storage import resolve
 
 WEIGHTS = "model.safetensors"
@@ -81,9 +83,6 @@ def _script_or_trace(net: nn.Module, example: torch.Tensor) -> tuple[Any, str | 
 
 def export_model(ref: str, out: str, *, registry: str) -> ExportResult:
     """Write ``ref`` to ``out`` in the team's own format (see the module docstring)."""
-    import safetensors.torch
-
-    from graceful_ray.registry.store import Registry
 
     target = resolve(out)
     if target.join(EXPORT_JSON).exists():

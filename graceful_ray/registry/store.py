@@ -53,6 +53,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow.fs as pafs
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
 
 from graceful_ray.errors import (ConfigError, IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
@@ -269,8 +272,6 @@ class Registry:
 
     def load_state_dict(self, ref: str) -> tuple[Manifest, dict[str, Any]]:
         """The verified weights of a version as CPU tensors."""
-        import safetensors.torch
-        from safetensors import SafetensorError
 
         manifest = self.get(ref)
         data = self.read_file(manifest, WEIGHTS_FILE)
@@ -499,8 +500,6 @@ class Registry:
 
 # ---------------------------------------------------------------------- helpers
 def _state_dict_of(obj: Any) -> dict[str, Any]:
-    import torch
-
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
     elif isinstance(obj, Mapping):
@@ -526,7 +525,6 @@ def _prepare_tensors(state: dict[str, Any]) -> dict[str, Any]:
     only contiguous data; cloning the later aliases stores each tied copy
     separately, so ``load_state_dict(strict=True)`` finds every key.
     """
-    import torch
 
     out = {}
     seen: set[int] = set()
@@ -548,8 +546,6 @@ def _prepare_tensors(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serialize(tensors: dict[str, Any]) -> bytes:
-    import safetensors.torch
-
     try:
         return safetensors.torch.save(tensors, metadata={"format": "pt"})
     except Exception as e:  # noqa: BLE001 - safetensors raises several families
@@ -564,7 +560,6 @@ def _check_fits(spec: ModelSpec, tensors: dict[str, Any], *, check_keys: bool) -
     one-time set-up, more than building the small networks used here.) The
     caller's RNG state is restored, so publishing never perturbs a seeded run.
     """
-    import torch
 
     with torch.random.fork_rng(devices=[]):
         model = build_model(spec)

@@ -49,11 +49,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.paths import registry_root
+from graceful_ray.retrieval.embed import embed_split
+from graceful_ray.retrieval.embedding_space import check_snapshot
 from graceful_ray.retrieval.errors import BackfillError, EmbeddingSpaceError, SimulatedCrash
 from graceful_ray.retrieval.gallery import (Gallery, Snapshot, _read_optional,
                                             embeddings_array, make_rows, merge_rows, update_rows,
                                             utc_now)
 from graceful_ray.retrieval.index import IndexConfig
+
+# Lazy imports: the registry (torch) loads only when a backfill runs, not when the CLI checks its arguments.
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,6 @@ class BackfillConfig:
             raise ConfigError("num_cpus must be > 0 and batch_size >= 1")
 
     def resolved(self) -> "BackfillConfig":
-
-        from graceful_ray.paths import registry_root
 
         d = asdict(self)
         d["registry"] = registry_root(self.registry)
@@ -252,8 +255,6 @@ def run_backfill(cfg: BackfillConfig,
                  on_chunk: Callable[[Snapshot, dict[str, Any]], None] | None = None) -> BackfillResult:
     """Run (or resume) a backfill until every planned chunk is committed."""
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.embed import embed_split
-    from graceful_ray.retrieval.embedding_space import check_snapshot
 
     t_start = time.perf_counter()
     cfg = cfg.resolved()

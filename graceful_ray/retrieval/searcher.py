@@ -28,9 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from graceful_ray.retrieval.embedding_space import check_snapshot
 from graceful_ray.retrieval.errors import EmbeddingSpaceError, GalleryError, QueryError
 from graceful_ray.retrieval.gallery import Gallery, Snapshot, embeddings_array
 from graceful_ray.retrieval.index import l2_normalize
+
+# Lazy imports: faiss and torch load only when a searcher searches, not for its configuration.
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +345,6 @@ class GallerySearcher:
     def _check(self, ref: str, snap: Snapshot) -> None:
         if self.registry is None:
             raise GalleryError("checking a query model needs the registry (registry=...)")
-        from graceful_ray.retrieval.embedding_space import check_snapshot
 
         check_snapshot(self.registry, ref, snap, self.gallery.uri)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+# Lazy imports: Ray Serve loads only inside a replica, where it is already loaded.
+
 SERVE_LOGGER = "ray.serve"  # ray.serve._private.constants.SERVE_LOGGER_NAME
 PROJECT_LOGGER = "graceful_ray"
 

@@ -21,6 +21,9 @@ import numpy as np
 
 from graceful_ray.errors import ModelError
 
+# Lazy imports: torch and the registry load only when a model is loaded, so the request kinds import
+# without torch.
+
 log = logging.getLogger(__name__)
 
 

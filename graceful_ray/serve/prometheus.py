@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 
+# Lazy imports: Ray Serve's metrics load only inside a replica, where Serve is already loaded.
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
