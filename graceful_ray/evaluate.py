@@ -24,7 +24,7 @@ import torch
 from graceful_ray.errors import ConfigError
 from graceful_ray.metrics import compatibility_matrix, flip_report, is_compatible, m_score, update_gain
 from graceful_ray.paths import registry_root, under_root
-from graceful_ray.registry import Registry
+from graceful_ray.registry import load_model
 from graceful_ray.storage import resolve
 from graceful_ray.data import load_split
 from graceful_ray.metrics.tables import format_generations, retrieval_table
@@ -44,7 +44,7 @@ class Predictions:
 def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048) -> Predictions:
     """Embeddings, logits and decisions (global class ids) of a registered model."""
 
-    manifest, model = Registry(registry_root).load_model(ref)
+    manifest, model = load_model(registry_root, ref)
     model.eval()
     classes = np.asarray(manifest.classes)
     embs, logits = [], []

@@ -35,7 +35,7 @@ from graceful_ray.data import load_split
 from graceful_ray.errors import ConfigError
 from graceful_ray.models import build_model
 from graceful_ray.paths import registry_root
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,8 @@ def interpolate(data: str, old_ref: str, new_ref: str, *, registry_root: str, sp
     if any(not 0.0 <= a <= 1.0 for a in grid):
         raise ConfigError(f"interpolation weights must be in [0, 1], got {list(grid)}")
     registry = Registry(registry_root)
-    old_m, old_model = registry.load_model(old_ref)
-    new_m, new_model = registry.load_model(new_ref)
+    old_m, old_model = load_model(registry, old_ref)
+    new_m, new_model = load_model(registry, new_ref)
     for m in (old_m, new_m):
         if m.format != "network":
             raise ConfigError(f"{m.ref} is stored as {m.format!r}; interpolation needs plain networks")

@@ -354,3 +354,11 @@ def test_the_lazy_import_check_sees_a_needless_one():
     assert "torch" in loads(heavy.name)
     heavy.late = [(1, {"torch"})]
     assert _unjustified(heavy) == ["graceful_ray.models.factory:1 imports torch inside a function"]
+
+
+def test_the_store_does_not_build_models():
+    """The store holds versions, weights and manifests; rebuilding a model from them
+    (architecture + format + state) is graceful_ray.registry.load's."""
+    assert "graceful_ray.models.formats" not in GRAPH["graceful_ray.registry.store"]
+    assert "graceful_ray.models.formats" in GRAPH["graceful_ray.registry.load"]
+

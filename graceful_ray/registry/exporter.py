@@ -37,7 +37,7 @@ from torch import nn
 from graceful_ray.errors import ModelError, RegistryError
 from graceful_ray.models.factory import ModelSpec, build_model
 from graceful_ray.models.wrapped import build_user_model, to_user_keys
-from graceful_ray.registry.store import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import resolve
 
 WEIGHTS = "model.safetensors"
@@ -89,7 +89,7 @@ def export_model(ref: str, out: str, *, registry: str) -> ExportResult:
         raise RegistryError(f"--out {out} already holds an export ({EXPORT_JSON}); choose an empty "
                             "directory")
     reg = Registry(registry)
-    manifest, model = reg.load_model(ref)
+    manifest, model = load_model(reg, ref)
     if manifest.format != "network":
         raise RegistryError(f"{manifest.ref} is stored in format {manifest.format!r} (a linearized "
                             "LQF model), which is not a plain network of its factory; export a "

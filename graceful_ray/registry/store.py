@@ -57,10 +57,9 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from graceful_ray.errors import (ConfigError, IntegrityError, ModelError, RegistryError, StorageError,
+from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
 from graceful_ray.models.factory import ModelSpec, build_model
-from graceful_ray.models.formats import rebuild
 from graceful_ray.registry.manifest import (RESERVED_FILES, Manifest, formats, utc_now,
                                             valid_name, valid_relpath)
 from graceful_ray.storage import Location, Staged, resolve
@@ -280,32 +279,6 @@ class Registry:
         except (SafetensorError, ValueError) as e:
             raise IntegrityError(f"{manifest.ref}: {WEIGHTS_FILE} is not a valid safetensors "
                                  f"file: {e}") from e
-
-    def load_model(self, ref: str):
-        """``(manifest, model)``: the model rebuilt from its spec, weights loaded, in eval mode.
-
-        Format ``network`` gives the network itself; a method's own format gives
-        what that method registered in :mod:`graceful_ray.models.formats` (LQF's
-        ``linearized``: the linearized function that was trained, with the same
-        ``forward`` / ``forward_features`` interface).
-        """
-        manifest, state = self.load_state_dict(ref)
-        if manifest.format not in formats():
-            raise RegistryError(
-                f"{manifest.ref} is stored in format {manifest.format!r}, which this version of "
-                "graceful-ray cannot rebuild; load its weights with Registry.load_state_dict")
-        network = build_model(ModelSpec.from_dict(manifest.architecture))
-        try:
-            model = rebuild(manifest.format, network, state)
-        except ConfigError as e:
-            raise RegistryError(
-                f"{manifest.ref} is stored in format {manifest.format!r} but its weights do not "
-                f"rebuild a {manifest.architecture.get('factory')!r} in it: {e}") from e
-        except RuntimeError as e:
-            raise ModelError(f"{manifest.ref}: weights do not fit the architecture "
-                             f"{manifest.architecture}: {e}") from e
-        model.eval()
-        return manifest, model
 
     # --------------------------------------------------------------- publish
     def publish(self, name: str, model_or_state_dict: Any, *, spec: ModelSpec | Mapping,

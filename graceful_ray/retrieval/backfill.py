@@ -169,7 +169,7 @@ def order_rows(rows: pa.Table, *, order: str, registry: str, transforms: dict[st
     tiebreak = rng.permutation(n)
     if order == "random":
         return tiebreak.astype(np.int64), np.zeros(n)
-    from graceful_ray.registry import Registry
+    from graceful_ray.registry import Registry, load_model
 
     reg = Registry(registry)
     emb = embeddings_array(rows)
@@ -178,7 +178,7 @@ def order_rows(rows: pa.Table, *, order: str, registry: str, transforms: dict[st
     head_of = np.asarray([transforms[t]["new"] if t else m for m, t in zip(mv, tf)], dtype=object)
     scores = np.zeros(n)
     for ref in np.unique(head_of):
-        _, model = reg.load_model(str(ref))
+        _, model = load_model(reg, str(ref))
         sel = head_of == ref
         scores[sel] = uncertainty_scores(emb[sel], model.head.weight.detach().numpy(),
                                          model.head.bias.detach().numpy(), order)

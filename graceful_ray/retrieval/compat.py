@@ -16,11 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from graceful_ray.data import load_split
-
 from graceful_ray.metrics import compatibility_matrix, m_score
-
 from graceful_ray.retrieval.embedding_space import check_query_model
-
 from graceful_ray.retrieval.errors import EmbeddingSpaceError
 
 # Lazy imports: evaluation and the registry (torch) load only when a report is computed.
@@ -83,7 +80,6 @@ def generations_report(data: str, split: str, refs: Sequence[str], *, registry: 
         cm = compatibility_matrix(embs, y, metric=metric, full=True)
         matrix, ac, am = cm.matrix, cm.ac, cm.am
     else:  # different dimensions: only same-model cells are defined
-
         t = len(embs)
         matrix = np.full((t, t), np.nan)
         for i in range(t):

@@ -35,12 +35,12 @@ class _Embedder:
                  num_threads: int = 1, with_logits: bool = False) -> None:
         import torch
 
-        from graceful_ray.registry import Registry
+        from graceful_ray.registry import Registry, load_model
 
         torch.set_num_threads(max(1, int(num_threads)))
         registry = Registry(registry_root)
-        _, self.model = registry.load_model(model_ref)
-        self.second = registry.load_model(second_model_ref)[1] if second_model_ref else None
+        _, self.model = load_model(registry, model_ref)
+        self.second = load_model(registry, second_model_ref)[1] if second_model_ref else None
         self.feature_shape = list(feature_shape)
         self.keep = pa.array(keep_ids) if keep_ids is not None else None
         self.with_logits = with_logits

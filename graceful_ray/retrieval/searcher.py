@@ -274,9 +274,9 @@ class GallerySearcher:
             raise GalleryError("embedding inputs needs query_model and registry")
         model = self._model
         if model is None or model[0] != self._query_model:
-            from graceful_ray.registry import Registry
+            from graceful_ray.registry import load_model
 
-            _, net = Registry(self.registry).load_model(self._query_model)
+            _, net = load_model(self.registry, self._query_model)
             model = self._model = (self._query_model, net)
         with torch.no_grad():
             return model[1].embed(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()

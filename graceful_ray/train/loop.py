@@ -31,7 +31,7 @@ from torch import nn
 
 from graceful_ray.methods import build_method
 from graceful_ray.models import build_model
-from graceful_ray.registry import Registry
+from graceful_ray.registry import load_model
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop_config import LoopConfig
@@ -243,8 +243,7 @@ def _streamed_splits(loop: LoopConfig, rank: int, world_size: int) -> tuple[Stre
 def _old_output_source(loop: LoopConfig, device: torch.device) -> OldOutputs:
     """Where each batch's old-model outputs come from (graceful_ray.train.step)."""
     if loop.old and loop.run.augmented:  # augmented inputs: the old model must see the same batch
-
-        _, teacher = Registry(loop.run.registry).load_model(loop.run.old)
+        _, teacher = load_model(loop.run.registry, loop.run.old)
         return OnlineOldOutputs(teacher.to(device), torch.tensor(loop.old.class_positions, device=device))
     if loop.has_cached_old_outputs:
         return CachedOldOutputs(device)

@@ -34,7 +34,7 @@ import torch
 
 from graceful_ray.data import read_info, split_paths
 from graceful_ray.data.reader import read_parquet
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import Location, resolve
 from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
 
@@ -70,7 +70,7 @@ class _OldModelPredictor:
 
     def __init__(self, registry_root: str, old_ref: str, feature_shape: list[int]):
         torch.set_num_threads(1)
-        self.manifest, self.model = Registry(registry_root).load_model(old_ref)
+        self.manifest, self.model = load_model(registry_root, old_ref)
         self.model.eval()
         self.classes = torch.tensor(self.manifest.classes)
         self.feature_shape = feature_shape

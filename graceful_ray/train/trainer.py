@@ -22,7 +22,7 @@ from graceful_ray.data.reader import read_parquet
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import build_method
 from graceful_ray.models import ModelSpec, build_model
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop import (LOOP_KEY, latest_local_checkpoint, load_checkpoint_dir,
@@ -102,7 +102,7 @@ def prepare_upgrade(cfg: UpgradeConfig) -> tuple[LoopConfig, dict[str, Any], Any
     old = None
     cached = {cfg.train_split: None, cfg.val_split: None}
     if cfg.old:
-        old_manifest, old_model = Registry(cfg.registry).load_model(cfg.old)
+        old_manifest, old_model = load_model(cfg.registry, cfg.old)
         old_ref = f"{old_manifest.name}@v{old_manifest.version}"
         for split in (cfg.train_split, cfg.val_split):
             cached[split] = compute_old_outputs(cfg.data, split, registry_root=cfg.registry, old_ref=old_ref)
@@ -206,7 +206,6 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     if result.error is not None:
         raise result.error
     if cfg.workers == 0:  # local mode: our own persisted checkpoints
-
         result.checkpoint = latest_local_checkpoint(cfg)
         result.path = resolve(cfg.storage).join(cfg.run_name).uri
     if result.checkpoint is None:
