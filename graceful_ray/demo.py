@@ -259,7 +259,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     run_dir = os.path.join(storage, run_name)
     if os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
         settings = replace(SearchSettings.load(storage, run_name), verbose=0 if not args.ray_output else 1)
-        summary = _finished_search(run_dir, settings.trials, load_report)
+        summary = finished_search(run_dir, settings.trials, load_report)
         if summary is not None:
             print(f"    reusing the finished search {run_name} ({len(summary['trials'])} trials)")
             records = [TrialRecord.from_dict(t) for t in summary["trials"]]
@@ -302,7 +302,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     return fallback, where
 
 
-def _finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] | None:
+def finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] | None:
     """The search's ``pareto.json`` if every trial of it has ended, else ``None``."""
     if not os.path.exists(os.path.join(run_dir, "pareto.json")):
         return None
@@ -330,7 +330,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     port = args.port or _free_port()
     base = f"http://127.0.0.1:{port}"
     storage = os.path.join(root, "shadow", time.strftime("%Y%m%d-%H%M%S"))
-    gates = GateConfig(**{**_demo_gates(args.flip_budget), **parse_gates(args.gate)})
+    gates = GateConfig(**{**demo_gates(args.flip_budget), **parse_gates(args.gate)})
     config = ShadowConfig(
         registry=registry_root, baseline=f"{MODEL_NAME}@production", candidate=candidate, storage=storage,
         app_name="demo", shadow_fraction=1.0, shadow_timeout_s=10.0, gates=gates,
@@ -423,7 +423,7 @@ def _traffic_and_cutover(args: argparse.Namespace, client: ShadowClient, data: s
     return "forced" if force else "done"
 
 
-def _demo_gates(flip_budget: float) -> dict[str, Any]:
+def demo_gates(flip_budget: float) -> dict[str, Any]:
     """Gates for a demo on a loaded 2-core machine.
 
     The NFR gate is the flip budget the search selected under, now judged on

@@ -362,3 +362,37 @@ def test_the_store_does_not_build_models():
     assert "graceful_ray.models.formats" not in GRAPH["graceful_ray.registry.store"]
     assert "graceful_ray.models.formats" in GRAPH["graceful_ray.registry.load"]
 
+
+# --------------------------------------------------------------- tests use the public API
+TESTS = Path(__file__).resolve().parent
+
+
+def _private_imports(source: str) -> list[str]:
+    """The underscore-named graceful_ray modules and names an import in ``source`` names."""
+    def private(part: str) -> bool:
+        return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names
+                    if a.name.startswith("graceful_ray") and any(map(private, a.name.split(".")))]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("graceful_ray"):
+            out += [f"{node.module}.{a.name}" for a in node.names
+                    if any(map(private, [*node.module.split("."), a.name]))]
+    return out
+
+
+def test_tests_import_no_private_name_of_the_package():
+    """A test that reaches a private helper breaks on a refactor that keeps behaviour:
+    tests go through the public API (a helper worth testing on its own is public)."""
+    found = sorted(f"{p.name}: {name}" for p in TESTS.rglob("*.py") for name in _private_imports(p.read_text()))
+    assert not found, "tests import private names of graceful_ray:\n" + "\n".join(found)
+
+
+def test_the_private_import_check_sees_one():
+    assert _private_imports("from graceful_ray.demo import _demo_gates, relaxed_gates") == [
+        "graceful_ray.demo._demo_gates"]
+    assert _private_imports("def f():\n    import graceful_ray.metrics._arrays as a\n") == [
+        "graceful_ray.metrics._arrays"]
+    assert not _private_imports("from graceful_ray import __version__\nfrom os import _exit\n")

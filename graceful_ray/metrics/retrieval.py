@@ -124,7 +124,7 @@ def retrieval_metrics(
     if map_k is not None:
         map_k = _positive_int(map_k, "map_k")
     if normalize:
-        q, g = _l2_normalize(q), _l2_normalize(g)
+        q, g = l2_normalize(q), l2_normalize(g)
 
     # Labels of any kind (ints, strings) become shared integer codes, so hits are
     # one vectorised comparison and relevant counts one bincount.
@@ -319,7 +319,11 @@ def _descending_key(scores: np.ndarray) -> np.ndarray:
     return desc.astype(np.uint64)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm, as float32 (what ``normalize=True`` ranks by).
+
+    A zero row stays zero; a row with huge entries is normalised, not zeroed.
+    """
     # Norms in float64: in float32 the squares of a row above ~1e19 overflow to inf
     # and the row silently became a zero vector.
     x64 = x.astype(np.float64)
