@@ -13,25 +13,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from graceful_ray.data import read_info, read_split
-
 from graceful_ray.data.tensors import inputs_from_arrow
-
 from graceful_ray.errors import ConfigError
-
 from graceful_ray.paths import registry_root
-
+from graceful_ray.raycluster import runtime_env
 from graceful_ray.retrieval.backfill import BackfillConfig, run_backfill
-
 from graceful_ray.retrieval.compat import generations_report
-
 from graceful_ray.retrieval.errors import QueryError
-
 from graceful_ray.retrieval.gallery import Gallery, build_gallery
-
 from graceful_ray.retrieval.index import IndexConfig
-
 from graceful_ray.retrieval.searcher import GallerySearcher
-
 from graceful_ray.retrieval.transform import TransformConfig, apply_transform, load_transform, train_transform
 
 # Lazy imports: Ray loads only when a command needs a cluster, after its arguments are checked.
@@ -51,7 +42,7 @@ def _init_ray() -> None:
 
     if not ray.is_initialized():
         # Joins the cluster of a `ray job submit` (RAY_ADDRESS) or starts a local one.
-        ray.init(configure_logging=False, log_to_driver=False)
+        ray.init(configure_logging=False, log_to_driver=False, runtime_env=runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from graceful_ray.data.reader import read_parquet
 from graceful_ray.errors import ConfigError
+from graceful_ray.raycluster import runtime_env
 from graceful_ray.serve.model_runner import ModelRunner
 from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
 from graceful_ray.serve.comparison_log import LABELS_DIR, RECORDS_DIR, RecordLog
@@ -97,7 +98,7 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
         gates = GateConfig.from_dict({**state.get("gates", {}), **(gates or {})})
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=runtime_env())
     labels = {}
     label_table = rl.read_table(LABELS_DIR, ["request_id", "label"])
     if label_table is not None:
