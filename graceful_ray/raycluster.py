@@ -60,7 +60,7 @@ def _job_env_vars() -> dict[str, str]:
         config = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
     except ValueError:
         return {}
-    return dict(((config.get("runtime_env") or {}).get("env_vars") or {}))
+    return dict((config.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,

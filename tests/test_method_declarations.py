@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import graceful_ray.raycluster as raycluster
+from graceful_ray import raycluster
 from graceful_ray.cli import main
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import METHODS, UpgradeMethod, catalog, load_methods

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 
-# Lazy imports: Ray Serve's metrics load only inside a replica, where Serve is already loaded.
+# Lazy imports: Ray Serve's metrics load only when a metric is made, so the module imports without
+# Ray (and stands in a no-op metric where Serve's are unavailable).
 
 log = logging.getLogger(__name__)
 
