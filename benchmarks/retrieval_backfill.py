@@ -80,7 +80,7 @@ def _train_local(work: str, run_name: str, *, name: str, model_kwargs: dict, met
     from graceful_ray.methods import UpgradeContext, build_method
     from graceful_ray.models import ModelSpec, build_model
     from graceful_ray.train.step import train_step
-    from graceful_ray.registry import Registry
+    from graceful_ray.registry import Registry, load_model
 
     reg = Registry(f"{work}/registry")
     marker = f"{work}/models/{run_name}.json"
@@ -99,7 +99,7 @@ def _train_local(work: str, run_name: str, *, name: str, model_kwargs: dict, met
     X, Y = torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([pos[int(c)] for c in y])
     old_emb = old_logits = old_correct = None
     if old:
-        om, onet = reg.load_model(old)
+        om, onet = load_model(reg, old)
         po = predict(f"{work}/registry", om.ref, x)
         old_emb, old_logits = torch.from_numpy(po.embeddings), torch.from_numpy(po.logits)
         old_correct = torch.from_numpy(po.pred == y)
@@ -158,7 +158,9 @@ def train_models(work: str, samples: int) -> dict:
 
 
 def _params(reg, ref: str) -> int:
-    _, model = reg.load_model(ref)
+    from graceful_ray.registry import load_model
+
+    _, model = load_model(reg, ref)
     return int(sum(p.numel() for p in model.parameters()))
 
 
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     from graceful_ray.data import load_split
     from graceful_ray.evaluate import predict
     from graceful_ray.metrics import compatibility_matrix, m_score
-    from graceful_ray.registry import Registry
+    from graceful_ray.registry import Registry, load_model
     from graceful_ray.retrieval import (BackfillConfig, Gallery, GallerySearcher, TransformConfig,
                                         backfill_curve, build_gallery, check_query_model, run_backfill,
                                         train_transform, uncertainty_scores)
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- curves
     curves = {}
     n = len(y)
-    _, v1_model = reg.load_model(models["v1"].ref)
+    _, v1_model = load_model(reg, models["v1"].ref)
     W, b = v1_model.head.weight.detach().numpy(), v1_model.head.bias.detach().numpy()
     for metric in ("top1", "map"):
         cs = {}
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     t_tf = time.perf_counter() - t0
     h_v1 = tf.apply(emb["v1"])
     emb["h_v1"] = h_v1
-    _, v2p_model = reg.load_model(models["v2p"].ref)
+    _, v2p_model = load_model(reg, models["v2p"].ref)
     W2, b2 = v2p_model.head.weight.detach().numpy(), v2p_model.head.bias.detach().numpy()
     tcurves = {}
     for metric in ("top1", "map"):
@@ -365,7 +367,7 @@ def main(argv=None) -> int:
                             gallery_models=[models["v1"].ref])
     from graceful_ray.models import ModelSpec
 
-    _, w3 = reg.load_model(models["v3"].ref)
+    _, w3 = load_model(reg, models["v3"].ref)
     spec3 = ModelSpec.from_dict(reg.get(models["v3"].ref).architecture)
     broken = [m for m in reg.versions("mnist-branch")] if "mnist-branch" in reg.list_models() else []
     if not broken:

@@ -264,9 +264,9 @@ PLAIN_SERVER = r'''
 import sys, torch, uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
-from graceful_ray.registry import Registry
+from graceful_ray.registry import load_model
 
-_, model = Registry(sys.argv[1]).load_model(sys.argv[2])
+_, model = load_model(sys.argv[1], sys.argv[2])
 classes = _.classes
 app = FastAPI()
 

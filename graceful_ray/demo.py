@@ -17,13 +17,30 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
+import shlex
+import socket
 import time
+from dataclasses import fields, replace
 from typing import Any
 
+from graceful_ray.data import load_split, make_mnist1d, read_info
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.metrics.tables import side_by_side
+from graceful_ray.raycluster import end_serve, ensure_ray
+from graceful_ray.serve.app import deploy
 from graceful_ray.serve.client import ShadowClient
 from graceful_ray.serve.report_text import format_shadow_report
+from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
+from graceful_ray.train.config import UpgradeConfig
+from graceful_ray.tune.cli import add_tune_arguments, rule_from_args, search_summary, settings_from_args
+from graceful_ray.tune.publish import publish_trial
+from graceful_ray.tune.sweep import (SelectionRule, load_report, report_from_records, resume_search,
+                                     start_search, write_outputs)
+from graceful_ray.tune.trials import TrialRecord
+from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, records_from_results
+
+# Lazy imports: torch, Ray, Ray Serve and optuna load only once the demo's arguments are checked (issue 16).
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +136,8 @@ def _train(registry, cfg, label: str):
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from graceful_ray.data import make_mnist1d, read_info
     from graceful_ray.evaluate import evaluate_upgrade
-    from graceful_ray.raycluster import ensure_ray
     from graceful_ray.registry import Registry
-    from graceful_ray.train.config import UpgradeConfig
 
     started = time.perf_counter()
     if not args.ray_output:
@@ -222,15 +236,8 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     finished search and reuses it (re-selecting under the current budget)
     instead of training it again; an interrupted one is resumed.
     """
-    import shlex
-    from dataclasses import replace
 
     from graceful_ray.registry import Registry
-    from graceful_ray.tune.cli import add_tune_arguments, rule_from_args, search_summary, settings_from_args
-    from graceful_ray.tune.trials import TrialRecord
-    from graceful_ray.tune.sweep import (SelectionRule, load_report, report_from_records, resume_search,
-                                         start_search, write_outputs)
-    from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, records_from_results
 
     storage = os.path.join(root, "tune")
     run_name = f"demo-tune-fdstd-t{args.tune_trials}-e{args.tune_epochs}-s{args.seed}"
@@ -252,7 +259,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     run_dir = os.path.join(storage, run_name)
     if os.path.exists(os.path.join(run_dir, SETTINGS_FILE)):
         settings = replace(SearchSettings.load(storage, run_name), verbose=0 if not args.ray_output else 1)
-        summary = _finished_search(run_dir, settings.trials, load_report)
+        summary = finished_search(run_dir, settings.trials, load_report)
         if summary is not None:
             print(f"    reusing the finished search {run_name} ({len(summary['trials'])} trials)")
             records = [TrialRecord.from_dict(t) for t in summary["trials"]]
@@ -280,8 +287,6 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
             report.published = done
             report.message += f"; reusing {done.ref}, published by the first run, as candidate"
         else:
-            from graceful_ray.tune.publish import publish_trial
-
             report.published = publish_trial(settings, record, alias="candidate")
             report.message += f"; published {report.published.ref} as candidate"
         write_outputs(settings, report)  # pareto.json / .md name the published version
@@ -297,7 +302,7 @@ def _tune(args: argparse.Namespace, root: str, data: str, registry_root: str, v1
     return fallback, where
 
 
-def _finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] | None:
+def finished_search(run_dir: str, trials: int, load_report) -> dict[str, Any] | None:
     """The search's ``pareto.json`` if every trial of it has ended, else ``None``."""
     if not os.path.exists(os.path.join(run_dir, "pareto.json")):
         return None
@@ -315,14 +320,8 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
 
     Returns the cutover outcome (``done``, ``refused``, ``failed``) and URLs.
     """
-    import secrets
 
     from ray import serve
-
-    from graceful_ray.data import load_split
-    from graceful_ray.raycluster import end_serve
-    from graceful_ray.serve.app import deploy
-    from graceful_ray.serve.shadow_config import GateConfig, Resources, ShadowConfig
 
     if not args.ray_output:  # importing Serve set its driver-side logger back to INFO
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -331,7 +330,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     port = args.port or _free_port()
     base = f"http://127.0.0.1:{port}"
     storage = os.path.join(root, "shadow", time.strftime("%Y%m%d-%H%M%S"))
-    gates = GateConfig(**{**_demo_gates(args.flip_budget), **parse_gates(args.gate)})
+    gates = GateConfig(**{**demo_gates(args.flip_budget), **parse_gates(args.gate)})
     config = ShadowConfig(
         registry=registry_root, baseline=f"{MODEL_NAME}@production", candidate=candidate, storage=storage,
         app_name="demo", shadow_fraction=1.0, shadow_timeout_s=10.0, gates=gates,
@@ -424,7 +423,7 @@ def _traffic_and_cutover(args: argparse.Namespace, client: ShadowClient, data: s
     return "forced" if force else "done"
 
 
-def _demo_gates(flip_budget: float) -> dict[str, Any]:
+def demo_gates(flip_budget: float) -> dict[str, Any]:
     """Gates for a demo on a loaded 2-core machine.
 
     The NFR gate is the flip budget the search selected under, now judged on
@@ -451,9 +450,6 @@ _RELAXED_BECAUSE = {
 
 def relaxed_gates(gates) -> list[str]:
     """One line per gate looser than GateConfig's default (the README's), with why."""
-    from dataclasses import fields
-
-    from graceful_ray.serve.shadow_config import GateConfig
 
     defaults = {f.name: f.default for f in fields(GateConfig)}
     lines = []
@@ -486,8 +482,6 @@ def _wait_while_serving(base: str, token: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,9 @@ import numpy as np
 import torch
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.metrics import compatibility_matrix, flip_report, is_compatible, m_score, update_gain
+from graceful_ray.paths import registry_root, under_root
+from graceful_ray.registry import load_model
 from graceful_ray.storage import resolve
 from graceful_ray.data import load_split
 from graceful_ray.metrics.tables import format_generations, retrieval_table
@@ -38,9 +43,8 @@ class Predictions:
 
 def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048) -> Predictions:
     """Embeddings, logits and decisions (global class ids) of a registered model."""
-    from graceful_ray.registry import Registry
 
-    manifest, model = Registry(registry_root).load_model(ref)
+    manifest, model = load_model(registry_root, ref)
     model.eval()
     classes = np.asarray(manifest.classes)
     embs, logits = [], []
@@ -57,7 +61,6 @@ def predict(registry_root: str, ref: str, x: np.ndarray, batch_size: int = 2048)
 def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: str, split: str = "test",
                      reference_ref: str | None = None, out_dir: str | None = None) -> dict[str, Any]:
     """The flip and compatibility report of ``new_ref`` against ``old_ref``."""
-    from graceful_ray.metrics import flip_report, is_compatible, m_score, update_gain
 
     x, y, info = load_split(data, split)
     old = predict(registry_root, old_ref, x)
@@ -96,8 +99,6 @@ def evaluate_upgrade(data: str, old_ref: str, new_ref: str, *, registry_root: st
             report.save_png(out.join("flips.png").path)
             result["png"] = out.join("flips.png").path
         else:
-            import tempfile, os
-
             with tempfile.TemporaryDirectory() as tmp:
                 report.save_png(os.path.join(tmp, "flips.png"))
                 with open(os.path.join(tmp, "flips.png"), "rb") as f:
@@ -115,7 +116,6 @@ def evaluate_generations(data: str, refs: list[str], *, registry_root: str, spli
     dimension than the first cannot query each other's galleries, so they are
     refused with the pair named rather than scored as zero.
     """
-    from graceful_ray.metrics import compatibility_matrix
 
     if len(refs) < 2:
         raise ConfigError(f"--generations needs at least two models (oldest first), got {refs}")
@@ -133,8 +133,6 @@ def evaluate_generations(data: str, refs: list[str], *, registry_root: str, spli
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from graceful_ray.paths import registry_root, under_root
-
     registry = registry_root(args.registry)
     out = args.out or (under_root("reports", args.run_name) if args.run_name else None)
     if args.generations:

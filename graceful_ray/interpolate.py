@@ -31,7 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from graceful_ray.data import load_split
 from graceful_ray.errors import ConfigError
+from graceful_ray.models import build_model
+from graceful_ray.paths import registry_root
+from graceful_ray.registry import Registry, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +110,6 @@ def interpolate(data: str, old_ref: str, new_ref: str, *, registry_root: str, sp
                 grid: tuple[float, ...] = DEFAULT_GRID, max_accuracy_drop: float = 0.0,
                 name: str | None = None, publish: bool = True) -> Interpolation:
     """Evaluate ``(1 - a) old + a new`` on ``split`` for every ``a`` in ``grid``, choose one, publish it."""
-    from graceful_ray.data import load_split
-    from graceful_ray.models import build_model
-    from graceful_ray.registry import Registry
 
     if split == "test":
         raise ConfigError("choose the interpolation weight on a validation split, not 'test'")
@@ -118,8 +119,8 @@ def interpolate(data: str, old_ref: str, new_ref: str, *, registry_root: str, sp
     if any(not 0.0 <= a <= 1.0 for a in grid):
         raise ConfigError(f"interpolation weights must be in [0, 1], got {list(grid)}")
     registry = Registry(registry_root)
-    old_m, old_model = registry.load_model(old_ref)
-    new_m, new_model = registry.load_model(new_ref)
+    old_m, old_model = load_model(registry, old_ref)
+    new_m, new_model = load_model(registry, new_ref)
     for m in (old_m, new_m):
         if m.format != "network":
             raise ConfigError(f"{m.ref} is stored as {m.format!r}; interpolation needs plain networks")
@@ -179,8 +180,6 @@ def _grid_arg(text: str) -> tuple[float, ...]:
 
 
 def run_interpolate(args: argparse.Namespace) -> int:
-    from graceful_ray.paths import registry_root
-
     registry = registry_root(args.registry)
     result = interpolate(args.data, args.old, args.new, registry_root=registry, split=args.split,
                          grid=args.grid, max_accuracy_drop=args.max_accuracy_drop, name=args.name,

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+from collections.abc import Mapping
+from typing import Any
+
+from graceful_ray.errors import ConfigError
+
+# Lazy imports: Ray loads only when a cluster is started or joined, after the CLI has checked its arguments.
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +26,41 @@ TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: the demo's Train, Tune and Serve actors pass by design (fractional-CPU actors).
 #: A local Ray starts at least this many at once, so the warning means 32.
 MIN_STARTUP_CONCURRENCY = 8
+
+#: Driver variables Ray's workers (Train workers, Tune trials, Serve replicas, Data
+#: tasks) need the same value of: the modules that declare users' methods and
+#: formats (graceful_ray.methods.catalog.MODULES_ENV), without which a remote
+#: worker answers "unknown method".
+FORWARDED_ENV = ("GRACEFUL_RAY_METHOD_MODULES",)
+
+#: Where Ray hands a submitted job's config (its runtime_env) to the job's driver.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def runtime_env(base: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """``base`` (a runtime_env of the caller's, not modified) with the set
+    :data:`FORWARDED_ENV` variables added to its ``env_vars``, for ``ray.init``.
+
+    A variable ``base`` or the submitted job's own runtime_env already sets is
+    left to them (Ray refuses a driver runtime_env that repeats a job's variable).
+    ``None`` when there is nothing to pass.
+    """
+    env = dict(base or {})
+    env_vars = dict(env.get("env_vars") or {})
+    taken = set(env_vars) | set(_job_env_vars())
+    env_vars.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in taken})
+    if env_vars:
+        env["env_vars"] = env_vars
+    return env or None
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (``ray job submit --runtime-env-json``)."""
+    try:
+        config = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return {}
+    return dict((config.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
@@ -50,7 +92,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=not quiet, **_quiet_init(quiet))
+        ray.init(address=address, log_to_driver=not quiet, runtime_env=runtime_env(), **_quiet_init(quiet))
         return False
     # Twice the cores as logical CPUs: Train workers with fractional CPUs
     # must leave room for Ray Data's read tasks or ingest starves.
@@ -60,7 +102,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None,
     logger.info("starting a local Ray with %d logical CPUs", cpus)
     with _dashboard_agent_port(agent_port()):
         ray.init(address="local", num_cpus=cpus, include_dashboard=include_dashboard,
-                 log_to_driver=not quiet,
+                 log_to_driver=not quiet, runtime_env=runtime_env(),
                  _system_config={"worker_maximum_startup_concurrency": startup},
                  **({"dashboard_host": "127.0.0.1"} if include_dashboard else {}),
                  **_quiet_init(quiet))
@@ -94,7 +136,6 @@ def agent_port() -> int | None:
     """The dashboard agent port a local Ray should use: ``$RAY_DASHBOARD_AGENT_PORT``,
     else ``None`` (Ray's fixed default, 52365, which a second Ray on the machine,
     e.g. one cluster/local.sh started, may already hold)."""
-    from graceful_ray.errors import ConfigError
 
     text = os.environ.get(AGENT_PORT_ENV, "").strip()
     if not text:

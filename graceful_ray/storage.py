@@ -20,6 +20,9 @@ import pyarrow.fs as pafs
 
 from graceful_ray.errors import StorageError
 
+# Lazy imports: boto3 and the GCS client (slow to import; the GCS client is optional) load only for
+# s3:// and gs:// paths.
+
 
 @dataclass(frozen=True)
 class Location:

@@ -43,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from graceful_ray.errors import GracefulRayError
+    from graceful_ray.raycluster import runtime_env
     from graceful_ray.retrieval.backfill import BackfillConfig, run_backfill
 
     join = (lambda *a: posixpath.join(*a)) if "://" in args.storage else __import__("os").path.join
     gallery = args.gallery or join(args.storage, "galleries", args.gallery_name)
     registry = args.registry or join(args.storage, "registry")
-    ray.init(configure_logging=False)
+    ray.init(configure_logging=False, runtime_env=runtime_env())
     try:
         res = run_backfill(BackfillConfig(
             gallery=gallery, model=args.model, registry=registry, run_name=args.run_name, order=args.order,

@@ -43,6 +43,7 @@ log = logging.getLogger("deploy_shadow")
 def main(argv: list[str] | None = None) -> int:
     from graceful_ray.cli import add_root_argument, apply_root
     from graceful_ray.errors import GracefulRayError
+    from graceful_ray.raycluster import runtime_env
     from graceful_ray.serve.cli import add_ingress_argument, add_serve_arguments, config_from_args
     from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s", choose_ingress(args.python_proxy))  # a Ray started here
         else:
             log.info("%s", cluster_ingress(args.python_proxy))
-        ray.init(address=args.address)
+        ray.init(address=args.address, runtime_env=runtime_env())
         serve.start(http_options={"host": args.host, "port": args.port})
         deploy(config)
     except GracefulRayError as e:

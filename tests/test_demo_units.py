@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from graceful_ray.demo import _demo_gates, _finished_search
+from graceful_ray.demo import demo_gates, finished_search
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.serve.report_text import format_shadow_report
 from graceful_ray.errors import ConfigError
@@ -23,17 +23,17 @@ def _write(run_dir, statuses) -> None:
 
 def test_only_a_search_whose_every_trial_ended_is_reused(tmp_path):
     run = tmp_path / "run"
-    assert _finished_search(str(run), 2, load_report) is None  # never ran
+    assert finished_search(str(run), 2, load_report) is None  # never ran
     _write(run, ["complete", "running"])
-    assert _finished_search(str(run), 2, load_report) is None  # interrupted: resume it
+    assert finished_search(str(run), 2, load_report) is None  # interrupted: resume it
     _write(run, ["complete"])
-    assert _finished_search(str(run), 2, load_report) is None  # a trial never started
+    assert finished_search(str(run), 2, load_report) is None  # a trial never started
     _write(run, ["complete", "early_stopped"])
-    assert [t["trial_id"] for t in _finished_search(str(run), 2, load_report)["trials"]] == ["t0", "t1"]
+    assert [t["trial_id"] for t in finished_search(str(run), 2, load_report)["trials"]] == ["t0", "t1"]
 
 
 def test_demo_gates_are_valid_and_overridable():
-    gates = GateConfig(**{**_demo_gates(0.05), **parse_gates(["min_agreement=0.7", "min_labelled=500"])})
+    gates = GateConfig(**{**demo_gates(0.05), **parse_gates(["min_agreement=0.7", "min_labelled=500"])})
     gates.validate()
     assert (gates.max_nfr, gates.min_agreement, gates.min_labelled) == (0.05, 0.7, 500)
     for bad in (["max_nfr"], ["=1"], ["max_nfr=abc"]):
@@ -48,7 +48,7 @@ def test_shadow_report_lines_show_counts_intervals_and_every_gate():
         stats.add_record("baseline", {"baseline": b, "candidate": c}, {"baseline": 1.0, "candidate": 2.0},
                          True, None)
         stats.add_label(b, c, b)  # labels side with the baseline: each disagreement is a negative flip
-    gates = GateConfig(**_demo_gates(0.05))
+    gates = GateConfig(**demo_gates(0.05))
     report = compose_report(stats, gates, {"baseline": "m@v1", "candidate": "m@v2"}, "baseline", in_flight=0)
     text = format_shadow_report(report, sent=300)
     assert "requests recorded 300 (sent 300)" in text and "labelled 300" in text
@@ -85,7 +85,7 @@ def test_an_offline_replay_report_leaves_latency_out():
 def test_the_demo_says_which_gates_it_relaxed_and_why():
     from graceful_ray.demo import relaxed_gates
 
-    lines = relaxed_gates(GateConfig(**_demo_gates(0.05)))
+    lines = relaxed_gates(GateConfig(**demo_gates(0.05)))
     assert [ln.split("=")[0] for ln in lines] == ["relaxed: max_nfr", "relaxed: min_agreement",
                                                  "relaxed: max_latency_ratio"]
     assert "max_nfr=0.05 (production default 0.02)" in lines[0] and "--flip-budget" in lines[0]

@@ -19,7 +19,7 @@ from graceful_ray.methods import METHODS, MethodBatch, UpgradeContext, UpgradeMe
 from graceful_ray.methods.lqf import LQF, load_pretrained, squared_loss
 from graceful_ray.methods.registry import register_method
 from graceful_ray.models import ModelSpec, build_model
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -580,7 +580,7 @@ def test_export_round_trip_through_the_registry(tmp_path):
     state, fmt = build_method("lqf", lqf_init="model").export(lin)
     assert fmt == "linearized"
     m = reg.publish("lq", state, spec=CNN, classes=range(5), method="lqf", format=fmt)
-    manifest, loaded = reg.load_model(m.ref)
+    manifest, loaded = load_model(reg, m.ref)
     assert manifest.format == "linearized" and isinstance(loaded, LinearizedModel) and not loaded.training
     assert loaded.linearized == lin.linearized
     got = loaded.forward_features(x)
@@ -595,13 +595,13 @@ def test_export_round_trip_through_the_registry(tmp_path):
 
     state, fmt = build_method("lqf", lqf_init="model", lqf_export_format="network").export(lin)
     m2 = reg.publish("lq", state, spec=CNN, classes=range(5), method="lqf", format=fmt)
-    manifest2, plain = reg.load_model(m2.ref)
+    manifest2, plain = load_model(reg, m2.ref)
     assert manifest2.format == "network" and type(plain) is type(net)
     assert torch.allclose(plain(x), lin.to_network()(x), atol=1e-6)
 
     bogus = reg.publish("junk", {"w": torch.zeros(2)}, spec=CNN, classes=range(5), format="linearized")
     with pytest.raises(RegistryError, match="linearized"):
-        reg.load_model(bogus.ref)
+        load_model(reg, bogus.ref)
 
 
 def test_trainer_export_rebuilds_the_linearized_model_from_a_checkpoint():
@@ -648,8 +648,8 @@ def test_lqf_runs_on_ray_train_and_publishes_the_linearized_model(ray_module, mn
     assert {"loss_lqf", "loss_fd", "val_nfr"} <= set(run.metrics) and "loss_ce" not in run.metrics
     assert run.history[-1]["loss"] < run.history[0]["loss"]
     # w0 is the parent's weights: the linearization starts at v1's function
-    _, parent = reg.load_model(v1.model_ref)
-    _, child = reg.load_model(run.model_ref)
+    _, parent = load_model(reg, v1.model_ref)
+    _, child = load_model(reg, run.model_ref)
     assert isinstance(child, LinearizedModel)
     for n, w in parent.state_dict().items():
         assert torch.equal(child.w0_parameters()[n], w)

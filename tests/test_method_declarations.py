@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from graceful_ray import raycluster
 from graceful_ray.cli import main
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import METHODS, UpgradeMethod, catalog, load_methods
@@ -164,3 +165,46 @@ def test_an_outside_method_trains(example, ray_session, mnist1d_small, tmp_path)
     manifest = Registry(os.path.join(root, "registry")).get("decay@v1")
     assert manifest.method == NAME and manifest.hyperparameters["decay_lambda"] == 0.05
     assert manifest.metrics["loss_decay"] > 0  # the method's own loss term was trained with
+
+
+def test_the_method_modules_go_to_rays_workers_with_the_job(monkeypatch):
+    """Train workers, Tune trials and Serve replicas on a cluster import the same
+    method modules as the driver: ``ray.init`` gets them in the job's env_vars,
+    beside (never instead of) a runtime_env of the user's or of ``ray job submit``."""
+    assert catalog.MODULES_ENV in raycluster.FORWARDED_ENV
+    monkeypatch.delenv(raycluster.JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(catalog.MODULES_ENV, raising=False)
+    assert raycluster.runtime_env() is None  # nothing to pass
+    user = {"working_dir": ".", "env_vars": {"A": "1"}}
+    assert raycluster.runtime_env(user) == user
+
+    monkeypatch.setenv(catalog.MODULES_ENV, EXAMPLE)
+    assert raycluster.runtime_env() == {"env_vars": {catalog.MODULES_ENV: EXAMPLE}}
+    assert raycluster.runtime_env(user) == {"working_dir": ".", "env_vars": {"A": "1", catalog.MODULES_ENV: EXAMPLE}}
+    assert user == {"working_dir": ".", "env_vars": {"A": "1"}}  # the caller's dict is not modified
+    assert raycluster.runtime_env({"env_vars": {catalog.MODULES_ENV: "mine"}}) == {
+        "env_vars": {catalog.MODULES_ENV: "mine"}}  # the user's own value stands
+    # a submitted job that sets it already: Ray refuses a driver runtime_env repeating the job's variable
+    monkeypatch.setenv(raycluster.JOB_CONFIG_ENV, json.dumps(
+        {"runtime_env": {"env_vars": {catalog.MODULES_ENV: EXAMPLE}, "working_dir": "gcs://x.zip"}}))
+    assert raycluster.runtime_env() is None
+    monkeypatch.setenv(raycluster.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    assert raycluster.runtime_env() == {"env_vars": {catalog.MODULES_ENV: EXAMPLE}}
+
+
+@pytest.mark.parametrize("address", ["ray://head:10001", None])
+def test_ensure_ray_passes_the_method_modules_to_ray_init(monkeypatch, address):
+    """Joining a cluster (the case that needs it) and starting a local Ray alike."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(raycluster.JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(raycluster.AGENT_PORT_ENV, raising=False)
+    monkeypatch.setenv(catalog.MODULES_ENV, EXAMPLE)
+    assert raycluster.ensure_ray(address) is (address is None)
+    (kw,) = calls
+    assert kw["runtime_env"] == {"env_vars": {catalog.MODULES_ENV: EXAMPLE}}
+    assert kw["address"] == (address or "local")

@@ -121,7 +121,7 @@ def guide_ray(monkeypatch):
 def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     from graceful_ray.data import read_info, read_split
     from graceful_ray.data import load_split
-    from graceful_ray.registry import Registry
+    from graceful_ray.registry import Registry, load_model
 
     # The team's script is plain PyTorch: graceful-ray is nowhere in it.
     assert "graceful_ray" not in (USERPKG / "train_v1.py").read_text()
@@ -209,7 +209,7 @@ def test_upgrade_your_own_model_guide_runs_as_written(tmp_path, guide_ray):
     net.eval()
     scripted = torch.jit.load(str(export / meta["torchscript"]["file"]))
     assert meta["torchscript"]["mode"] == "scripted"
-    _, model = reg.load_model(candidate.ref)
+    _, model = load_model(reg, candidate.ref)
     x, _, _ = load_split(str(data), "test")
     x = torch.as_tensor(x)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from graceful_ray.cli import main as cli_main
 from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
 from graceful_ray.models import ModelSpec, build_model
-from graceful_ray.registry import Manifest, Registry
+from graceful_ray.registry import Manifest, Registry, load_model
 from graceful_ray.storage import Staged, resolve
 
 SPEC = ModelSpec("mlp", (6,), 3, {"width": 8, "depth": 1, "embedding_dim": 4})
@@ -63,7 +63,7 @@ def test_publish_load_roundtrip(root):
 
     manifest, state = Registry(root).load_state_dict("toy")
     assert manifest == m and same_weights(state, model.state_dict())
-    _, loaded = Registry(root).load_model("toy@v1")
+    _, loaded = load_model(root, "toy@v1")
     assert not loaded.training
     x = torch.randn(5, 6)
     assert torch.equal(loaded(x), model.eval()(x))
@@ -143,7 +143,7 @@ def test_tampered_truncated_missing_refused(root):
     assert "model.safetensors" in msg and m.files["model.safetensors"] in msg
     assert hashlib.sha256(bytes(tampered)).hexdigest() in msg
     with pytest.raises(IntegrityError):
-        reg.load_model("toy@v1")
+        load_model(reg, "toy@v1")
 
     weights.write_bytes(good[: len(good) // 2])  # truncated upload
     with pytest.raises(IntegrityError, match="truncated"):
@@ -161,7 +161,7 @@ def test_tampered_truncated_missing_refused(root):
         reg.read_file("toy", "gallery.bin")
     weights.delete_file()
     with pytest.raises(IntegrityError, match="missing"):
-        reg.load_model("toy")
+        load_model(reg, "toy")
 
 
 def test_damaged_manifest_is_a_clear_error(root):
@@ -459,7 +459,7 @@ def test_shared_and_noncontiguous_tensors(tmp_path):
     _, loaded = reg.load_state_dict(m.ref)
     assert same_weights(loaded, {k: v.contiguous() for k, v in state.items()})
     with pytest.raises(RegistryError, match="linearized"):
-        reg.load_model("lin")
+        load_model(reg, "lin")
     # tied weights inside a real network
     model = tiny()
     sd = model.state_dict()

@@ -21,7 +21,7 @@ from graceful_ray.data import write_dataset
 from graceful_ray.errors import ConfigError, ModelError
 from graceful_ray.models import ModelSpec, build_model
 from graceful_ray.models.wrapped import WrappedClassifier, to_registry_keys, to_user_keys
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.registry.exporter import export_model
 from graceful_ray.registry.importer import import_model, parse_classes, parse_input_shape
 from tests.helpers import feature_tables
@@ -57,7 +57,7 @@ def test_pt_state_dict_imports_split_at_fc(tmp_path):
 
     assert r.ref == "shop@v1" and r.embedding_space == "shop@v1" and r.embedding_dim == 16
     reg = Registry(reg_root)
-    manifest, model = reg.load_model("shop@production")
+    manifest, model = load_model(reg, "shop@production")
     assert isinstance(model, WrappedClassifier) and isinstance(model.head, nn.Linear)
     assert manifest.method == "imported" and manifest.classes == [0, 1, 2, 3, 4]
     assert manifest.architecture["factory"] == "wrapped"
@@ -91,7 +91,7 @@ def test_safetensors_nested_checkpoint_and_ddp_prefix_import_the_same(tmp_path):
     reg, x = Registry(reg_root), _probe()
     with torch.no_grad():
         for ref in (a.ref, b.ref):
-            assert torch.allclose(reg.load_model(ref)[1](x), team(x), atol=1e-6)
+            assert torch.allclose(load_model(reg, ref)[1](x), team(x), atol=1e-6)
 
 
 def test_weights_that_do_not_fit_are_listed_by_kind_and_nothing_is_published(tmp_path):
@@ -258,7 +258,7 @@ def test_export_round_trip_loads_into_the_team_factory_strictly(tmp_path, capsys
     import_model("shop", factory=FACTORY, weights=str(weights), registry=reg_root, classes="0-4",
                  input_shape="12", head_module="fc", model_args={"hidden": 24})
     # A version trained in graceful-ray: new weights in the registry's key names.
-    _, model = Registry(reg_root).load_model("shop@v1")
+    _, model = load_model(reg_root, "shop@v1")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
@@ -277,7 +277,7 @@ def test_export_round_trip_loads_into_the_team_factory_strictly(tmp_path, capsys
     net.load_state_dict(safetensors.torch.load_file(str(out / "model.safetensors")), strict=True)
     net.eval()
     scripted = torch.jit.load(str(out / "model.torchscript.pt"))
-    _, reg_model = Registry(reg_root).load_model(v2.ref)
+    _, reg_model = load_model(reg_root, v2.ref)
     x = _probe(16)
     with torch.no_grad():
         expected = reg_model(x)

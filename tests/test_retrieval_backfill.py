@@ -12,7 +12,7 @@ import pytest
 from graceful_ray.data import load_split
 from graceful_ray.evaluate import predict
 from graceful_ray.metrics import m_score
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.retrieval import (BackfillConfig, BackfillError, EmbeddingSpaceError, Gallery,
                                     GallerySearcher, apply_transform, build_gallery, run_backfill,
                                     uncertainty_scores)
@@ -132,7 +132,7 @@ def test_uncertainty_order_uses_the_old_models_head_on_stored_vectors(world, bui
     assert plan["order"] == "uncertainty" and plan["chunk_rows"] == [200, 200, 200]
     score = order.column("score").to_numpy()
     assert np.all(np.diff(score) <= 0)  # most uncertain first
-    _, m1 = world["reg"].load_model(world["v1"])
+    _, m1 = load_model(world["reg"], world["v1"])
     rows = Gallery(g).read_rows(Gallery(g).head())
     expected = uncertainty_scores(embeddings_array(rows), m1.head.weight.detach().numpy(),
                                   m1.head.bias.detach().numpy())

@@ -10,7 +10,7 @@ import torch
 
 from graceful_ray.errors import MetricsError
 from graceful_ray.metrics import RetrievalMetrics, m_score, retrieval_metrics
-from graceful_ray.metrics.retrieval import _drop_self
+from graceful_ray.metrics.retrieval import l2_normalize
 
 
 def _circle(degrees, radii=None):
@@ -107,9 +107,14 @@ def test_leave_one_out_drops_self_by_index_under_ties(map_k):
 
 
 def test_drop_self_when_self_missing_drops_last():
-    ranked = np.array([[3, 0, 5], [2, 4, 7]])
-    out = _drop_self(ranked, np.array([0, 9]))
-    np.testing.assert_array_equal(out, [[3, 5], [2, 4]])
+    """Five identical vectors tie, so each query's k+1 = 2 fetched are rows 0 and 1 (ties
+    go to the lower index): rows 2-4 do not find themselves there, and leave-one-out
+    drops the last fetched, keeping row 0. Only row 4 (label 0, like row 0) then hits;
+    dropping row 0 instead would make rows 2 and 3 hit and row 4 miss (2/5)."""
+    x = np.ones((5, 2))
+    labels = np.array([0, 1, 1, 1, 0])
+    r = retrieval_metrics(x, labels, x, labels, leave_one_out=True, topk=(1,), map_k=1)
+    assert r.top1 == pytest.approx(1 / 5)
 
 
 def test_self_is_never_counted_as_hit():
@@ -256,10 +261,8 @@ def test_map_does_not_depend_on_batch_size_with_duplicate_gallery_rows():
 
 
 def test_huge_rows_are_normalised_not_zeroed():
-    from graceful_ray.metrics.retrieval import _l2_normalize
-
     x = np.array([[3e20, 4e20], [3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
-    out = _l2_normalize(x)
+    out = l2_normalize(x)
     np.testing.assert_allclose(out[:2], [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)
     assert (out[2] == 0).all()
     # ...so such a row still ranks: it is the query's nearest neighbour

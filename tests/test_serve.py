@@ -39,7 +39,7 @@ import torch
 
 from graceful_ray.metrics import wilson_interval
 from graceful_ray.models import ModelSpec, build_model
-from graceful_ray.registry import Registry
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.serve.shadow_config import Batching, GateConfig, Resources, ShadowConfig
 from graceful_ray.serve.ingress import haproxy_binary, haproxy_enabled
 from tests.serve_harness import serve_apps, wait_healthy
@@ -120,7 +120,7 @@ def service(ray_module, registry, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_models(registry):
-    return {ref: registry.load_model(ref)[1] for ref in ("m@v1", "m@v2")}
+    return {ref: load_model(registry, ref)[1] for ref in ("m@v1", "m@v2")}
 
 
 def decide(model, x: np.ndarray) -> np.ndarray:

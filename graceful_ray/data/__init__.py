@@ -3,6 +3,8 @@
 See :mod:`graceful_ray.data.contract` for what a dataset is.
 """
 
+import importlib
+
 from graceful_ray.data.contract import (
     DATASET_JSON, KINDS, SCENARIOS, DatasetInfo, Expectations, SplitInfo, dataset_checksum,
     features_type,
@@ -24,8 +26,6 @@ _LAZY = {"make_digits": "graceful_ray.data.builtin", "make_mnist1d": "graceful_r
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -36,6 +36,8 @@ from graceful_ray.data.write import check_target, write_dataset
 BUILTIN_SPLITS = ("train", "val", "test", "old_train")
 from graceful_ray.errors import ConfigError
 
+# Lazy imports: mnist1d and scikit-learn (seconds each) load only for the dataset being made.
+
 log = logging.getLogger(__name__)
 
 MNIST1D_CLASSES = 10

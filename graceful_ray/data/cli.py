@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 
+from graceful_ray.data.builtin import make_digits, make_mnist1d
 from graceful_ray.data.contract import DatasetInfo, SCENARIOS
+from graceful_ray.data.read import validate_dataset
 from graceful_ray.errors import ConfigError
+
+# Lazy imports: the importer (pandas, about 1 s) loads only for `data import`, so the other commands
+# answer at once.
 
 
 def _classes(text: str) -> list[int]:
@@ -31,8 +36,6 @@ def _summary(info: DatasetInfo, root: str) -> str:
 
 
 def _make(args: argparse.Namespace) -> int:
-    from graceful_ray.data.builtin import make_digits, make_mnist1d
-
     common = dict(seed=args.seed, scenario=args.scenario, old_fraction=args.old_fraction,
                   old_classes=args.old_classes, val_fraction=args.val_fraction,
                   test_fraction=args.test_fraction, overwrite=args.overwrite)
@@ -51,8 +54,6 @@ def _make(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from graceful_ray.data.read import validate_dataset
-
     info = validate_dataset(args.dir)
     print(f"OK: every split follows the data contract and matches its checksums\n"
           f"{_summary(info, args.dir)}")

@@ -10,6 +10,7 @@ import io
 from typing import Iterable, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 FORMATS = ("PNG", "JPEG")
 # Pillow modes whose natural channel count is 1; everything else decodes to RGB.
@@ -22,7 +23,6 @@ class ImageDecodeError(ValueError):
 
 def open_image(data: bytes):
     """Fully decode ``data`` with Pillow; returns the loaded ``PIL.Image``."""
-    from PIL import Image, UnidentifiedImageError
 
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
         raise ImageDecodeError("empty image bytes")
@@ -81,7 +81,6 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
     Deterministic for a given Pillow/zlib: same pixels, same bytes.
     """
-    from PIL import Image
 
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8:

@@ -21,6 +21,7 @@ either.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 import re
@@ -800,8 +801,6 @@ class _SplitWriter:
 
 
 def _sha256_file(loc: Location) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with loc.fs.open_input_stream(loc.path) as f:
         while chunk := f.read(8 << 20):

@@ -28,8 +28,14 @@ from graceful_ray.data.contract import (
     sha256_hex,
 )
 from graceful_ray.data.images import decode_images
+from graceful_ray.data.reader import read_parquet
 from graceful_ray.data.tensors import inputs_from_arrow
-from graceful_ray.data.validate import IdIndex, check_subset, validate_table
+from graceful_ray.data.validate import (
+    IdIndex,
+    check_subset,
+    ids_to_numpy,
+    validate_table,
+)
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
 from graceful_ray.storage import Location, resolve
 
@@ -132,7 +138,6 @@ def to_numpy(table: pa.Table, info: DatasetInfo) -> tuple[np.ndarray, np.ndarray
     Images are decoded to float32 CHW in [0, 1]; string ids come back as a
     numpy unicode array.
     """
-    from graceful_ray.data.validate import ids_to_numpy
 
     n = table.num_rows
     ids = ids_to_numpy(table.column(ID).combine_chunks())
@@ -173,7 +178,6 @@ def ray_dataset(root: PathLike, split: str, *, verify: bool = True, **read_kwarg
     the split); pass ``verify=False`` for very large datasets already checked
     with ``graceful-ray data check``.
     """
-    from graceful_ray.data.reader import read_parquet
 
     if verify:
         verify_split(root, split)

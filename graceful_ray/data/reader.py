@@ -28,6 +28,8 @@ import os
 import threading
 from typing import Any, Sequence
 
+# Lazy imports: Ray Data loads only when a split is read as a Ray Dataset; the Arrow readers need no Ray.
+
 #: Up to this many files, a read goes through Ray Data's V1 Parquet reader.
 SMALL_READ_FILES = 64
 #: CPUs each read task asks for unless the caller says otherwise. Ray Data's default

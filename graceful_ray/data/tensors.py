@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 
 def inputs_from_arrow(table: pa.Table, feature_shape: Sequence[int]) -> np.ndarray:
@@ -21,7 +22,6 @@ def inputs_from_arrow(table: pa.Table, feature_shape: Sequence[int]) -> np.ndarr
         # A copy: Arrow's buffers are read-only and torch wants writable memory.
         flat = np.array(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
         return flat.reshape(n, *feature_shape)
-    from PIL import Image
 
     images = table.column("image").to_pylist()
     out = np.empty((n, *feature_shape), dtype=np.float32)

@@ -19,6 +19,8 @@ import numpy as np
 from graceful_ray.errors import MetricsError
 from graceful_ray.metrics.flips import FlipMetrics, flip_metrics, validate_predictions
 
+# Lazy imports: matplotlib loads only when a report is drawn.
+
 #: Above this many classes the text table omits the decision matrix (it would not fit a terminal).
 TABLE_MAX_CONFUSION_CLASSES = 12
 #: Without class_names the class count is inferred from the largest label; above

@@ -40,6 +40,8 @@ import numpy as np
 from graceful_ray.errors import MetricsError
 from graceful_ray.metrics._arrays import json_float, to_numpy
 
+# Lazy imports: faiss loads only for the search that needs it; the other metrics need numpy alone.
+
 #: Above this many ranked gallery items, mAP is truncated at ``map_k``.
 FULL_MAP_MAX_GALLERY = 20_000
 #: ``map_k`` used when the gallery is too large for exact mAP and none is given.
@@ -122,7 +124,7 @@ def retrieval_metrics(
     if map_k is not None:
         map_k = _positive_int(map_k, "map_k")
     if normalize:
-        q, g = _l2_normalize(q), _l2_normalize(g)
+        q, g = l2_normalize(q), l2_normalize(g)
 
     # Labels of any kind (ints, strings) become shared integer codes, so hits are
     # one vectorised comparison and relevant counts one bincount.
@@ -317,7 +319,11 @@ def _descending_key(scores: np.ndarray) -> np.ndarray:
     return desc.astype(np.uint64)
 
 
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm, as float32 (what ``normalize=True`` ranks by).
+
+    A zero row stays zero; a row with huge entries is normalised, not zeroed.
+    """
     # Norms in float64: in float32 the squares of a row above ~1e19 overflow to inf
     # and the row silently became a zero vector.
     x64 = x.astype(np.float64)

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from graceful_ray.errors import ModelError
+
 
 class ModelOutput(NamedTuple):
     embedding: torch.Tensor  # (B, d)
@@ -37,8 +39,6 @@ class EmbeddingClassifier(nn.Module):
         self.input_shape = tuple(int(s) for s in input_shape)
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
-        from graceful_ray.errors import ModelError
-
         if tuple(x.shape[1:]) != self.input_shape:
             # Accept flat features for a model declared on a reshaped input.
             if x.dim() == 2 and x.shape[1] == _numel(self.input_shape):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from graceful_ray.errors import ModelError
 from graceful_ray.models.base import EmbeddingClassifier, _numel
 
 _ACTIVATIONS = {
@@ -20,8 +21,6 @@ _ACTIVATIONS = {
 
 
 def _act(name: str) -> nn.Module:
-    from graceful_ray.errors import ModelError
-
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
@@ -109,7 +108,6 @@ def resnet(input_shape: tuple[int, ...], num_classes: int, *, width: int = 32,
            blocks: tuple[int, ...] | list[int] = (2, 2, 2), embedding_dim: int = 128,
            activation: str = "relu") -> EmbeddingClassifier:
     """A CIFAR-style ResNet (BasicBlocks) for (C, H, W) images; meant for GPU clusters."""
-    from graceful_ray.errors import ModelError
 
     if len(input_shape) != 3:
         raise ModelError(f"resnet expects (channels, height, width) inputs, got shape {tuple(input_shape)}")
@@ -180,8 +178,6 @@ class _StandardResNet(nn.Module):
 
 
 def _standard_resnet(input_shape, num_classes, bottleneck, layers, width, embedding_dim, activation):
-    from graceful_ray.errors import ModelError
-
     if len(input_shape) != 3:
         raise ModelError(f"resnet expects (channels, height, width) inputs, got shape {tuple(input_shape)}")
     c, h, w = (int(v) for v in input_shape)

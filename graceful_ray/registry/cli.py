@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from graceful_ray.keyvalue import parse_kv
 from graceful_ray.paths import registry_root
+from graceful_ray.registry.exporter import export_model
+from graceful_ray.registry.importer import import_model
+from graceful_ray.registry.store import Registry
 
 DEFAULT_ROOT = "$GRACEFUL_RAY_ROOT/registry"
 
 
 def _registry(args: argparse.Namespace):
-    from graceful_ray.registry.store import Registry
-
     return Registry(registry_root(args.registry))
 
 
@@ -47,9 +49,6 @@ def _cmd_alias(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from graceful_ray.registry.importer import import_model
-    from graceful_ray.keyvalue import parse_kv
-
     r = import_model(args.name, factory=args.factory, weights=args.weights,
                      registry=registry_root(args.registry), classes=args.classes,
                      input_shape=args.input_shape, model_args=parse_kv(args.model_arg),
@@ -63,8 +62,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from graceful_ray.registry.exporter import export_model
-
     r = export_model(args.ref, args.out, registry=registry_root(args.registry))
     print(f"exported {r.ref} to {r.out}: model.safetensors (loads into {r.factory} with strict=True)")
     if r.torchscript:

@@ -30,12 +30,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from graceful_ray.errors import ModelError, RegistryError
 from graceful_ray.models.factory import ModelSpec, build_model
 from graceful_ray.models.wrapped import build_user_model, to_user_keys
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import resolve
 
 WEIGHTS = "model.safetensors"
@@ -81,16 +83,13 @@ def _script_or_trace(net: nn.Module, example: torch.Tensor) -> tuple[Any, str | 
 
 def export_model(ref: str, out: str, *, registry: str) -> ExportResult:
     """Write ``ref`` to ``out`` in the team's own format (see the module docstring)."""
-    import safetensors.torch
-
-    from graceful_ray.registry.store import Registry
 
     target = resolve(out)
     if target.join(EXPORT_JSON).exists():
         raise RegistryError(f"--out {out} already holds an export ({EXPORT_JSON}); choose an empty "
                             "directory")
     reg = Registry(registry)
-    manifest, model = reg.load_model(ref)
+    manifest, model = load_model(reg, ref)
     if manifest.format != "network":
         raise RegistryError(f"{manifest.ref} is stored in format {manifest.format!r} (a linearized "
                             "LQF model), which is not a plain network of its factory; export a "

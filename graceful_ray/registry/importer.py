@@ -17,19 +17,26 @@ manifest records where it came from (the weights file's sha256 among them).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from graceful_ray.data import load_split, read_info
 from graceful_ray.errors import ConfigError, ModelError
 from graceful_ray.models.factory import ZOO, ModelSpec, build_model
 from graceful_ray.models.wrapped import WrappedClassifier, build_user_model, to_registry_keys
+from graceful_ray.registry.manifest import valid_name
+from graceful_ray.registry.store import Registry
 from graceful_ray.storage import resolve
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -111,15 +118,10 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"--weights {path}: no such file")
     data = loc.read_bytes()
     if path.lower().endswith(".safetensors"):
-        import safetensors.torch
-        from safetensors import SafetensorError
-
         try:
             return dict(safetensors.torch.load(data))
         except (SafetensorError, ValueError) as e:
             raise ModelError(f"--weights {path}: not a valid safetensors file ({e})") from None
-    import io
-    import pickle
 
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -249,7 +251,6 @@ def prepare_import(factory: str, weights: str, *, input_shape: tuple[int, ...], 
 def split_accuracy(model: nn.Module, data: str, classes: list[int], input_shape: tuple[int, ...],
                   split: str = "test") -> float:
     """Accuracy of ``model`` on a split of a graceful-ray dataset (labels are global ids)."""
-    from graceful_ray.data import load_split
 
     x, y, info = load_split(data, split)
     if math.prod(info.feature_shape) != math.prod(input_shape):
@@ -270,15 +271,11 @@ def import_model(name: str, *, factory: str, weights: str, registry: str,
                  model_args: dict[str, Any] | None = None, head_module: str | None = None,
                  alias: str | None = None, evaluate: str | None = None) -> ImportResult:
     """Check and publish an externally trained model as the next version of ``name``."""
-    from graceful_ray.registry.manifest import valid_name
-    from graceful_ray.registry.store import Registry
 
     if not valid_name(name):
         raise ConfigError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-'")
     info = None
     if evaluate is not None:
-        from graceful_ray.data import read_info
-
         info = read_info(evaluate)
         if "test" not in info.splits:
             raise ConfigError(f"--evaluate {evaluate}: the dataset has no test split "

@@ -53,11 +53,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow.fs as pafs
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
 
-from graceful_ray.errors import (ConfigError, IntegrityError, ModelError, RegistryError, StorageError,
+from graceful_ray.errors import (IntegrityError, ModelError, RegistryError, StorageError,
                                  VersionNotFoundError)
 from graceful_ray.models.factory import ModelSpec, build_model
-from graceful_ray.models.formats import rebuild
 from graceful_ray.registry.manifest import (RESERVED_FILES, Manifest, formats, utc_now,
                                             valid_name, valid_relpath)
 from graceful_ray.storage import Location, Staged, resolve
@@ -269,8 +271,6 @@ class Registry:
 
     def load_state_dict(self, ref: str) -> tuple[Manifest, dict[str, Any]]:
         """The verified weights of a version as CPU tensors."""
-        import safetensors.torch
-        from safetensors import SafetensorError
 
         manifest = self.get(ref)
         data = self.read_file(manifest, WEIGHTS_FILE)
@@ -279,32 +279,6 @@ class Registry:
         except (SafetensorError, ValueError) as e:
             raise IntegrityError(f"{manifest.ref}: {WEIGHTS_FILE} is not a valid safetensors "
                                  f"file: {e}") from e
-
-    def load_model(self, ref: str):
-        """``(manifest, model)``: the model rebuilt from its spec, weights loaded, in eval mode.
-
-        Format ``network`` gives the network itself; a method's own format gives
-        what that method registered in :mod:`graceful_ray.models.formats` (LQF's
-        ``linearized``: the linearized function that was trained, with the same
-        ``forward`` / ``forward_features`` interface).
-        """
-        manifest, state = self.load_state_dict(ref)
-        if manifest.format not in formats():
-            raise RegistryError(
-                f"{manifest.ref} is stored in format {manifest.format!r}, which this version of "
-                "graceful-ray cannot rebuild; load its weights with Registry.load_state_dict")
-        network = build_model(ModelSpec.from_dict(manifest.architecture))
-        try:
-            model = rebuild(manifest.format, network, state)
-        except ConfigError as e:
-            raise RegistryError(
-                f"{manifest.ref} is stored in format {manifest.format!r} but its weights do not "
-                f"rebuild a {manifest.architecture.get('factory')!r} in it: {e}") from e
-        except RuntimeError as e:
-            raise ModelError(f"{manifest.ref}: weights do not fit the architecture "
-                             f"{manifest.architecture}: {e}") from e
-        model.eval()
-        return manifest, model
 
     # --------------------------------------------------------------- publish
     def publish(self, name: str, model_or_state_dict: Any, *, spec: ModelSpec | Mapping,
@@ -499,8 +473,6 @@ class Registry:
 
 # ---------------------------------------------------------------------- helpers
 def _state_dict_of(obj: Any) -> dict[str, Any]:
-    import torch
-
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
     elif isinstance(obj, Mapping):
@@ -526,7 +498,6 @@ def _prepare_tensors(state: dict[str, Any]) -> dict[str, Any]:
     only contiguous data; cloning the later aliases stores each tied copy
     separately, so ``load_state_dict(strict=True)`` finds every key.
     """
-    import torch
 
     out = {}
     seen: set[int] = set()
@@ -548,8 +519,6 @@ def _prepare_tensors(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serialize(tensors: dict[str, Any]) -> bytes:
-    import safetensors.torch
-
     try:
         return safetensors.torch.save(tensors, metadata={"format": "pt"})
     except Exception as e:  # noqa: BLE001 - safetensors raises several families
@@ -564,7 +533,6 @@ def _check_fits(spec: ModelSpec, tensors: dict[str, Any], *, check_keys: bool) -
     one-time set-up, more than building the small networks used here.) The
     caller's RNG state is restored, so publishing never perturbs a seeded run.
     """
-    import torch
 
     with torch.random.fork_rng(devices=[]):
         model = build_model(spec)

@@ -49,11 +49,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.paths import registry_root
+from graceful_ray.retrieval.embed import embed_split
+from graceful_ray.retrieval.embedding_space import check_snapshot
 from graceful_ray.retrieval.errors import BackfillError, EmbeddingSpaceError, SimulatedCrash
 from graceful_ray.retrieval.gallery import (Gallery, Snapshot, _read_optional,
                                             embeddings_array, make_rows, merge_rows, update_rows,
                                             utc_now)
 from graceful_ray.retrieval.index import IndexConfig
+
+# Lazy imports: the registry (torch) loads only when a backfill runs, not when the CLI checks its arguments.
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +110,6 @@ class BackfillConfig:
             raise ConfigError("num_cpus must be > 0 and batch_size >= 1")
 
     def resolved(self) -> "BackfillConfig":
-
-        from graceful_ray.paths import registry_root
 
         d = asdict(self)
         d["registry"] = registry_root(self.registry)
@@ -166,7 +169,7 @@ def order_rows(rows: pa.Table, *, order: str, registry: str, transforms: dict[st
     tiebreak = rng.permutation(n)
     if order == "random":
         return tiebreak.astype(np.int64), np.zeros(n)
-    from graceful_ray.registry import Registry
+    from graceful_ray.registry import Registry, load_model
 
     reg = Registry(registry)
     emb = embeddings_array(rows)
@@ -175,7 +178,7 @@ def order_rows(rows: pa.Table, *, order: str, registry: str, transforms: dict[st
     head_of = np.asarray([transforms[t]["new"] if t else m for m, t in zip(mv, tf)], dtype=object)
     scores = np.zeros(n)
     for ref in np.unique(head_of):
-        _, model = reg.load_model(str(ref))
+        _, model = load_model(reg, str(ref))
         sel = head_of == ref
         scores[sel] = uncertainty_scores(emb[sel], model.head.weight.detach().numpy(),
                                          model.head.bias.detach().numpy(), order)
@@ -252,8 +255,6 @@ def run_backfill(cfg: BackfillConfig,
                  on_chunk: Callable[[Snapshot, dict[str, Any]], None] | None = None) -> BackfillResult:
     """Run (or resume) a backfill until every planned chunk is committed."""
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.embed import embed_split
-    from graceful_ray.retrieval.embedding_space import check_snapshot
 
     t_start = time.perf_counter()
     cfg = cfg.resolved()

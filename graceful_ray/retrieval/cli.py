@@ -5,20 +5,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from graceful_ray.data import read_info, read_split
+from graceful_ray.data.tensors import inputs_from_arrow
+from graceful_ray.errors import ConfigError
+from graceful_ray.paths import registry_root
+from graceful_ray.raycluster import runtime_env
+from graceful_ray.retrieval.backfill import BackfillConfig, run_backfill
+from graceful_ray.retrieval.compat import generations_report
+from graceful_ray.retrieval.errors import QueryError
+from graceful_ray.retrieval.gallery import Gallery, build_gallery
+from graceful_ray.retrieval.index import IndexConfig
+from graceful_ray.retrieval.searcher import GallerySearcher
+from graceful_ray.retrieval.transform import TransformConfig, apply_transform, load_transform, train_transform
+
+# Lazy imports: Ray loads only when a command needs a cluster, after its arguments are checked.
 
 
 def _registry(args: argparse.Namespace) -> str:
-    from graceful_ray.paths import registry_root
-
     return registry_root(args.registry)
 
 
 def _index_config(args: argparse.Namespace):
-    from graceful_ray.retrieval.index import IndexConfig
-
     return IndexConfig(kind=args.index, target_recall=args.target_recall,
                        exact_max_rows=args.exact_max_rows)
 
@@ -28,13 +42,11 @@ def _init_ray() -> None:
 
     if not ray.is_initialized():
         # Joins the cluster of a `ray job submit` (RAY_ADDRESS) or starts a local one.
-        ray.init(configure_logging=False, log_to_driver=False)
+        ray.init(configure_logging=False, log_to_driver=False, runtime_env=runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from graceful_ray.retrieval.gallery import build_gallery
-
     if args.engine == "ray":
         _init_ray()
     snap = build_gallery(args.gallery, args.data, args.split, registry=_registry(args), model=args.model,
@@ -46,13 +58,9 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from graceful_ray.retrieval.gallery import Gallery
-
     g = Gallery(args.gallery)
     snap = g.require_head()
     if args.json:
-        from dataclasses import asdict
-
         print(json.dumps(asdict(snap), indent=1, default=str))
         return 0
     print(f"gallery {g.uri}")
@@ -65,22 +73,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from graceful_ray.data import read_info, read_split
-    from graceful_ray.retrieval.searcher import GallerySearcher
-    from graceful_ray.data.tensors import inputs_from_arrow
-
     searcher = GallerySearcher(args.gallery, registry=_registry(args), query_model=args.model, reload="off")
     info = read_info(args.data)
     table = read_split(args.data, args.split)
     if args.ids:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         wanted = [int(i) if info.id_type == "int64" else i for i in args.ids.split(",")]
         table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(wanted)))
         if table.num_rows == 0:
-            from graceful_ray.retrieval.errors import QueryError
-
             raise QueryError(f"none of the ids {args.ids} is in {args.data}/{args.split}")
     elif args.limit:
         table = table.slice(0, args.limit)
@@ -123,8 +122,6 @@ def _py(v: Any) -> Any:
 
 
 def run_backfill_cmd(args: argparse.Namespace) -> int:
-    from graceful_ray.retrieval.backfill import BackfillConfig, run_backfill
-
     if args.engine == "ray":
         _init_ray()
     index = None
@@ -149,15 +146,10 @@ def run_backfill_cmd(args: argparse.Namespace) -> int:
 
 
 def run_transform(args: argparse.Namespace) -> int:
-    from graceful_ray.retrieval.transform import (TransformConfig, apply_transform, load_transform,
-                                                  train_transform)
-
     if args.transform:
         tf = load_transform(args.transform)
     else:
         if not (args.old and args.new and args.data):
-            from graceful_ray.errors import ConfigError
-
             raise ConfigError("training a transformation needs --old, --new and --data (or give "
                               "--transform URI to apply an existing one)")
         _init_ray()
@@ -179,8 +171,6 @@ def run_transform(args: argparse.Namespace) -> int:
 
 
 def run_compat(args: argparse.Namespace) -> int:
-    from graceful_ray.retrieval.compat import generations_report
-
     rep = generations_report(args.data, args.split, args.models.split(","), registry=_registry(args),
                              metric=args.metric)
     print(json.dumps(rep.to_dict(), indent=1) if args.json else rep.table())

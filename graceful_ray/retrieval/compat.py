@@ -15,6 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from graceful_ray.data import load_split
+from graceful_ray.metrics import compatibility_matrix, m_score
+from graceful_ray.retrieval.embedding_space import check_query_model
+from graceful_ray.retrieval.errors import EmbeddingSpaceError
+
+# Lazy imports: evaluation and the registry (torch) load only when a report is computed.
+
 
 @dataclass
 class GenerationsReport:
@@ -50,12 +57,8 @@ class GenerationsReport:
 def generations_report(data: str, split: str, refs: Sequence[str], *, registry: str,
                        metric: str = "top1") -> GenerationsReport:
     """Embed ``split`` with every generation and fill the full matrix."""
-    from graceful_ray.data import load_split
     from graceful_ray.evaluate import predict
-    from graceful_ray.metrics import compatibility_matrix
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.errors import EmbeddingSpaceError
-    from graceful_ray.retrieval.embedding_space import check_query_model
 
     reg = Registry(registry)
     manifests = [reg.get(r) for r in refs]
@@ -77,8 +80,6 @@ def generations_report(data: str, split: str, refs: Sequence[str], *, registry: 
         cm = compatibility_matrix(embs, y, metric=metric, full=True)
         matrix, ac, am = cm.matrix, cm.ac, cm.am
     else:  # different dimensions: only same-model cells are defined
-        from graceful_ray.metrics import m_score
-
         t = len(embs)
         matrix = np.full((t, t), np.nan)
         for i in range(t):

@@ -18,7 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from graceful_ray.data import read_info, read_split, split_paths
+from graceful_ray.data.reader import read_parquet
 from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
+
+# Lazy imports: torch, the registry and Ray load only when embeddings are computed.
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +35,12 @@ class _Embedder:
                  num_threads: int = 1, with_logits: bool = False) -> None:
         import torch
 
-        from graceful_ray.registry import Registry
+        from graceful_ray.registry import Registry, load_model
 
         torch.set_num_threads(max(1, int(num_threads)))
         registry = Registry(registry_root)
-        _, self.model = registry.load_model(model_ref)
-        self.second = registry.load_model(second_model_ref)[1] if second_model_ref else None
+        _, self.model = load_model(registry, model_ref)
+        self.second = load_model(registry, second_model_ref)[1] if second_model_ref else None
         self.feature_shape = list(feature_shape)
         self.keep = pa.array(keep_ids) if keep_ids is not None else None
         self.with_logits = with_logits
@@ -75,8 +79,6 @@ def embed_dataset(data_root: str, split: str, *, registry_root: str, model_ref: 
     """The lazy Ray Data pipeline of :func:`embed_split` and the model's manifest."""
     import ray
 
-    from graceful_ray.data import read_info, split_paths
-    from graceful_ray.data.reader import read_parquet
     from graceful_ray.registry import Registry
 
     info = read_info(data_root)
@@ -141,7 +143,6 @@ def embed_split(data_root: str, split: str, *, registry_root: str, model_ref: st
 def _embed_local(data_root: str, split: str, *, registry_root: str, model_ref: str,
                  ids: np.ndarray | None, second_model_ref: str | None, with_logits: bool,
                  batch_size: int) -> pa.Table:
-    from graceful_ray.data import read_info, read_split
     from graceful_ray.registry import Registry
 
     info = read_info(data_root)

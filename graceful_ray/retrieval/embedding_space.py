@@ -21,6 +21,8 @@ from typing import Any
 
 from graceful_ray.retrieval.errors import EmbeddingSpaceError
 
+# Lazy imports: the registry (torch) loads only for the checks that read a model's manifest.
+
 
 @dataclass(frozen=True)
 class SpaceCheck:

@@ -52,11 +52,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from graceful_ray.data import read_info
 from graceful_ray.errors import StorageError
+from graceful_ray.retrieval.embed import embed_split, embeddings_of
 from graceful_ray.retrieval.errors import ConcurrentUpdateError, GalleryError
-from graceful_ray.retrieval.index import IndexConfig, IndexReport, build_index, deserialize, serialize
+from graceful_ray.retrieval.index import (IndexConfig, IndexReport, build_index, deserialize, serialize,
+                                          set_search_params)
 from graceful_ray.storage import Location, Staged, resolve
 from graceful_ray.data.tensors import fixed_size_list
+
+# Lazy imports: the registry (torch) loads only when a gallery is embedded, not to read one.
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +168,6 @@ def _conform(t: pa.Table) -> pa.Table:
 
 
 def embeddings_array(table: pa.Table) -> np.ndarray:
-    from graceful_ray.retrieval.embed import embeddings_of
-
     return embeddings_of(table)
 
 
@@ -360,7 +363,6 @@ class Gallery:
 
     def read_index(self, snap: Snapshot, embeddings: np.ndarray | None = None):
         """The snapshot's faiss index, with its tuned search parameters applied."""
-        from graceful_ray.retrieval.index import IndexConfig, build_index, set_search_params
 
         info = snap.index
         report = snap.index_report
@@ -549,9 +551,7 @@ def build_gallery(gallery: str, data: str, split: str, *, registry: str, model: 
     The first snapshot of a new gallery, or (``replace=True``) a new snapshot
     replacing every row of an existing one.
     """
-    from graceful_ray.data import read_info
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.embed import embed_split
 
     manifest = Registry(registry).get(model)
     g = Gallery(gallery)

@@ -35,6 +35,8 @@ import numpy as np
 
 from graceful_ray.errors import ConfigError
 
+# Lazy imports: faiss loads only when an index is built, searched or read, not for the configuration.
+
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf", "hnsw")

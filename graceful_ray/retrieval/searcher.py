@@ -28,9 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from graceful_ray.retrieval.embedding_space import check_snapshot
 from graceful_ray.retrieval.errors import EmbeddingSpaceError, GalleryError, QueryError
 from graceful_ray.retrieval.gallery import Gallery, Snapshot, embeddings_array
 from graceful_ray.retrieval.index import l2_normalize
+
+# Lazy imports: faiss and torch load only when a searcher searches, not for its configuration.
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +274,9 @@ class GallerySearcher:
             raise GalleryError("embedding inputs needs query_model and registry")
         model = self._model
         if model is None or model[0] != self._query_model:
-            from graceful_ray.registry import Registry
+            from graceful_ray.registry import load_model
 
-            _, net = Registry(self.registry).load_model(self._query_model)
+            _, net = load_model(self.registry, self._query_model)
             model = self._model = (self._query_model, net)
         with torch.no_grad():
             return model[1].embed(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()
@@ -342,7 +345,6 @@ class GallerySearcher:
     def _check(self, ref: str, snap: Snapshot) -> None:
         if self.registry is None:
             raise GalleryError("checking a query model needs the registry (registry=...)")
-        from graceful_ray.retrieval.embedding_space import check_snapshot
 
         check_snapshot(self.registry, ref, snap, self.gallery.uri)
 

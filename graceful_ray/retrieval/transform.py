@@ -25,6 +25,7 @@ spaces, the architecture, and the validation metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,11 +36,17 @@ from typing import Any
 
 import numpy as np
 
+from graceful_ray.data import read_info
 from graceful_ray.errors import ConfigError
 from graceful_ray.paths import project_root
+from graceful_ray.retrieval.embed import embed_dataset
 from graceful_ray.retrieval.errors import EmbeddingSpaceError, GalleryError
 from graceful_ray.retrieval.gallery import Gallery, Snapshot, embeddings_array, make_rows, utc_now
+from graceful_ray.retrieval.index import IndexConfig
 from graceful_ray.storage import resolve
+
+# Lazy imports: torch and Ray Train load only when a transform is trained or applied, not for its
+# configuration.
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +163,6 @@ def load_transform(uri: str) -> Transform:
                            "`graceful-ray gallery transform --old ... --new ... --data ...`")
     meta = json.loads(meta_loc.read_bytes())
     data = loc.join(WEIGHTS_FILE).read_bytes()
-    import hashlib
 
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise GalleryError(f"{loc.join(WEIGHTS_FILE).uri} does not match the sha256 in {META_FILE}")
@@ -255,15 +261,12 @@ def _transform_loop(config: dict[str, Any]) -> dict[str, Any]:
 
 def train_transform(cfg: TransformConfig) -> Transform:
     """Fit ``h`` on (old, new) embedding pairs with Ray Train; save and return it."""
-    import hashlib
 
     import safetensors.torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from graceful_ray.data import read_info
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.embed import embed_dataset
     from graceful_ray.train.loop import LOOP_KEY
     from graceful_ray.train.trainer import fit
 
@@ -360,7 +363,6 @@ def apply_transform(gallery: str, transform: str | Transform, *, registry: str |
     Searchers whose query model lives in the old space keep serving the
     previous snapshot until they switch to the new model.
     """
-    from graceful_ray.retrieval.index import IndexConfig
 
     t = transform if isinstance(transform, Transform) else load_transform(transform)
     g = Gallery(gallery)

@@ -39,7 +39,11 @@ import time
 from typing import Mapping
 
 from graceful_ray.errors import ConfigError, IncompatibleModelError
+from graceful_ray.serve.gallery_search import check_gallery
 from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ROLES, ShadowAppArgs, ShadowConfig
+
+# Lazy imports: Ray Serve, the replicas and the registry (torch) load only when the app is built,
+# not for the CLI's config checks.
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,6 @@ def build_app(config: ShadowConfig):
 
     refs, shape, classes = pin_refs(config)
     if config.gallery is not None:
-        from graceful_ray.serve.gallery_search import check_gallery
-
         check_gallery(config, refs)  # raises when the primary may not search the gallery
     models = {}
     for role in ROLES:

@@ -17,8 +17,19 @@ import signal
 import threading
 from typing import Any
 
+import yaml
+
+from graceful_ray.errors import ConfigError
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.paths import registry_root, under_root
+from graceful_ray.raycluster import end_serve, ensure_ray
+from graceful_ray.serve.app import deploy
+from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
+from graceful_ray.serve.replay import replay
+from graceful_ray.serve.report_text import format_shadow_report
+from graceful_ray.serve.shadow_config import ShadowConfig
+
+# Lazy imports: Ray and Ray Serve load only after the shadow config is read and checked.
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +37,6 @@ DEFAULT_STORAGE = "$GRACEFUL_RAY_ROOT/shadow"
 
 
 def _load_config_file(path: str) -> dict[str, Any]:
-    from graceful_ray.errors import ConfigError
-
     try:
         with open(path) as f:
             text = f.read()
@@ -35,8 +44,6 @@ def _load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         if path.endswith((".yaml", ".yml")):
-            import yaml
-
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
@@ -106,8 +113,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """A validated :class:`ShadowConfig` from a config file plus command-line options."""
-    from graceful_ray.errors import ConfigError
-    from graceful_ray.serve.shadow_config import ShadowConfig
 
     data: dict[str, Any] = _load_config_file(args.config) if args.config else {}
 
@@ -175,10 +180,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from graceful_ray.raycluster import end_serve, ensure_ray
-    from graceful_ray.serve.app import deploy
-    from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
-
     config = config_from_args(args)
     stop = threading.Event()
     if not args.detach:  # Ctrl-C while deploying also ends in a clean shutdown
@@ -211,9 +212,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from graceful_ray.serve.replay import replay
-    from graceful_ray.serve.report_text import format_shadow_report
-
     gates = parse_gates(args.gate)  # on top of the gates the service used
     report = replay(args.log, registry_root(args.registry), candidate=args.candidate,
                     baseline=args.baseline, gates=gates)

@@ -46,6 +46,8 @@ from graceful_ray.serve.model_runner import lower_priority
 from graceful_ray.serve.shards import shard_of
 from graceful_ray.serve.stats import ShadowStats, compose_report, merged
 
+# Lazy imports: the registry (torch) loads only to resolve references; the comparator's actor needs Ray alone.
+
 log = logging.getLogger(__name__)
 
 _HISTORY = 100

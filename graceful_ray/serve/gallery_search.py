@@ -32,6 +32,13 @@ from typing import Any, Callable
 import numpy as np
 
 from graceful_ray.errors import GracefulRayError
+from graceful_ray.retrieval.embedding_space import check_snapshot
+from graceful_ray.retrieval.errors import EmbeddingSpaceError
+from graceful_ray.retrieval.gallery import Gallery
+from graceful_ray.retrieval.searcher import GallerySearcher
+from graceful_ray.serve.shadow_config import BASELINE, ROLES
+
+# Lazy imports: the registry (torch) loads only to check a gallery against its model, at start-up.
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +82,6 @@ class SearchBackend:
         self._open()
 
     def _open(self) -> None:
-        from graceful_ray.retrieval.searcher import GallerySearcher
-
         self._tried = time.monotonic()
         try:
             self._searcher = GallerySearcher(self.gallery, registry=self.registry,
@@ -135,10 +140,6 @@ def check_gallery(config, refs: dict[str, str]) -> dict[str, str | None]:
     baseline -- the primary when the deployment starts -- may not search it.
     """
     from graceful_ray.registry import Registry
-    from graceful_ray.retrieval.errors import EmbeddingSpaceError
-    from graceful_ray.retrieval.gallery import Gallery
-    from graceful_ray.retrieval.embedding_space import check_snapshot
-    from graceful_ray.serve.shadow_config import BASELINE, ROLES
 
     gallery = Gallery(config.gallery)
     snap = gallery.require_head()

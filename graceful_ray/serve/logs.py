@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import logging
 
+# Lazy imports: Ray Serve loads only when asked whether this process is a replica, so the log
+# handler imports without Ray.
+
 SERVE_LOGGER = "ray.serve"  # ray.serve._private.constants.SERVE_LOGGER_NAME
 PROJECT_LOGGER = "graceful_ray"
 

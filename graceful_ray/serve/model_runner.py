@@ -21,6 +21,9 @@ import numpy as np
 
 from graceful_ray.errors import ModelError
 
+# Lazy imports: torch and the registry load only when a model is loaded, so the request kinds import
+# without torch.
+
 log = logging.getLogger(__name__)
 
 
@@ -39,11 +42,11 @@ class ModelRunner:
                  torch_threads: int = 1) -> None:
         import torch
 
-        from graceful_ray.registry import Registry
+        from graceful_ray.registry import load_model
 
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        self.manifest, model = Registry(registry_root).load_model(ref)
+        self.manifest, model = load_model(registry_root, ref)
         self.ref = self.manifest.ref
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()

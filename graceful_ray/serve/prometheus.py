@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import logging
 
+# Lazy imports: Ray Serve's metrics load only when a metric is made, so the module imports without
+# Ray (and stands in a no-op metric where Serve's are unavailable).
+
 log = logging.getLogger(__name__)
 
 _LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]

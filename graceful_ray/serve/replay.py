@@ -19,11 +19,18 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
+from graceful_ray.data.reader import read_parquet
 from graceful_ray.errors import ConfigError
+from graceful_ray.raycluster import runtime_env
+from graceful_ray.serve.model_runner import ModelRunner
 from graceful_ray.serve.shadow_config import BASELINE, CANDIDATE, GateConfig
 from graceful_ray.serve.comparison_log import LABELS_DIR, RECORDS_DIR, RecordLog
 from graceful_ray.serve.stats import ShadowStats, compose_report
+
+# Lazy imports: Ray Data and the registry (torch) load only when a replay runs, after its arguments
+# are checked.
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +41,6 @@ class _ReplayPredictor:
     """``map_batches`` UDF: candidate decisions, and baseline ones where missing."""
 
     def __init__(self, registry: str, candidate: str, baseline: str) -> None:
-        from graceful_ray.serve.model_runner import ModelRunner
-
         self.candidate = ModelRunner(registry, candidate)
         self._baseline_ref = baseline
         self._registry = registry
@@ -51,8 +56,6 @@ class _ReplayPredictor:
         base_out = np.asarray([-1 if m else int(v) for v, m in zip(base, missing)], np.int64)
         if missing.any():
             if self.baseline is None:
-                from graceful_ray.serve.model_runner import ModelRunner
-
                 self.baseline = ModelRunner(self._registry, self._baseline_ref)
             base_out[missing] = self.baseline.predict(x[missing], with_scores=False).decisions
         out = {"request_id": batch["request_id"], "baseline_decision": base_out,
@@ -74,10 +77,8 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
     ``gates`` default to the gates the live service last used (a dict changes
     only the fields it names).
     """
-    import pyarrow.parquet as pq
     import ray
 
-    from graceful_ray.data.reader import read_parquet
     from graceful_ray.registry import Registry
 
     rl = RecordLog(log_dir)
@@ -97,7 +98,7 @@ def replay(log_dir: str, registry: str, candidate: str | None = None,
         gates = GateConfig.from_dict({**state.get("gates", {}), **(gates or {})})
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(runtime_env=runtime_env())
     labels = {}
     label_table = rl.read_table(LABELS_DIR, ["request_id", "label"])
     if label_table is not None:

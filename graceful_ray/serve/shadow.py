@@ -38,6 +38,9 @@ import numpy as np
 
 from graceful_ray.serve.kinds import PREDICT, RequestKind
 
+# Lazy imports: Ray's exceptions load only to classify a failed call, so the shadow logic imports
+# without Ray.
+
 log = logging.getLogger(__name__)
 
 

@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from graceful_ray.errors import ConfigError
 
+# Lazy imports: Ray Serve loads only to build a deployment's autoscaling config, not to read or
+# check a config.
+
 #: Nested settings refuse unknown fields when pydantic reads them too (ShadowAppArgs).
 _FORBID_EXTRA = ConfigDict(extra="forbid")
 

@@ -12,6 +12,7 @@ the baseline, which is what a rollback decision needs.
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -189,7 +190,6 @@ def compose_report(stats: ShadowStats, gates: GateConfig, refs: dict[str, str],
     The live service and the offline replay both build their report here, so
     the two documents have the same shape and the same arithmetic.
     """
-    import time
 
     summary = stats.summary(gates.confidence)
     shadow = CANDIDATE if primary == BASELINE else BASELINE

@@ -10,9 +10,13 @@ would, so the CLI prints one line and exits non-zero at once.
 
 from __future__ import annotations
 
+from graceful_ray.data import read_info
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import catalog
 from graceful_ray.train.config import UpgradeConfig
+
+# Lazy imports: the model factory, the methods' classes and the registry (torch) load only after the
+# cheap checks pass.
 
 
 def check_method_names(spec: str) -> None:
@@ -30,7 +34,6 @@ def check_method_names(spec: str) -> None:
 def check_upgrade(cfg: UpgradeConfig, *, check_model: bool = True) -> None:
     """Raise on the first thing wrong with ``cfg``; ``check_model=False`` when a
     search space, not ``cfg``, decides the architecture."""
-    from graceful_ray.data import read_info
 
     cfg.validate()
     check_method_names(cfg.method)

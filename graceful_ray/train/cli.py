@@ -9,7 +9,12 @@ import textwrap
 
 from graceful_ray.keyvalue import parse_kv
 from graceful_ray.methods import catalog
+from graceful_ray.raycluster import ensure_ray
+from graceful_ray.train.checks import check_upgrade
 from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig
+
+# Lazy imports: the trainer and the registry (torch, Ray) load only after the arguments are checked
+# (issue 16).
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +79,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from graceful_ray.train.config import UpgradeConfig
-
     return UpgradeConfig(
         data=args.data, model=args.model, model_kwargs=parse_kv(args.model_arg), method=args.method,
         hparams=parse_kv(args.hp), old=args.old, init_from_old=args.init_from_old, name=args.name, train_split=args.train_split,
@@ -93,12 +96,9 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from graceful_ray.train.checks import check_upgrade
-
     cfg = config_from_args(args).resolved()
     check_upgrade(cfg)  # every argument, before Ray starts
     # Ray and torch only now: importing them takes seconds, and bad arguments are refused before.
-    from graceful_ray.raycluster import ensure_ray
     from graceful_ray.train.trainer import run_upgrade
 
     ensure_ray(args.address)

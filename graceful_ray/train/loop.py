@@ -17,18 +17,22 @@ group resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import signal
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from graceful_ray.methods import build_method
 from graceful_ray.models import build_model
+from graceful_ray.registry import load_model
+from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.train.loop_config import LoopConfig
 from graceful_ray.train.pipeline import (
@@ -38,6 +42,8 @@ from graceful_ray.train.step import CachedOldOutputs, OldOutputs, OnlineOldOutpu
 from graceful_ray.train.warm_start import warm_start
 from graceful_ray.train.worker import (all_ranks_have, all_reduce_sum, load_checkpoint_dir, lockstep_group,
                                        MemoryWatch, make_scheduler, peak_rss_mb, report_epoch, resume, world)
+
+# Lazy imports: Ray Train loads only inside a worker, so the loop's helpers import without Ray.
 
 __all__ = ["train_loop_per_worker", "load_checkpoint_dir", "latest_local_checkpoint", "wrap_for_method"]
 
@@ -70,10 +76,7 @@ _LOCAL_PREFIX = "checkpoint_local_epoch_"
 
 
 def persist_local_checkpoint(cfg: UpgradeConfig, directory: str, epoch: int):
-    import pyarrow.fs as pafs
     import ray.train
-
-    from graceful_ray.storage import resolve
 
     dest = resolve(cfg.storage).join(cfg.run_name, f"{_LOCAL_PREFIX}{epoch:05d}")
     dest.makedirs()
@@ -83,8 +86,6 @@ def persist_local_checkpoint(cfg: UpgradeConfig, directory: str, epoch: int):
 
 def latest_local_checkpoint(cfg: UpgradeConfig):
     import ray.train
-
-    from graceful_ray.storage import resolve
 
     run = resolve(cfg.storage).join(cfg.run_name)
     done = sorted(f.base_name for f in run.list() if f.base_name.startswith(_LOCAL_PREFIX)
@@ -242,9 +243,7 @@ def _streamed_splits(loop: LoopConfig, rank: int, world_size: int) -> tuple[Stre
 def _old_output_source(loop: LoopConfig, device: torch.device) -> OldOutputs:
     """Where each batch's old-model outputs come from (graceful_ray.train.step)."""
     if loop.old and loop.run.augmented:  # augmented inputs: the old model must see the same batch
-        from graceful_ray.registry import Registry
-
-        _, teacher = Registry(loop.run.registry).load_model(loop.run.old)
+        _, teacher = load_model(loop.run.registry, loop.run.old)
         return OnlineOldOutputs(teacher.to(device), torch.tensor(loop.old.class_positions, device=device))
     if loop.has_cached_old_outputs:
         return CachedOldOutputs(device)
@@ -252,8 +251,6 @@ def _old_output_source(loop: LoopConfig, device: torch.device) -> OldOutputs:
 
 
 def _params_digest(model: nn.Module) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         h.update(name.encode())

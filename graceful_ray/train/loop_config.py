@@ -19,7 +19,7 @@ import torch
 from graceful_ray.methods import UpgradeContext
 from graceful_ray.models import ModelSpec
 from graceful_ray.paths import registry_root
-from graceful_ray.registry import Registry
+from graceful_ray.registry import load_model
 from graceful_ray.train.config import UpgradeConfig
 
 
@@ -84,4 +84,4 @@ class RegistryModels:
     root: str | None
 
     def __call__(self, ref: str, root: str | None = None):
-        return Registry(root or self.root or registry_root()).load_model(ref)
+        return load_model(root or self.root or registry_root(), ref)

@@ -20,6 +20,7 @@ write is atomic both locally and on object stores).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -31,8 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from graceful_ray.data import read_info, split_paths
+from graceful_ray.data.reader import read_parquet
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import Location, resolve
 from graceful_ray.data.tensors import fixed_size_list, inputs_from_arrow
+
+# Lazy imports: Ray loads only when old outputs are computed on a cluster.
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,6 @@ class CachedSplit:
 
 def cache_key(dataset_checksum: str, old_manifest: Any) -> str:
     weights_hash = "".join(sorted(old_manifest.files.values()))
-    import hashlib
 
     digest = hashlib.sha256(weights_hash.encode()).hexdigest()[:10]
     return f"{old_manifest.name}-v{old_manifest.version}-{dataset_checksum[:16]}-{digest}"
@@ -64,10 +69,8 @@ class _OldModelPredictor:
     """A Ray Data actor: loads the old model once, appends its outputs to batches."""
 
     def __init__(self, registry_root: str, old_ref: str, feature_shape: list[int]):
-        from graceful_ray.registry import Registry
-
         torch.set_num_threads(1)
-        self.manifest, self.model = Registry(registry_root).load_model(old_ref)
+        self.manifest, self.model = load_model(registry_root, old_ref)
         self.model.eval()
         self.classes = torch.tensor(self.manifest.classes)
         self.feature_shape = feature_shape
@@ -110,18 +113,12 @@ def compute_old_outputs(data_root: str, split: str, *, registry_root: str, old_r
     """
     import ray
 
-    from graceful_ray.data import read_info
-    from graceful_ray.registry import Registry
-
     info = read_info(data_root)
     manifest = Registry(registry_root).get(old_ref)
     key = cache_key(info.checksum, manifest)
     if not force and (hit := find_cached(data_root, key, split)) is not None:
         logger.info("old-model outputs for %s/%s reused from cache %s", data_root, split, key)
         return hit
-
-    from graceful_ray.data import split_paths
-    from graceful_ray.data.reader import read_parquet
 
     split_info = info.splits[split]
     src_fs, paths = split_paths(data_root, split)

@@ -32,6 +32,8 @@ import torch
 
 from graceful_ray.data.tensors import inputs_from_arrow
 
+# Lazy imports: Ray Data and Ray's key-value store load only inside a training run.
+
 INPUT = "x"
 #: Bytes of decoded inputs per decode task (one output block), within DECODE_BATCH_ROWS:
 #: a block is the unit Ray Data queues, prefetches and a worker maps, so large rows

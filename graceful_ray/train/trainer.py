@@ -17,15 +17,23 @@ from typing import Any
 
 import numpy as np
 
+from graceful_ray.data import read_info, read_split, split_paths
+from graceful_ray.data.reader import read_parquet
 from graceful_ray.errors import ConfigError
-from graceful_ray.models import ModelSpec
+from graceful_ray.methods import build_method
+from graceful_ray.models import ModelSpec, build_model
+from graceful_ray.registry import Registry, load_model
 from graceful_ray.storage import resolve
 from graceful_ray.train.config import UpgradeConfig
-from graceful_ray.train.loop import LOOP_KEY, load_checkpoint_dir, train_loop_per_worker
+from graceful_ray.train.loop import (LOOP_KEY, latest_local_checkpoint, load_checkpoint_dir,
+                                     train_loop_per_worker, wrap_for_method)
 from graceful_ray.train.loop_config import LoopConfig, OldModelFacts, upgrade_context
 from graceful_ray.train.checks import check_augmentation
+from graceful_ray.train.old_outputs import compute_old_outputs, old_class_means
 from graceful_ray.train.pipeline import ImageAugment, decoded, epoch_key
 from graceful_ray.train.warm_start import warm_start
+
+# Lazy imports: Ray Train loads only when a run starts, so preparing and checking a run needs no Ray.
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +75,14 @@ def _training_classes(cfg: UpgradeConfig, info) -> list[int]:
         raise ConfigError(f"dataset {cfg.data} has no split {cfg.train_split!r}; it has {sorted(info.splits)}")
     if cfg.val_split not in info.splits:
         raise ConfigError(f"dataset {cfg.data} has no split {cfg.val_split!r}; it has {sorted(info.splits)}")
-    from graceful_ray.data import read_split
 
     labels = read_split(cfg.data, cfg.train_split, columns=["label"]).column("label").to_numpy()
     return sorted(int(c) for c in np.unique(labels))
 
 
 def _read_split(cfg: UpgradeConfig, info, split: str, cached):
-    from graceful_ray.data.reader import read_parquet
-
     if cached is not None:
         return read_parquet(cached.files, filesystem=cached.location.fs)
-    from graceful_ray.data import split_paths
 
     fs, paths = split_paths(cfg.data, split)
     return read_parquet(paths, filesystem=fs)
@@ -86,11 +90,6 @@ def _read_split(cfg: UpgradeConfig, info, split: str, cached):
 
 def prepare_upgrade(cfg: UpgradeConfig) -> tuple[LoopConfig, dict[str, Any], Any]:
     """Validate and build everything the workers need; returns (loop config, datasets, info)."""
-    from graceful_ray.data import read_info
-    from graceful_ray.methods import build_method
-    from graceful_ray.models import build_model
-    from graceful_ray.registry import Registry
-    from graceful_ray.train.old_outputs import compute_old_outputs, old_class_means
 
     info = read_info(cfg.data)
     check_augmentation(cfg, info.feature_shape)
@@ -103,7 +102,7 @@ def prepare_upgrade(cfg: UpgradeConfig) -> tuple[LoopConfig, dict[str, Any], Any
     old = None
     cached = {cfg.train_split: None, cfg.val_split: None}
     if cfg.old:
-        old_manifest, old_model = Registry(cfg.registry).load_model(cfg.old)
+        old_manifest, old_model = load_model(cfg.registry, cfg.old)
         old_ref = f"{old_manifest.name}@v{old_manifest.version}"
         for split in (cfg.train_split, cfg.val_split):
             cached[split] = compute_old_outputs(cfg.data, split, registry_root=cfg.registry, old_ref=old_ref)
@@ -207,8 +206,6 @@ def run_upgrade(cfg: UpgradeConfig) -> UpgradeResult:
     if result.error is not None:
         raise result.error
     if cfg.workers == 0:  # local mode: our own persisted checkpoints
-        from graceful_ray.train.loop import latest_local_checkpoint
-
         result.checkpoint = latest_local_checkpoint(cfg)
         result.path = resolve(cfg.storage).join(cfg.run_name).uri
     if result.checkpoint is None:
@@ -231,9 +228,6 @@ def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict, *, clas
     """(state dict, format) to publish: a method that trains something other than
     the plain network (LQF) decides how its result is stored. ``classes`` default
     to the head's positions."""
-    from graceful_ray.methods import build_method
-    from graceful_ray.models import build_model
-    from graceful_ray.train.loop import wrap_for_method
 
     method = build_method(cfg.method, **cfg.hparams)
     if not method.overrides("export"):
@@ -247,8 +241,6 @@ def export_for_registry(cfg: UpgradeConfig, spec: ModelSpec, state_dict, *, clas
 
 
 def publish_result(cfg: UpgradeConfig, loop: LoopConfig, info, state_dict, metrics):
-    from graceful_ray.registry import Registry
-
     state_dict, fmt = export_for_registry(cfg, loop.spec, state_dict, classes=loop.classes, old=loop.old)
     hyper = dict(loop.method_hparams)
     hyper.update(epochs=cfg.epochs, batch_size=cfg.batch_size, batch_size_per_worker=cfg.per_worker_batch_size,

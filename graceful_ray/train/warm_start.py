@@ -16,17 +16,16 @@ from torch import nn
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import UpgradeContext
+from graceful_ray.methods.lqf import LinearizedModel, load_pretrained
+from graceful_ray.registry import load_model
 
 
 def warm_start(model: nn.Module, registry: str | None, ctx: UpgradeContext) -> None:
     """Load the old model ``ctx.old_ref`` from ``registry`` into ``model`` (in place)."""
-    from graceful_ray.methods.lqf import LinearizedModel
-    from graceful_ray.methods.lqf import load_pretrained
-    from graceful_ray.registry import Registry
 
     if not ctx.old_ref or not registry:
         raise ConfigError("init_from_old needs the old model (--old NAME@VERSION) and its registry")
-    manifest, old = Registry(registry).load_model(ctx.old_ref)
+    manifest, old = load_model(registry, ctx.old_ref)
     state = old.network_state_dict() if isinstance(old, LinearizedModel) else old.state_dict()
     try:
         load_pretrained(model, state, ctx, who="init_from_old")

@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+# Lazy imports: Ray Train loads only inside a worker, so the checkpoint helpers import without Ray.
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -82,8 +85,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps:
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, state: dict,
                     model_file: str = MODEL_FILE) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               os.path.join(directory, model_file))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -94,7 +95,6 @@ def save_checkpoint(directory: str, model: nn.Module, optimizer, scheduler, stat
 
 def load_checkpoint_dir(directory: str, model_file: str = MODEL_FILE) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(model state, optimizer+scheduler state, progress) from a checkpoint dir."""
-    from safetensors.torch import load_file
 
     model_state = load_file(os.path.join(directory, model_file))
     opt = torch.load(os.path.join(directory, OPTIMIZER_FILE), weights_only=True, map_location="cpu")

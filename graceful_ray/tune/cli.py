@@ -10,9 +10,21 @@ from __future__ import annotations
 import argparse
 import logging
 
+from graceful_ray.data import read_info
 from graceful_ray.errors import ConfigError
+from graceful_ray.keyvalue import parse_kv
 from graceful_ray.methods import catalog
-from graceful_ray.train.config import LR_SCHEDULES
+from graceful_ray.paths import registry_root, under_root
+from graceful_ray.raycluster import ensure_ray
+from graceful_ray.train.checks import check_method_names, check_upgrade
+from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig, generate_run_name
+from graceful_ray.tune import search_space as sp
+from graceful_ray.tune.pareto import format_table
+from graceful_ray.tune.sweep import SelectionRule, finish, resume_search, start_search
+from graceful_ray.tune.trainable import absolute
+from graceful_ray.tune.tuner import SearchSettings, absolutize_base
+
+# Lazy imports: torch, Ray and the registry load only after the arguments are checked (issue 16).
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +106,6 @@ def check_search_arguments(args: argparse.Namespace) -> None:
     seconds: ``tune --method bogus`` took 2.8 s to answer, ``train`` had the same
     fix). The rest (hyperparameters, the model, the old model) follows in
     :func:`settings_from_args` and ``check_upgrade``, which need torch."""
-    from graceful_ray.data import read_info
-    from graceful_ray.train.checks import check_method_names
 
     _check_required(args)
     for spec in [args.method or "", *(args.methods or "").split(",")]:
@@ -120,13 +130,7 @@ def _check_required(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace):
     """:class:`SearchSettings` for a new search (``--resume`` loads them from the run instead);
     reads no dataset (``run_tune`` checks it first, with :func:`check_search_arguments`)."""
-    from graceful_ray.keyvalue import parse_kv
     from graceful_ray.models.factory import ZOO
-    from graceful_ray.paths import registry_root, under_root
-    from graceful_ray.train.config import UpgradeConfig, generate_run_name
-    from graceful_ray.tune import search_space as sp
-    from graceful_ray.tune.trainable import absolute
-    from graceful_ray.tune.tuner import SearchSettings, absolutize_base
 
     _check_required(args)
     across = args.search == "tradeoff" and not args.method
@@ -181,8 +185,6 @@ def _cloud_embedding_dim(registry: str, ref: str) -> int:
 
 
 def rule_from_args(args: argparse.Namespace):
-    from graceful_ray.tune.sweep import SelectionRule
-
     if args.flip_budget is not None and args.min_accuracy is not None:
         raise ConfigError("give one selection rule: --flip-budget or --min-accuracy")
     if args.max_accuracy_drop < 0:
@@ -193,14 +195,6 @@ def rule_from_args(args: argparse.Namespace):
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from graceful_ray.paths import under_root
-    from graceful_ray.raycluster import ensure_ray
-    from graceful_ray.train.checks import check_upgrade
-    from graceful_ray.train.config import UpgradeConfig
-    from graceful_ray.tune.sweep import finish, resume_search, start_search
-    from graceful_ray.tune.trainable import absolute
-    from graceful_ray.tune.tuner import SearchSettings
-
     rule = rule_from_args(args)
     if args.resume:
         storage = absolute(args.storage or under_root("tune"))
@@ -245,8 +239,6 @@ def _dashboard_url() -> str | None:
 
 
 def search_summary(settings, report) -> str:
-    from graceful_ray.tune.pareto import format_table
-
     counts = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(report.counts.items()))
     lines = [f"trials: {counts}; Pareto front: {len(report.front)} trial(s)"]
     if settings.search == "tradeoff":

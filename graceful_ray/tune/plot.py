@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from graceful_ray.tune.trials import Objective, TrialRecord
 
+# Lazy imports: matplotlib loads only when a plot is drawn.
+
 
 def plot_trials(records: Sequence[TrialRecord], front: Sequence[TrialRecord], x: Objective, y: Objective, *,
                 reference: tuple[float, float, str] | None = None, selected: str | None = None,

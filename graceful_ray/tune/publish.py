@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 
 from graceful_ray.errors import ConfigError
+from graceful_ray.tune.trainable import load_checkpoint, trial_config
 from graceful_ray.tune.trials import TrialRecord
+
+# Lazy imports: the trainer and the registry (torch) load only when a trial is published.
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +27,6 @@ def publish_trial(settings, record: TrialRecord, *, alias: str | None = DEFAULT_
     """Publish ``record``'s checkpoint; returns the registry :class:`Manifest`."""
     from graceful_ray.registry import Registry
     from graceful_ray.train.trainer import prepare_upgrade, publish_result
-    from graceful_ray.tune.trainable import load_checkpoint, trial_config
 
     if not record.complete:
         raise ConfigError(f"trial {record.trial_id} is {record.status}: only complete trials can be published")

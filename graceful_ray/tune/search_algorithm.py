@@ -27,6 +27,8 @@ from typing import Any
 
 from graceful_ray.tune.trials import COMPLETE_FLAG, Objective
 
+# Lazy imports: Ray Tune and optuna load only when a search is built.
+
 logger = logging.getLogger(__name__)
 
 

@@ -29,6 +29,9 @@ from typing import Any
 from graceful_ray.errors import ConfigError
 from graceful_ray.methods import catalog
 
+# Lazy imports: Ray Tune and the methods' classes (torch) load only when a search space is built,
+# not when the CLI checks names.
+
 KINDS = ("loguniform", "uniform", "int", "choice")
 MODEL_PREFIX = "model."
 OPTIMIZER_KEYS = ("lr", "weight_decay")

@@ -25,14 +25,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from graceful_ray.data import load_split
 from graceful_ray.errors import ConfigError
+from graceful_ray.metrics import m_score
+from graceful_ray.storage import resolve
 from graceful_ray.tune.pareto import format_table, pareto_front
 from graceful_ray.tune.plot import plot_trials
+from graceful_ray.tune.publish import publish_trial
 from graceful_ray.tune.trials import ACCURACY, CROSS_MAP, FLOPS, NFR, RUNNING, TrialRecord
 from graceful_ray.tune.selection import (Selection, beats_plain, lowest_nfr_at_accuracy,
                                          most_accurate_under_budget, smallest_within)
 from graceful_ray.tune.trainable import EDGE, TRADEOFF, model_cost_metrics
 from graceful_ray.tune.tuner import SETTINGS_FILE, SearchSettings, build_tuner, records_from_results, restore_tuner
+
+# Lazy imports: the trainer, evaluation and the registry (torch) load only when trials are trained or scored.
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +131,7 @@ def _console(verbose: int):
 
 def edge_reference(settings: SearchSettings) -> dict[str, Any]:
     """M(large, large) and the cloud model's cost: the bar the small models are held to."""
-    from graceful_ray.data import load_split
     from graceful_ray.evaluate import predict
-    from graceful_ray.metrics import m_score
     from graceful_ray.registry import Registry
 
     cfg = settings.upgrade_config()
@@ -219,8 +223,6 @@ def report_from_records(settings: SearchSettings, records: list[TrialRecord], ru
     report = SearchReport(settings.run_name, settings.run_dir.uri, settings.search, records, front, selection,
                           reference, message=message, interrupted=interrupted)
     if selection is not None and rule.publish:
-        from graceful_ray.tune.publish import publish_trial
-
         report.published = publish_trial(settings, selection.record, alias=rule.alias)
         report.message += f"; published {report.published.ref}" + (f" as {rule.alias}" if rule.alias else "")
     write_outputs(settings, report)
@@ -282,7 +284,5 @@ def _default(o: Any) -> Any:
 
 
 def load_report(run_dir_uri: str) -> dict[str, Any]:
-    from graceful_ray.storage import resolve
-
     return json.loads(resolve(run_dir_uri).join("pareto.json").read_bytes())
 

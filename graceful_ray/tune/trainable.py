@@ -31,9 +31,18 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+import pyarrow.fs as pafs
+
+from graceful_ray.data import load_split
 from graceful_ray.errors import ConfigError
+from graceful_ray.metrics import Rate, m_score
 from graceful_ray.storage import Location, resolve
+from graceful_ray.train.config import UpgradeConfig
+from graceful_ray.tune.search_space import SearchSpace
 from graceful_ray.tune.trials import COMPLETE, COMPLETE_FLAG
+
+# Lazy imports: torch and Ray load only inside a trial.
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,6 @@ def trial_record_location(run_dir: str, trial_id: str) -> Location:
 
 def trial_config(spec: TrialSpec, sample: dict[str, Any], trial_id: str):
     """The :class:`UpgradeConfig` of one trial (no publish: the search publishes the selected one)."""
-    from graceful_ray.train.config import UpgradeConfig
-    from graceful_ray.tune.search_space import SearchSpace
 
     cfg = SearchSpace.from_dict(spec.space).apply(UpgradeConfig(**spec.base), sample)
     return replace(cfg, run_name=f"{spec.run_name}-{trial_id}", storage=train_storage(spec.run_dir), publish=False)
@@ -104,7 +111,6 @@ def _epoch_forwarder(extra: dict[str, Any], last_epoch: int):
 
 def checkpoint_uri(checkpoint) -> str:
     """A URI for a Ray Train checkpoint (its ``path`` has no scheme on object stores)."""
-    import pyarrow.fs as pafs
 
     fs = checkpoint.filesystem
     if fs is None or isinstance(fs, pafs.LocalFileSystem):
@@ -131,12 +137,9 @@ def edge_metrics(cfg, spec, state_dict: dict) -> dict[str, float]:
     Also ``self_map`` (M(small, small)) so a report can tell a small model that
     is compatible but weak from one that is strong on its own.
     """
-    import numpy as np
     import torch
 
-    from graceful_ray.data import load_split
     from graceful_ray.evaluate import predict
-    from graceful_ray.metrics import m_score
     from graceful_ray.models import build_model
     from graceful_ray.train.trainer import export_for_registry
 
@@ -163,8 +166,6 @@ def model_cost_metrics(spec) -> dict[str, float]:
 
 
 def _nfr_upper(metrics: dict[str, Any]) -> float:
-    from graceful_ray.metrics import Rate
-
     flips, rows = metrics.get("val_negative_flips"), metrics.get("val_rows")
     if flips is None or rows is None:
         return math.nan

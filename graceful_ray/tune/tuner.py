@@ -24,15 +24,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from graceful_ray.errors import ConfigError
 from graceful_ray.storage import Location, resolve
+from graceful_ray.train.config import UpgradeConfig
 from graceful_ray.tune.trials import (COMPLETE, COMPLETE_FLAG, EARLY_STOPPED, EDGE_OBJECTIVES, ERROR, RUNNING,
                                        TRADEOFF_OBJECTIVES, Objective, TrialRecord)
 from graceful_ray.tune.search_space import SearchSpace
 from graceful_ray.tune.trainable import EDGE, SEARCHES, TRADEOFF, TrialSpec, absolute, upgrade_trial
+
+# Lazy imports: Ray Tune (and search_algorithm, whose classes subclass Ray Tune's) loads only when a
+# search starts, after the arguments are checked.
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +97,6 @@ class SearchSettings:
         return f"sqlite:///{loc.path}/{STUDY_FILE}"
 
     def upgrade_config(self):
-        from graceful_ray.train.config import UpgradeConfig
-
         return UpgradeConfig(**self.base)
 
     def search_space(self) -> SearchSpace:
@@ -268,7 +271,6 @@ def records_from_results(grid, space_names: list[str], *, finished: bool = True)
 
 def _trial_id_from_path(path: str | None) -> str:
     """Tune trial directories are ``<trainable>_<trial id>_<index>_...``; the id is ``xxxxx_NNNNN``."""
-    import re
 
     m = re.search(r"_([0-9a-f]{5}_\d{5})_", path or "")
     return m.group(1) if m else (path or "unknown")

@@ -39,6 +39,7 @@ import copy
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
@@ -256,7 +257,6 @@ class LinearizedModel(nn.Module):
         ``x`` have root-mean-square norm ``target_rms`` per sample; returns the
         scale. Decisions are unchanged (see :meth:`scale_head_`). The statistic
         is summed over DDP ranks when ``torch.distributed`` is initialized."""
-        import torch.distributed as dist
 
         _, logits = self.call_network(self.w0_parameters(), x)
         centered = logits.double() - logits.double().mean(dim=1, keepdim=True)
