@@ -27,7 +27,7 @@ from typing import Any
 from graceful_ray.data import load_split, make_mnist1d, read_info
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.metrics.tables import side_by_side
-from graceful_ray.raycluster import end_serve, ensure_ray
+from graceful_ray import raycluster  # looked up when called: see train/cli.py
 from graceful_ray.serve.app import deploy
 from graceful_ray.serve.client import ShadowClient
 from graceful_ray.serve.report_text import format_shadow_report
@@ -157,7 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
         info = make_mnist1d(data, samples=args.samples, seed=args.seed, scenario="data_growth", old_fraction=0.3)
         print(f"    wrote {data}: " + ", ".join(f"{s} {i.rows}" for s, i in sorted(info.splits.items())))
 
-    local_ray = ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
+    local_ray = raycluster.ensure_ray(args.address, include_dashboard=not args.no_dashboard, quiet=not args.ray_output)
     if not args.ray_output:
         print(f"    Ray started; its workers' output goes to {_ray_log_dir()} (--ray-output shows it here)")
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
@@ -356,7 +356,7 @@ def _serve(args: argparse.Namespace, root: str, data: str, registry_root: str, p
     finally:
         serve.delete(config.app_name)  # writes the last records to Parquet
         # a cluster we joined keeps Serve (and its other applications); a local Ray ends here
-        end_serve(started_local_ray=started_local_ray, joined=bool(args.address or os.environ.get("RAY_ADDRESS")))
+        raycluster.end_serve(started_local_ray=started_local_ray, joined=bool(args.address or os.environ.get("RAY_ADDRESS")))
         print(f"    application {config.app_name!r} deleted"
               + ("" if args.keep_serving else " (--keep-serving leaves it up until Ctrl-C)"))
     where = {"shadow comparison log": storage,

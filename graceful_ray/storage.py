@@ -173,10 +173,10 @@ def _create_exclusive_local(path: str, data: bytes) -> bool:
 
 
 class Staged:
-    """Files written under one prefix that no other writer uses, committed by
-    creating a pointer only if it is absent: the one way graceful-ray commits
-    (registry versions, gallery snapshots, backfill plans, the comparator's
-    saved state).
+    """Files written under names no other writer uses, committed by creating a
+    pointer only if it is absent: the one way graceful-ray commits (registry
+    versions, gallery snapshots, backfill plans, the comparator's saved state,
+    datasets).
 
     Readers follow pointers, so until the pointer exists nothing written here is
     visible. :meth:`commit` returns ``False`` when another writer created the
@@ -188,6 +188,10 @@ class Staged:
             staged.write("snapshot.json", body)
             if not staged.commit(root.join(f"commits/{seq}.json"), pointer):
                 raise ConcurrentUpdateError(...)
+
+    A pointer that is meant to move (a dataset published again with
+    ``overwrite``) is committed with ``replace=True``: one atomic whole-object
+    write, so readers see the old version or the new one, never neither.
     """
 
     def __init__(self, prefix: Location) -> None:
@@ -201,15 +205,34 @@ class Staged:
         self.written.append(loc)
         return loc
 
+    def open_output(self, rel: str) -> pa.NativeFile:
+        """A stream to write ``rel`` under the prefix (a file too large for one
+        :meth:`write`); it counts as this staging's like a written one."""
+        loc = self.prefix.join(rel)
+        try:
+            self.prefix.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
+            stream = loc.fs.open_output_stream(loc.path)
+        except OSError as e:
+            raise StorageError(f"cannot write {loc.uri}: {e}") from e
+        self.written.append(loc)
+        return stream
+
     def adopt(self, loc: Location) -> None:
         """Count a file already written (a claim) as this staging's: removed with it."""
         self.written.append(loc)
 
-    def commit(self, pointer: Location, body: bytes, *, keep_if_taken: bool = False) -> bool:
+    def commit(self, pointer: Location, body: bytes, *, keep_if_taken: bool = False,
+               replace: bool = False) -> bool:
         """Create ``pointer`` with ``body`` only if absent. ``False`` if it was taken:
         the files written here are removed, or, with ``keep_if_taken`` (a prefix
         that should have been ours alone, on a store that broke the exclusive
-        create), left alone, since the same names may now hold the other writer's data."""
+        create), left alone, since the same names may now hold the other writer's data.
+        With ``replace`` the pointer is written whatever was there (atomically:
+        :meth:`Location.write_bytes`), and the call returns ``True``."""
+        if replace:
+            pointer.write_bytes(body)
+            self.committed = True
+            return True
         if pointer.create_exclusive(body):
             self.committed = True
             return True

@@ -65,6 +65,28 @@ def test_tune_refuses_bad_arguments_before_ray(dataset, no_ray, tmp_path, capsys
     assert message in err and len(err.splitlines()) == 1, err
 
 
+class _Reached(Exception):
+    pass
+
+
+def test_train_calls_whatever_ensure_ray_is_now(dataset, tmp_path, monkeypatch):
+    """The commands look ``ensure_ray`` up when they call it. When they bound it at
+    import, the stand-in above (patched while `train` was first imported) stayed
+    theirs for the session, and every later test that trained through the CLI
+    failed with its message."""
+    main(["--root", str(tmp_path / "r0"), "train", "--data", dataset, "--method", "bogus"])
+    real = graceful_ray.raycluster.ensure_ray  # the command module is imported by now
+
+    def reached(*_args, **_kwargs):
+        raise _Reached
+
+    monkeypatch.setattr(graceful_ray.raycluster, "ensure_ray", reached)
+    with pytest.raises(_Reached):
+        main(["--root", str(tmp_path / "root"), "train", "--data", dataset])
+    monkeypatch.undo()
+    assert graceful_ray.raycluster.ensure_ray is real
+
+
 def test_the_torch_free_method_names_are_the_registry_s(monkeypatch):
     """The CLI checks names against the methods' declarations (read without torch):
     every declared method registers a class, and every registered one is declared."""

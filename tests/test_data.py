@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -20,7 +21,7 @@ from graceful_ray.data import (
 from graceful_ray.data.contract import features_type
 from graceful_ray.data.images import encode_png
 from graceful_ray.errors import ConfigError, DatasetError
-from graceful_ray.storage import resolve
+from graceful_ray.storage import Staged, resolve
 
 SAMPLES = 2000
 
@@ -201,6 +202,62 @@ def test_round_trip(storage_root):
     assert list(ids) == [f"s{i}" for i in range(12)] and X.shape == (12, 2, 3)
     assert np.array_equal(X.reshape(12, -1), np.asarray(t.column("features").to_pylist()))
     validate_dataset(own)
+
+
+def _files(loc):
+    return sorted(f.path.rsplit("/", 1)[-1] for f in loc.fs.get_file_info(
+        pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+        if f.type == pafs.FileType.File)
+
+
+def test_a_dataset_is_committed_like_every_other_write(storage_root, monkeypatch):
+    """Datasets go through the one commit primitive (storage.Staged), on a local
+    path and on S3: files first under names of their own, then dataset.json."""
+    root = f"{storage_root}/ds"
+    loc = resolve(root)
+    first = write_dataset(root, {"train": _table(20)}, name="a", num_classes=3)
+    old_files = _files(loc)
+
+    # Replacing: a write that dies before its commit leaves the old dataset whole...
+    with monkeypatch.context() as mp:
+        def crash(self, *a, **k):
+            raise RuntimeError("killed before the commit")
+        mp.setattr(Staged, "commit", crash)
+        with pytest.raises(RuntimeError):
+            write_dataset(root, {"train": _table(20, seed=5)}, name="b", num_classes=3,
+                          overwrite=True)
+    assert _files(loc) == old_files and validate_dataset(root).checksum == first.checksum
+
+    # ...and one that commits swaps dataset.json in one write, then drops the old files.
+    seen = []
+    real = Staged.commit
+
+    def spy(self, pointer, body, **kw):
+        seen.append(read_info(root).name)  # the old dataset is still readable here
+        return real(self, pointer, body, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(Staged, "commit", spy)
+        second = write_dataset(root, {"train": _table(20, seed=5)}, name="b", num_classes=3,
+                               overwrite=True)
+    assert seen == ["a"] and validate_dataset(root).checksum == second.checksum
+    assert set(_files(loc)) & set(old_files) == {"dataset.json"}  # old parts are gone
+
+    # A new dataset is created only if absent: a writer that loses the race keeps
+    # nothing, and the winner's dataset is the one readers see.
+    race, elsewhere = resolve(f"{storage_root}/race"), f"{storage_root}/elsewhere"
+    winner = write_dataset(elsewhere, {"train": _table(6, seed=9)}, name="winner",
+                           num_classes=3)
+
+    def rival(self, pointer, body, **kw):  # the winner's files, then its dataset.json
+        for rel in [*winner.splits["train"].files, "dataset.json"]:
+            race.join(rel).write_bytes(resolve(elsewhere).join(rel).read_bytes())
+        return real(self, pointer, body, **kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(Staged, "commit", rival)
+        with pytest.raises(DatasetError, match="another writer published"):
+            write_dataset(race.uri, {"train": _table(20)}, name="loser", num_classes=3)
+    assert validate_dataset(race.uri).checksum == winner.checksum
+    assert _files(race) == _files(resolve(elsewhere))  # nothing of the loser's is left
 
 
 # -- bad input: one DatasetError naming file/column/row, nothing written ------

@@ -78,9 +78,23 @@ class SplitInfo:
 
     @staticmethod
     def compute_checksum(rows: int, files: list[str], sha256: Mapping[str, str]) -> str:
+        """Over the row count and the files' contents in read order, not their names:
+        files are named per publish, and the same rows must keep one identity."""
+        payload = json.dumps({"rows": int(rows), "sha256": [sha256[f] for f in files]},
+                             separators=(",", ":"))
+        return sha256_hex(payload.encode())
+
+    @staticmethod
+    def legacy_checksum(rows: int, files: list[str], sha256: Mapping[str, str]) -> str:
+        """The checksum of datasets written before files were named per publish
+        (names included); still accepted, so their identity does not change."""
         payload = json.dumps({"rows": int(rows), "files": [[f, sha256[f]] for f in files]},
                              sort_keys=True, separators=(",", ":"))
         return sha256_hex(payload.encode())
+
+    def checksum_matches(self) -> bool:
+        return self.checksum in (self.compute_checksum(self.rows, self.files, self.sha256),
+                                 self.legacy_checksum(self.rows, self.files, self.sha256))
 
     @classmethod
     def build(cls, rows: int, files: list[str], sha256: Mapping[str, str],

@@ -12,11 +12,9 @@ Two passes over the source, so memory stays bounded by one batch of features:
 
 Every problem is one :class:`~graceful_ray.errors.DatasetError` naming the
 source file, its row (counted from 0 within that file, the header not
-counted) and the source column. Locally everything is written to a staging
-directory that is renamed into place only when the whole import succeeded
-(:func:`graceful_ray.data.write.publish`); on object stores the second pass runs
-once as a check before anything is written, so bad input writes nothing there
-either.
+counted) and the source column. The files are committed only when the whole
+import succeeded (:func:`graceful_ray.data.write.publish`); a failed import
+removes what it wrote and leaves an existing dataset as it was.
 """
 
 from __future__ import annotations
@@ -41,9 +39,9 @@ from graceful_ray.data.contract import (
 from graceful_ray.data.images import ImageDecodeError, natural_shape, open_image
 from graceful_ray.data.sources import FORMATS, IMAGE_PATH, Part, open_parts
 from graceful_ray.data.validate import validate_table
-from graceful_ray.data.write import DEFAULT_ROWS_PER_FILE, publish, target_entries
+from graceful_ray.data.write import DEFAULT_ROWS_PER_FILE, part_name, publish, target_entries
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
-from graceful_ray.storage import Location, resolve
+from graceful_ray.storage import Location, Staged, resolve
 
 log = logging.getLogger(__name__)
 
@@ -726,9 +724,10 @@ class _SplitWriter:
     ``rows_per_file`` rows). ``feature_shape`` gives the rows' decoded shape once
     the conversion has seen the first row (it counts in a row's bytes)."""
 
-    def __init__(self, dest: Location, split: str, rows_per_file: int,
+    def __init__(self, staged: Staged, token: str, split: str, rows_per_file: int,
                  feature_shape: Callable[[], Sequence[int] | None] = lambda: None):
-        self.dest, self.split, self.rows_per_file = dest, split, rows_per_file
+        self.staged, self.token = staged, token
+        self.split, self.rows_per_file = split, rows_per_file
         self.feature_shape = feature_shape
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -747,10 +746,8 @@ class _SplitWriter:
             self._flush()
 
     def _open(self, schema: pa.Schema) -> None:
-        rel = f"{self.split}/part-{len(self.files):05d}.parquet"
-        loc = self.dest.join(rel)
-        loc.fs.create_dir(posixpath.dirname(loc.path), recursive=True)
-        self._stream = loc.fs.open_output_stream(loc.path)
+        rel = part_name(self.split, self.token, len(self.files))
+        self._stream = self.staged.open_output(rel)
         self._writer = pq.ParquetWriter(self._stream, schema, compression="zstd")
         self.files.append(rel)
         self._file_rows = 0
@@ -761,7 +758,7 @@ class _SplitWriter:
             self._stream.close()
             self._writer = self._stream = None
             rel = self.files[-1]
-            self.hashes[rel] = _sha256_file(self.dest.join(rel))
+            self.hashes[rel] = _sha256_file(self.staged.prefix.join(rel))
 
     def _flush(self, final: bool = False) -> None:
         """Write the pending rows as whole row groups, starting a new file where the
@@ -842,18 +839,16 @@ def import_source(source: str, out: str, options: ImportOptions | None = None,
         return Expectations(kind=m.kind, num_classes=len(keys.class_names),
                             feature_shape=tuple(state["shape"]), id_type=id_type)
 
-    def run(dest: Location | None) -> dict[str, SplitInfo]:
-        state.clear()
-        writers = ({s: _SplitWriter(dest, s, opts.rows_per_file, lambda: state.get("shape"))
-                    for s in split_names} if dest else {})
+    def run(staged: Staged, token: str) -> dict[str, SplitInfo]:
+        writers = {s: _SplitWriter(staged, token, s, opts.rows_per_file,
+                                   lambda: state.get("shape")) for s in split_names}
         try:
             for s, table in _converted(parts, m, keys, opts, state):
                 # The contract's own check, as a guard: the conversion above has
                 # already named any bad source row, so this should never fire.
                 validate_table(table, file=f"{s} (converted from {source})",
                                info_or_expectations=expectations())
-                if dest is not None:
-                    writers[s].add(table)
+                writers[s].add(table)
             return {s: w.finish(subsets.get(s)) for s, w in writers.items()}
         except BaseException:
             for w in writers.values():
@@ -872,8 +867,6 @@ def import_source(source: str, out: str, options: ImportOptions | None = None,
                    **({} if keys.old is not None else {"old_train": "unknown: v1's training "
                                                        "rows were not given"})})
 
-    if not out_loc.is_local:
-        run(None)  # check every row before touching the object store
     info = publish(out_loc, run, make_info, existing)
     log.info("imported %s into %s: %s, %d classes, checksum %s", source, out_loc.uri,
              ", ".join(f"{k} {v.rows}" for k, v in info.splits.items()), info.num_classes,

@@ -74,7 +74,7 @@ def check_info_checksums(info: DatasetInfo) -> None:
         if missing:
             raise DatasetError(f"split {name!r} lists {missing[0]} without a sha256",
                                file=DATASET_JSON)
-        if SplitInfo.compute_checksum(si.rows, si.files, si.sha256) != si.checksum:
+        if not si.checksum_matches():
             raise DatasetError(f"checksum of split {name!r} does not match its files' "
                                f"sha256: dataset.json was edited; re-create the dataset",
                                file=DATASET_JSON)

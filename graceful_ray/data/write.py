@@ -1,10 +1,10 @@
 """Write and publish datasets on any ``pyarrow.fs`` filesystem.
 
 Writing validates every split first, so a bad input writes nothing. Publishing
-is all-or-nothing for readers: locally the dataset is assembled in a staging
-directory beside the target and renamed into place; on object stores the split
-files are written first and ``dataset.json`` last, since it is the commit
-marker (a prefix without it is not a dataset).
+is all-or-nothing for readers, the same way on every filesystem: the split files
+are written under names of their own (:func:`part_name`), then ``dataset.json``,
+which lists them, is committed through :class:`~graceful_ray.storage.Staged` (a
+prefix without it is not a dataset, and readers read only the files it lists).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import uuid
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -44,7 +43,7 @@ from graceful_ray.data.contract import (
 from graceful_ray.data.read import PathLike, as_location, read_info
 from graceful_ray.data.validate import IdIndex, check_subset, validate_table
 from graceful_ray.errors import ConfigError, DatasetError, StorageError
-from graceful_ray.storage import Location, resolve
+from graceful_ray.storage import Location, Staged, resolve
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +162,15 @@ def _parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
     return buf.getvalue().to_pybytes()
 
 
-def _write_splits(dest: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str, str],
-                  rows_per_file: int, feature_shape: Sequence[int] | None) -> dict[str, SplitInfo]:
+def part_name(split: str, token: str, index: int) -> str:
+    """The name of a split's ``index``-th file in the publish ``token``: unique
+    to that publish, so a write never touches a file a reader may be reading."""
+    return f"{split}/part-{token}-{index:05d}.parquet"
+
+
+def _write_splits(staged: Staged, token: str, tables: Mapping[str, pa.Table],
+                  subsets: Mapping[str, str], rows_per_file: int,
+                  feature_shape: Sequence[int] | None) -> dict[str, SplitInfo]:
     out: dict[str, SplitInfo] = {}
     for split in sorted(tables):
         table = tables[split]
@@ -175,9 +181,9 @@ def _write_splits(dest: Location, tables: Mapping[str, pa.Table], subsets: Mappi
         n_files = max(1, -(-table.num_rows // file_rows))
         for i in range(n_files):
             part = table.slice(i * file_rows, file_rows)
-            rel = f"{split}/part-{i:05d}.parquet"
+            rel = part_name(split, token, i)
             data = _parquet_bytes(part, group_rows)
-            dest.join(rel).write_bytes(data)
+            staged.write(rel, data)
             files.append(rel)
             hashes[rel] = sha256_hex(data)
         out[split] = SplitInfo.build(table.num_rows, files, hashes, subsets.get(split))
@@ -189,61 +195,75 @@ def _write_splits(dest: Location, tables: Mapping[str, pa.Table], subsets: Mappi
 def _publish(loc: Location, tables: Mapping[str, pa.Table], subsets: Mapping[str, str],
              make_info, existing: list[str], rows_per_file: int,
              feature_shape: Sequence[int] | None) -> DatasetInfo:
-    return publish(loc, lambda dest: _write_splits(dest, tables, subsets, rows_per_file, feature_shape),
-                   make_info, existing)
+    return publish(loc, lambda staged, token: _write_splits(
+        staged, token, tables, subsets, rows_per_file, feature_shape), make_info, existing)
 
 
-def publish(loc: Location, write_splits: Callable[[Location], dict[str, SplitInfo]],
+def _replaced_files(loc: Location, existing: list[str]) -> list[Location]:
+    """The files an overwrite removes once it has committed: those the current
+    ``dataset.json`` lists, or, where there is none (an interrupted write the
+    user asked to replace), every file in ``existing``. Unlisted files beside a
+    dataset are left alone: they may be another writer's, not yet committed."""
+    if DATASET_JSON in existing:
+        try:
+            return [loc.join(rel) for si in read_info(loc).splits.values() for rel in si.files]
+        except DatasetError:  # unreadable: what it listed cannot be known
+            return []
+    found = []
+    for name in existing:
+        child = loc.join(name)
+        info = loc.fs.get_file_info(child.path)
+        if info.type == pafs.FileType.File:
+            found.append(child)
+        elif info.type == pafs.FileType.Directory:
+            for f in loc.fs.get_file_info(pafs.FileSelector(child.path, recursive=True)):
+                if f.type == pafs.FileType.File:
+                    found.append(loc.join(posixpath.relpath(f.path, loc.path)))
+    return found
+
+
+def publish(loc: Location, write_splits: Callable[[Staged, str], dict[str, SplitInfo]],
             make_info: Callable[[dict[str, SplitInfo]], DatasetInfo],
             existing: list[str]) -> DatasetInfo:
-    """Publish a dataset all-or-nothing: ``write_splits(dest)`` writes the split
-    files under ``dest`` and returns their :class:`SplitInfo`; ``make_info``
-    turns those into the ``dataset.json`` written last.
+    """Publish a dataset all-or-nothing through :class:`~graceful_ray.storage.Staged`.
 
-    Locally ``dest`` is a staging directory renamed into place (removed if
-    ``write_splits`` raises); on object stores it is ``loc`` itself and the old
-    dataset is un-committed first, so callers there should have checked their
-    input before calling. ``existing`` comes from :func:`target_entries`.
+    ``write_splits(staged, token)`` writes the split files through ``staged``
+    under names made by :func:`part_name` with ``token`` and returns their
+    :class:`SplitInfo`; ``make_info`` turns those into ``dataset.json``, the
+    pointer that commits them. A new dataset is committed only if no other
+    writer published one there meanwhile; ``overwrite`` replaces the pointer in
+    one atomic write, so readers see the old dataset or the new one, never
+    neither, and then the old dataset's files are removed (``existing``, from
+    :func:`target_entries`, says what was there before this write began). If
+    anything fails before the commit, the files written here are removed and an
+    existing dataset is untouched.
     """
-    if loc.is_local:
-        parent, base = os.path.split(loc.path.rstrip(os.sep))
-        os.makedirs(parent, exist_ok=True)
-        staging = os.path.join(parent, f".{base}{_STAGING}{uuid.uuid4().hex[:12]}")
-        try:
-            dest = Location(loc.fs, staging, staging)
-            os.makedirs(staging)
-            info = make_info(write_splits(dest))
-            dest.join(DATASET_JSON).write_bytes(info.to_json().encode())
-            if os.path.isdir(loc.path):
-                if existing:
-                    trash = os.path.join(parent, f".{base}{_TRASH}{uuid.uuid4().hex[:12]}")
-                    os.rename(loc.path, trash)
-                    os.rename(staging, loc.path)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.rmdir(loc.path)  # empty directory
-                    os.rename(staging, loc.path)
-            else:
-                os.rename(staging, loc.path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return info
-    # Object store: un-commit any old dataset first, then files, dataset.json last.
+    replacing = DATASET_JSON in existing
+    old_files = _replaced_files(loc, existing)
+    token = uuid.uuid4().hex[:12]
     try:
-        if DATASET_JSON in existing:
-            loc.fs.delete_file(loc.join(DATASET_JSON).path)
-        for name in existing:
-            if name != DATASET_JSON:
-                child = loc.join(name)
-                if child.is_dir():
-                    loc.fs.delete_dir(child.path)
-                else:
-                    loc.fs.delete_file(child.path)
-        info = make_info(write_splits(loc))
+        with Staged(loc) as staged:
+            info = make_info(write_splits(staged, token))
+            if not staged.commit(loc.join(DATASET_JSON), info.to_json().encode(),
+                                 replace=replacing):
+                raise DatasetError(f"another writer published a dataset at {loc.uri} while "
+                                   f"this one was being written; this write was discarded",
+                                   file=loc.join(DATASET_JSON).uri)
     except OSError as e:
         raise StorageError(f"cannot write dataset to {loc.uri}: {e}") from e
-    loc.join(DATASET_JSON).write_bytes(info.to_json().encode())
+    for old in old_files:  # the replaced dataset's files; no reader is sent to them any more
+        try:
+            old.delete_file()
+        except StorageError as e:  # committed already: what is left is debris, not data
+            log.warning("published %s but could not remove a replaced file: %s", loc.uri, e)
+    if loc.is_local:  # split directories the new dataset no longer has
+        for name in existing:
+            path = os.path.join(loc.path, name)
+            for parent, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(parent)
+                except OSError:
+                    pass
     return info
 
 

@@ -22,7 +22,7 @@ import yaml
 from graceful_ray.errors import ConfigError
 from graceful_ray.keyvalue import parse_gates
 from graceful_ray.paths import registry_root, under_root
-from graceful_ray.raycluster import end_serve, ensure_ray
+from graceful_ray import raycluster  # looked up when called: see train/cli.py
 from graceful_ray.serve.app import deploy
 from graceful_ray.serve.ingress import choose_ingress, cluster_ingress
 from graceful_ray.serve.replay import replay
@@ -192,7 +192,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.info("%s", choose_ingress(args.python_proxy))
     else:
         log.info("%s", cluster_ingress(args.python_proxy))
-    started = ensure_ray(args.address)
+    started = raycluster.ensure_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     deploy(config)
     base = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
@@ -207,7 +207,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("shutting down: writing the last records to %s", config.storage)
     serve.delete(config.app_name)
-    end_serve(started_local_ray=started, joined=joined)  # a joined cluster keeps Serve running
+    raycluster.end_serve(started_local_ray=started, joined=joined)  # a joined cluster keeps Serve running
     return 0
 
 

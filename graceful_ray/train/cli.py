@@ -9,7 +9,10 @@ import textwrap
 
 from graceful_ray.keyvalue import parse_kv
 from graceful_ray.methods import catalog
-from graceful_ray.raycluster import ensure_ray
+# ensure_ray is looked up when it is called, not bound at import: this module is
+# imported lazily by the first command that needs it, and a name bound then keeps
+# whatever raycluster held at that moment (a test's stand-in, for the whole session).
+from graceful_ray import raycluster
 from graceful_ray.train.checks import check_upgrade
 from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig
 
@@ -101,7 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
     # Ray and torch only now: importing them takes seconds, and bad arguments are refused before.
     from graceful_ray.train.trainer import run_upgrade
 
-    ensure_ray(args.address)
+    raycluster.ensure_ray(args.address)
     print(f"run {cfg.run_name}: {cfg.method} on {cfg.data} ({cfg.workers} worker(s), "
           f"{'GPU' if cfg.use_gpu else 'CPU'})")
     result = run_upgrade(cfg)

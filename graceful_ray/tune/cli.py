@@ -15,7 +15,7 @@ from graceful_ray.errors import ConfigError
 from graceful_ray.keyvalue import parse_kv
 from graceful_ray.methods import catalog
 from graceful_ray.paths import registry_root, under_root
-from graceful_ray.raycluster import ensure_ray
+from graceful_ray import raycluster  # raycluster.ensure_ray looked up when called: see train/cli.py
 from graceful_ray.train.checks import check_method_names, check_upgrade
 from graceful_ray.train.config import LR_SCHEDULES, UpgradeConfig, generate_run_name
 from graceful_ray.tune import search_space as sp
@@ -207,7 +207,7 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ConfigError("give a selection rule: --flip-budget B (e.g. 0.02) or --min-accuracy A")
     # every argument before Ray starts (the edge search's space picks the architecture)
     check_upgrade(UpgradeConfig(**settings.base), check_model=settings.search != "edge")
-    ensure_ray(args.address)
+    raycluster.ensure_ray(args.address)
     _say_where(settings)
     grid = resume_search(settings) if args.resume else start_search(settings)
     report = finish(settings, grid, rule)

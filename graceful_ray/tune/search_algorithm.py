@@ -25,20 +25,15 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from graceful_ray.tune.trials import COMPLETE_FLAG, Objective
+import optuna
+from ray.tune.search.optuna import OptunaSearch
 
-# Lazy imports: Ray Tune and optuna load only when a search is built.
+from graceful_ray.tune.trials import COMPLETE_FLAG, Objective
 
 logger = logging.getLogger(__name__)
 
 
-def _optuna_search_class():
-    from ray.tune.search.optuna import OptunaSearch
-
-    return OptunaSearch
-
-
-class ParetoOptunaSearch(_optuna_search_class()):
+class ParetoOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that marks trials without a final report as pruned, not complete."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -47,13 +42,7 @@ class ParetoOptunaSearch(_optuna_search_class()):
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def _nsgaii_class():
-    from optuna.samplers import NSGAIISampler
-
-    return NSGAIISampler
-
-
-class PicklableNSGAIISampler(_nsgaii_class()):
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
     """Optuna's NSGA-II, with its thread lock left out of its pickle.
 
     Ray Tune pickles the searcher (and with it the study and the sampler) into
@@ -77,8 +66,6 @@ class PicklableNSGAIISampler(_nsgaii_class()):
 
 def study_storage(url: str):
     """An Optuna RDB storage (``sqlite:///abs/path.db``, ``postgresql://...``)."""
-    import optuna
-
     return optuna.storages.RDBStorage(url)
 
 
