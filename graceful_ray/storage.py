@@ -142,6 +142,17 @@ class Location:
             "create-if-absent operation; use a local path, s3:// or gs://"
         )
 
+    def remove_empty_dirs(self) -> None:
+        """Remove the empty directories at and under this path, deepest first; what
+        holds a file stays. Object stores have no directories: nothing to do."""
+        if not self.is_local:
+            return
+        for parent, _, _ in sorted(os.walk(self.path), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(parent)  # only when empty: what others wrote there stays
+            except OSError:
+                pass
+
     def delete_dir(self) -> None:
         if self.exists():
             self.fs.delete_dir(self.path)
@@ -249,12 +260,7 @@ class Staged:
             except StorageError:  # pragma: no cover - network trouble during cleanup
                 pass
         self.written = []
-        if self.prefix.is_local:  # empty directories left under the prefix (object stores have none)
-            for parent, _, _ in sorted(os.walk(self.prefix.path), key=lambda w: -len(w[0])):
-                try:
-                    os.rmdir(parent)  # only when empty: what others wrote there stays
-                except OSError:
-                    pass
+        self.prefix.remove_empty_dirs()
 
     def __enter__(self) -> "Staged":
         return self

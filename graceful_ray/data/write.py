@@ -256,14 +256,8 @@ def publish(loc: Location, write_splits: Callable[[Staged, str], dict[str, Split
             old.delete_file()
         except StorageError as e:  # committed already: what is left is debris, not data
             log.warning("published %s but could not remove a replaced file: %s", loc.uri, e)
-    if loc.is_local:  # split directories the new dataset no longer has
-        for name in existing:
-            path = os.path.join(loc.path, name)
-            for parent, _, _ in sorted(os.walk(path), key=lambda w: -len(w[0])):
-                try:
-                    os.rmdir(parent)
-                except OSError:
-                    pass
+    for name in existing:  # split directories the new dataset no longer has
+        loc.join(name).remove_empty_dirs()
     return info
 
 
